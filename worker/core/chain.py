@@ -1,0 +1,206 @@
+"""Step 1 of attestation: the credCert chain to a trusted root, with a cache of intermediates."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.verification import (
+    ClientVerifier,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from worker.core.reasons import Reason, Rejected
+from worker.core.trust import TrustStore, certificate_fingerprint
+
+_CHAIN_LENGTH = 2  # x5c is [credCert, intermediate]; the root is ours, never the device's.
+
+
+@dataclass(frozen=True)
+class VerifiedChain:
+    """A credCert whose chain to a trusted root was verified at a given instant."""
+
+    leaf: x509.Certificate
+    intermediate: x509.Certificate
+    leaf_fingerprint: bytes
+    intermediate_fingerprint: bytes
+    from_cache: bool
+
+
+@dataclass(frozen=True)
+class _CacheEntry:
+    certificate: x509.Certificate
+    valid_from: datetime
+    valid_until: datetime
+
+
+class IntermediateCache:
+    """A bounded LRU of intermediate certificates already verified against a trust store.
+
+    An entry is keyed by the trust store's root fingerprints and the intermediate's SHA-256, so a
+    different trust store never sees it. It is only used while the instant asked about lies in
+    the window where both the intermediate and its root are valid, so it never outlives the
+    certificate. Only successful verifications are stored. Thread-safe; one instance per
+    process.
+    """
+
+    def __init__(self, max_entries: int = 64) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._max_entries = max_entries
+        self._entries: OrderedDict[tuple[tuple[bytes, ...], bytes], _CacheEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(
+        self, *, trust: TrustStore, fingerprint: bytes, now: datetime
+    ) -> x509.Certificate | None:
+        """Return the verified intermediate if it is cached and valid at ``now``, else None."""
+        key = (trust.fingerprints, fingerprint)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or not entry.valid_from <= now <= entry.valid_until:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry.certificate
+
+    def remember(
+        self,
+        *,
+        trust: TrustStore,
+        intermediate: x509.Certificate,
+        fingerprint: bytes,
+        root: x509.Certificate,
+    ) -> None:
+        """Record an intermediate that was just verified to chain to ``root``."""
+        entry = _CacheEntry(
+            certificate=intermediate,
+            valid_from=max(intermediate.not_valid_before_utc, root.not_valid_before_utc),
+            valid_until=min(intermediate.not_valid_after_utc, root.not_valid_after_utc),
+        )
+        key = (trust.fingerprints, fingerprint)
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+
+    def stats(self) -> dict[str, int]:
+        """Hit and miss counts and the current size, for metrics."""
+        return {"hits": self.hits, "misses": self.misses, "size": len(self._entries)}
+
+
+def _verifier(anchors: Sequence[x509.Certificate], now: datetime) -> ClientVerifier:
+    # The web-PKI end-entity profile rejects every real App Attest leaf (old leaves have no AKI,
+    # new ones carry Apple's own EKU), so leaves get the permissive profile, which still refuses
+    # unknown critical extensions; CA certificates keep the strict web-PKI CA profile.
+    return (
+        PolicyBuilder()
+        .store(Store(list(anchors)))
+        .time(now)
+        .extension_policies(
+            ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+            ee_policy=ExtensionPolicy.permit_all(),
+        )
+        .build_client_verifier()
+    )
+
+
+def _load(der: bytes, name: str) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise Rejected(
+            Reason.CERTIFICATE_CHAIN_INVALID, f"{name} is not a DER certificate"
+        ) from exc
+
+
+def parse_chain(x5c: Sequence[bytes]) -> tuple[x509.Certificate, x509.Certificate]:
+    """Parse x5c into (credCert, intermediate) without verifying anything.
+
+    Raises ``Rejected(certificate_chain_invalid)`` when x5c does not hold exactly two
+    certificates or the credCert key is not a P-256 key.
+    """
+    if len(x5c) != _CHAIN_LENGTH:
+        raise Rejected(
+            Reason.CERTIFICATE_CHAIN_INVALID,
+            f"x5c holds {len(x5c)} certificates, expected credCert and intermediate",
+        )
+    leaf = _load(x5c[0], "credCert")
+    intermediate = _load(x5c[1], "intermediate")
+    key = leaf.public_key()
+    if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
+        raise Rejected(Reason.CERTIFICATE_CHAIN_INVALID, "credCert key is not a P-256 key")
+    return leaf, intermediate
+
+
+def _failure_reason(
+    leaf: x509.Certificate, intermediate: x509.Certificate, trust: TrustStore, now: datetime
+) -> Rejected:
+    """Tell an expired or not-yet-valid certificate apart from a chain that does not verify."""
+    named = [("credCert", leaf), ("intermediate", intermediate)]
+    named += [("root", root) for root in trust.roots if root.subject == intermediate.issuer]
+    for name, cert in named:
+        if now < cert.not_valid_before_utc:
+            return Rejected(Reason.CERTIFICATE_EXPIRED, f"{name} is not valid before {now}")
+        if now > cert.not_valid_after_utc:
+            return Rejected(Reason.CERTIFICATE_EXPIRED, f"{name} expired before {now}")
+    return Rejected(Reason.CERTIFICATE_CHAIN_INVALID, "credCert does not chain to a trusted root")
+
+
+def verify_chain(
+    *,
+    leaf: x509.Certificate,
+    intermediate: x509.Certificate,
+    trust: TrustStore,
+    now: datetime,
+    cache: IntermediateCache | None,
+) -> VerifiedChain:
+    """Verify credCert -> intermediate -> trusted root at ``now``.
+
+    Returns the verified chain; raises ``Rejected`` with ``certificate_expired`` when a
+    certificate is outside its validity at ``now`` and ``certificate_chain_invalid`` for any
+    other failure. With a cache, an intermediate verified before is used as the trust anchor, so
+    only the credCert signature (and its validity at ``now``) is checked again.
+    """
+    inter_fp = certificate_fingerprint(intermediate)
+    cached = cache.lookup(trust=trust, fingerprint=inter_fp, now=now) if cache else None
+    anchors: Sequence[x509.Certificate] = (cached,) if cached is not None else trust.roots
+    presented = [] if cached is not None else [intermediate]
+    try:
+        verified = _verifier(anchors, now).verify(leaf, presented)
+    except VerificationError as exc:
+        raise _failure_reason(leaf, intermediate, trust, now) from exc
+    chain: list[x509.Certificate] = verified.chain
+    if cached is None:
+        # Only a chain that really passed through the presented intermediate may be cached: a
+        # leaf signed directly by a root must not make an unverified intermediate trusted.
+        if len(chain) != _CHAIN_LENGTH + 1 or chain[1] != intermediate:
+            raise Rejected(
+                Reason.CERTIFICATE_CHAIN_INVALID, "chain does not pass through the intermediate"
+            )
+        if cache is not None:
+            cache.remember(
+                trust=trust, intermediate=intermediate, fingerprint=inter_fp, root=chain[2]
+            )
+    return VerifiedChain(
+        leaf=leaf,
+        intermediate=intermediate,
+        leaf_fingerprint=certificate_fingerprint(leaf),
+        intermediate_fingerprint=inter_fp,
+        from_cache=cached is not None,
+    )
