@@ -1,7 +1,7 @@
 """Generate fake Apple App Attest data under a throwaway test certificate authority.
 
 This module mints attestation and assertion objects that have the same structure as the ones
-real iOS devices produce (see ``/work/shared/APPLE.md``), but whose certificate chain ends in a
+real iOS devices produce, but whose certificate chain ends in a
 test root created on the fly instead of Apple's App Attestation Root CA. Tests and benchmarks
 create one ``TestCA`` (two P-384 key generations, which is the expensive part) and then any
 number of ``Device`` objects under it; building one attestation costs one P-384 signature for
