@@ -1,0 +1,219 @@
+"""The ``appattest`` command: thin adapters from the terminal to the service layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.contract import MAX_BODY_BYTES, VerificationResult, kind_of, parse_request
+from worker.core import Policy, PolicyError, Reason, Rejected, TrustStore, TrustStoreError
+from worker.service import VerificationService
+from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
+
+log = logging.getLogger("appattest")
+
+USAGE_ERROR = 2
+
+
+def _parse_instant(value: str) -> datetime:
+    try:
+        instant = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 instant") from exc
+    return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant
+
+
+def _build_policy(
+    app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None
+) -> Policy:
+    try:
+        trust = (
+            TrustStore.replacing_apple_root(root_ca.read_bytes())
+            if root_ca is not None
+            else TrustStore.apple()
+        )
+        return Policy.build(trust=trust, production_apps=app_ids, development_apps=dev_app_ids)
+    except OSError as exc:
+        raise click.UsageError(f"cannot read --root-ca: {exc}") from exc
+    except (TrustStoreError, PolicyError) as exc:
+        if not app_ids and not dev_app_ids:
+            raise click.UsageError("give at least one --app-id or --dev-app-id") from exc
+        raise click.UsageError(str(exc)) from exc
+
+
+def _lines(stream: BinaryIO) -> Iterator[bytes | None]:
+    """Yield each line without its newline, or None for a line longer than any valid body.
+
+    Reading is bounded: an overlong line is skipped in chunks, never held in memory whole.
+    """
+    limit = MAX_BODY_BYTES + 2
+    while True:
+        line = stream.readline(limit)
+        if not line:
+            return
+        if len(line) == limit and not line.endswith(b"\n"):
+            while True:
+                rest = stream.readline(limit)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield None
+            continue
+        yield line.rstrip(b"\r\n")
+
+
+def _verify_line(
+    service: VerificationService, line: bytes | None, at: datetime | None
+) -> VerificationResult:
+    if line is None:
+        return VerificationResult.rejection(
+            kind=None,
+            key_id=None,
+            reason=Reason.INVALID_REQUEST,
+            detail=f"line is longer than {MAX_BODY_BYTES} bytes",
+        )
+    try:
+        body = json.loads(line)
+    except (ValueError, RecursionError):
+        return VerificationResult.rejection(
+            kind=None, key_id=None, reason=Reason.INVALID_REQUEST, detail="line is not valid JSON"
+        )
+    kind = kind_of(body) if isinstance(body, dict) else None
+    key_id = body.get("keyId") if isinstance(body, dict) else None
+    key_id = key_id if isinstance(key_id, str) and len(key_id) <= 128 else None
+    try:
+        return service.handle(parse_request(body), now=at)
+    except Rejected as exc:
+        return VerificationResult.rejection(
+            kind=kind, key_id=key_id, reason=exc.reason, detail=exc.detail
+        )
+    except SQLAlchemyError as exc:
+        log.error("key store error: %s", exc.__class__.__name__)
+        detail = "the key store failed; the line was not verified"
+    except Exception:
+        log.exception("unexpected error while verifying a line")
+        detail = "unexpected error; see the log"
+    return VerificationResult.rejection(
+        kind=kind, key_id=key_id, reason=Reason.INTERNAL_ERROR, detail=detail
+    )
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug information to standard error.")
+def main(verbose: bool) -> None:
+    """Verify Apple App Attest attestations and assertions."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+_store_option = click.option(
+    "--store",
+    "store_url",
+    default=DEFAULT_STORE_URL,
+    show_default=True,
+    envvar="APPATTEST_STORE_URL",
+    help="SQLAlchemy URL of the key store.",
+)
+
+
+@main.command()
+@click.argument("input_file", type=click.File("rb"), default="-")
+@click.option(
+    "--app-id",
+    "app_ids",
+    multiple=True,
+    metavar="APPID",
+    help="Accept production keys for this App ID (TEAMID.bundle.id). Repeatable.",
+)
+@click.option(
+    "--dev-app-id",
+    "dev_app_ids",
+    multiple=True,
+    metavar="APPID",
+    help="Accept development and production keys for this App ID. Repeatable.",
+)
+@click.option(
+    "--root-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PEM",
+    help="Trust this root certificate instead of Apple's App Attestation Root CA.",
+)
+@click.option(
+    "--at",
+    "at_text",
+    metavar="ISO8601",
+    help="Verify as of this instant (default: now). Without a zone, UTC.",
+)
+@_store_option
+def verify(
+    input_file: BinaryIO,
+    app_ids: tuple[str, ...],
+    dev_app_ids: tuple[str, ...],
+    root_ca: Path | None,
+    at_text: str | None,
+    store_url: str,
+) -> None:
+    """Verify plugin bodies from a JSON Lines file (or standard input), in order.
+
+    A line with "payload" is an assertion, any other a registration. Registrations earlier in
+    the input make their keys known to later assertions. Challenges are taken as given. One
+    JSON result per input line goes to standard output, a summary to standard error. Exit
+    status: 0 when every line got a verdict, 1 when some line hit an internal error, 2 on a
+    usage error or unreadable input.
+    """
+    policy = _build_policy(app_ids, dev_app_ids, root_ca)
+    at = _parse_instant(at_text) if at_text else None
+    try:
+        engine = create_store_engine(store_url)
+        upgrade(engine)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise click.UsageError(f"cannot open the key store {store_url!r}: {exc}") from exc
+    service = VerificationService(policy=policy, sessions=session_factory(engine))
+    counts: Counter[str] = Counter()
+    out = sys.stdout
+    try:
+        for number, line in enumerate(_lines(input_file), start=1):
+            result = _verify_line(service, line, at)
+            counts["accepted" if result.ok else str(result.reason)] += 1
+            out.write(json.dumps({"line": number, **result.to_json_dict()}) + "\n")
+            out.flush()
+    except OSError as exc:
+        click.echo(f"error: cannot read input: {exc}", err=True)
+        sys.exit(USAGE_ERROR)
+    finally:
+        engine.dispose()
+    total = sum(counts.values())
+    click.echo(
+        f"{total} lines: {counts['accepted']} accepted, {total - counts['accepted']} rejected",
+        err=True,
+    )
+    for reason, count in sorted(counts.items()):
+        if reason != "accepted":
+            click.echo(f"  {reason}: {count}", err=True)
+    if counts[Reason.INTERNAL_ERROR.value]:
+        sys.exit(1)
+
+
+@main.command()
+@_store_option
+def migrate(store_url: str) -> None:
+    """Create or upgrade the key store schema to the latest version."""
+    try:
+        engine = create_store_engine(store_url)
+        upgrade(engine)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise click.UsageError(f"cannot migrate the key store {store_url!r}: {exc}") from exc
+    click.echo(
+        f"key store at {engine.url.render_as_string(hide_password=True)} is up to date", err=True
+    )

@@ -1,0 +1,1 @@
+"""Persistence of device keys through SQLAlchemy: models, repository functions, migrations."""

@@ -1,0 +1,79 @@
+"""Repository functions for device keys. Each takes a session and plain values."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker.store.models import DeviceKey
+
+
+class KeyAlreadyRegistered(Exception):
+    """The keyId is already in the store; a key is registered once."""
+
+
+def get_key(session: Session, key_id: str) -> DeviceKey | None:
+    """The stored key with this keyId, if any."""
+    return session.get(DeviceKey, key_id)
+
+
+def key_exists(session: Session, key_id: str) -> bool:
+    """Whether a key with this keyId is stored."""
+    return bool(session.scalar(select(exists().where(DeviceKey.key_id == key_id))))
+
+
+def insert_key(
+    session: Session,
+    *,
+    key_id: str,
+    app_id: str,
+    environment: str,
+    public_key: bytes,
+    receipt: bytes,
+    attestation: bytes,
+    verified_at: datetime,
+    leaf_fingerprint: bytes,
+    intermediate_fingerprint: bytes,
+) -> None:
+    """Store a newly attested key with counter 0, inside the caller's transaction.
+
+    Raises ``KeyAlreadyRegistered`` when the keyId exists, including when a concurrent
+    registration of the same key won the race; the caller's transaction is then unusable and
+    must be rolled back.
+    """
+    session.add(
+        DeviceKey(
+            key_id=key_id,
+            app_id=app_id,
+            environment=environment,
+            public_key=public_key,
+            counter=0,
+            receipt=receipt,
+            attestation=attestation,
+            verified_at=verified_at,
+            leaf_fingerprint=leaf_fingerprint,
+            intermediate_fingerprint=intermediate_fingerprint,
+        )
+    )
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise KeyAlreadyRegistered(key_id) from exc
+
+
+def advance_counter(session: Session, key_id: str, new_counter: int) -> bool:
+    """Set the counter to ``new_counter`` only if it is above the stored one.
+
+    One conditional UPDATE, so parallel workers can never move a counter backwards or accept
+    the same counter twice. Returns whether the counter was advanced.
+    """
+    result = session.execute(
+        update(DeviceKey)
+        .where(DeviceKey.key_id == key_id, DeviceKey.counter < new_counter)
+        .values(counter=new_counter)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
