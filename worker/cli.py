@@ -217,3 +217,7 @@ def migrate(store_url: str) -> None:
     click.echo(
         f"key store at {engine.url.render_as_string(hide_password=True)} is up to date", err=True
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The key store on SQLite and real PostgreSQL: migrations, insert-once, counter compare-and-set."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine
+from sqlalchemy.exc import StatementError
+
+from tests.conftest import NOW
+from worker.store import keys
+from worker.store.db import create_store_engine, session_factory, upgrade
+from worker.store.models import Base
+
+
+@pytest.fixture
+def engine(store_url: str) -> Engine:
+    engine = create_store_engine(store_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def _insert(engine: Engine, key_id: str = "k" * 44) -> None:
+    with session_factory(engine)() as session, session.begin():
+        keys.insert_key(
+            session,
+            key_id=key_id,
+            app_id="TEAMID1234.com.example.app",
+            environment="production",
+            public_key=b"\x04" + b"\x01" * 64,
+            receipt=b"receipt",
+            attestation=b"attestation",
+            verified_at=NOW,
+            leaf_fingerprint=b"\x02" * 32,
+            intermediate_fingerprint=b"\x03" * 32,
+        )
+
+
+def test_migrations_match_models(engine: Engine) -> None:
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_upgrade_is_idempotent(engine: Engine) -> None:
+    upgrade(engine)
+    _insert(engine)
+    upgrade(engine)
+    with session_factory(engine)() as session:
+        assert keys.key_exists(session, "k" * 44)
+
+
+def test_round_trip_keeps_values_and_aware_time(engine: Engine) -> None:
+    _insert(engine)
+    with session_factory(engine)() as session:
+        stored = keys.get_key(session, "k" * 44)
+        assert stored is not None
+        assert stored.counter == 0
+        assert stored.public_key == b"\x04" + b"\x01" * 64
+        assert stored.verified_at == NOW
+        assert stored.verified_at.tzinfo is not None
+
+
+def test_naive_time_is_refused(engine: Engine) -> None:
+    with (
+        pytest.raises(StatementError, match="naive"),
+        session_factory(engine)() as session,
+        session.begin(),
+    ):
+        keys.insert_key(
+            session,
+            key_id="n" * 44,
+            app_id="TEAMID1234.com.example.app",
+            environment="production",
+            public_key=b"\x04",
+            receipt=b"",
+            attestation=b"",
+            verified_at=datetime(2026, 1, 1),
+            leaf_fingerprint=b"",
+            intermediate_fingerprint=b"",
+        )
+
+
+def test_key_registers_once(engine: Engine) -> None:
+    _insert(engine)
+    with pytest.raises(keys.KeyAlreadyRegistered):
+        _insert(engine)
+
+
+def test_counter_only_moves_forward(engine: Engine) -> None:
+    _insert(engine)
+    sessions = session_factory(engine)
+    with sessions() as session, session.begin():
+        assert keys.advance_counter(session, "k" * 44, 5)
+        assert not keys.advance_counter(session, "k" * 44, 5)
+        assert not keys.advance_counter(session, "k" * 44, 3)
+        assert keys.advance_counter(session, "k" * 44, 6)
+        assert not keys.advance_counter(session, "unknown", 1)
+    with sessions() as session:
+        stored = keys.get_key(session, "k" * 44)
+        assert stored is not None and stored.counter == 6
+
+
+def test_parallel_compare_and_set_accepts_each_counter_once(engine: Engine) -> None:
+    """Eight threads race to set the same counters 1..40; each value is accepted exactly once
+    in all, and the stored counter ends at the maximum."""
+    _insert(engine)
+    sessions = session_factory(engine)
+    accepted: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def racer() -> None:
+        barrier.wait()
+        for value in range(1, 41):
+            with sessions() as session, session.begin():
+                won = keys.advance_counter(session, "k" * 44, value)
+            if won:
+                with lock:
+                    accepted.append(value)
+
+    threads = [threading.Thread(target=racer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(accepted) == len(set(accepted)), "a counter value was accepted twice"
+    with sessions() as session:
+        stored = keys.get_key(session, "k" * 44)
+        assert stored is not None and stored.counter == 40 == max(accepted)
