@@ -237,9 +237,7 @@ def test_unknown_extensions_are_surfaced(device: factory.Device, policy: Policy)
         "apple_bundle_version_01": "28.1",
         "apple_new_thing_02": b"\x01\x02",
     }
-    result = verify(
-        device.attestation_object(CDH, now=NOW, extensions=extensions), device, policy
-    )
+    result = verify(device.attestation_object(CDH, now=NOW, extensions=extensions), device, policy)
     assert result.extensions is not None
     assert result.extensions.validation_category == 3
     assert result.extensions.bundle_version == "28.1"
@@ -278,9 +276,7 @@ def test_now_in_another_timezone_is_the_same_instant(
     obj = device.attestation_object(CDH, now=NOW, leaf_not_after=NOW + timedelta(minutes=1))
     assert verify(obj, device, policy, now=NOW.astimezone(plus_five)).key_id == device.key_id
     later = (NOW + timedelta(minutes=2)).astimezone(plus_five)
-    assert rejection(lambda: verify(obj, device, policy, now=later)) is (
-        Reason.CERTIFICATE_EXPIRED
-    )
+    assert rejection(lambda: verify(obj, device, policy, now=later)) is (Reason.CERTIFICATE_EXPIRED)
 
 
 def test_leaf_validity_bounds_are_inclusive(device: factory.Device, policy: Policy) -> None:
@@ -421,9 +417,7 @@ def test_cose_point_with_one_coordinate_changed_is_rejected(
 # --- defects in the verification request -------------------------------------------------------
 
 
-def test_wrong_client_data_hash_is_a_nonce_mismatch(
-    device: factory.Device, policy: Policy
-) -> None:
+def test_wrong_client_data_hash_is_a_nonce_mismatch(device: factory.Device, policy: Policy) -> None:
     obj = device.attestation_object(CDH, now=NOW)
     other = client_data_hash(CHALLENGE + " ")
     assert rejection(lambda: verify(obj, device, policy, cdh=other)) is Reason.NONCE_MISMATCH
@@ -529,7 +523,9 @@ def test_own_leaf_with_intermediate_of_another_ca_is_rejected(
     other_ca: factory.TestCA, device: factory.Device, policy: Policy
 ) -> None:
     obj = device.attestation_object(CDH, now=NOW)
-    swapped = mutate(obj, lambda d: d["attStmt"].update(x5c=[d["attStmt"]["x5c"][0], other_ca.intermediate_der]))
+    swapped = mutate(
+        obj, lambda d: d["attStmt"].update(x5c=[d["attStmt"]["x5c"][0], other_ca.intermediate_der])
+    )
     assert rejection(lambda: verify(swapped, device, policy)) is Reason.CERTIFICATE_CHAIN_INVALID
 
 
@@ -684,7 +680,10 @@ def test_leaf_signed_directly_by_the_root_is_rejected_and_not_cached(
             id="intermediate-not-yet-valid",
         ),
         pytest.param(
-            {"not_after": NOW - timedelta(days=1), "intermediate_not_after": NOW + timedelta(days=9)},
+            {
+                "not_after": NOW - timedelta(days=1),
+                "intermediate_not_after": NOW + timedelta(days=9),
+            },
             Reason.CERTIFICATE_EXPIRED,
             id="root-expired",
         ),

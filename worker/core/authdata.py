@@ -91,9 +91,11 @@ def _parse_cose_p256(item: object) -> tuple[bytes, bytes]:
     if not isinstance(item, dict):
         raise _malformed("credential public key is not a COSE map")
     expected_labels = {_COSE_KTY, _COSE_ALG, _COSE_CRV, _COSE_X, _COSE_Y}
-    if set(item) != expected_labels:
+    # Exact types: in Python True == 1 and 2.0 == 2, and neither is a COSE integer.
+    if set(item) != expected_labels or not all(type(label) is int for label in item):
         raise _malformed("credential public key has unexpected COSE labels")
-    if (item[_COSE_KTY], item[_COSE_ALG], item[_COSE_CRV]) != (2, -7, 1):
+    header = (item[_COSE_KTY], item[_COSE_ALG], item[_COSE_CRV])
+    if not all(type(value) is int for value in header) or header != (2, -7, 1):
         raise _malformed("credential public key is not an ES256 P-256 EC2 key")
     x, y = item[_COSE_X], item[_COSE_Y]
     if not (type(x) is bytes and type(y) is bytes):

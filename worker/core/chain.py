@@ -178,7 +178,7 @@ def verify_chain(
     only the credCert signature (and its validity at ``now``) is checked again.
     """
     inter_fp = certificate_fingerprint(intermediate)
-    cached = cache.lookup(trust=trust, fingerprint=inter_fp, now=now) if cache else None
+    cached = cache.lookup(trust=trust, fingerprint=inter_fp, now=now) if cache is not None else None
     anchors: Sequence[x509.Certificate] = (cached,) if cached is not None else trust.roots
     presented = [] if cached is not None else [intermediate]
     try:

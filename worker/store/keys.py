@@ -5,14 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import exists, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from worker.store._insert import insert_if_absent
 from worker.store.models import DeviceKey
-
-
-class KeyAlreadyRegistered(Exception):
-    """The keyId is already in the store; a key is registered once."""
 
 
 def get_key(session: Session, key_id: str) -> DeviceKey | None:
@@ -37,31 +33,28 @@ def insert_key(
     verified_at: datetime,
     leaf_fingerprint: bytes,
     intermediate_fingerprint: bytes,
-) -> None:
+) -> bool:
     """Store a newly attested key with counter 0, inside the caller's transaction.
 
-    Raises ``KeyAlreadyRegistered`` when the keyId exists, including when a concurrent
-    registration of the same key won the race; the caller's transaction is then unusable and
-    must be rolled back.
+    Returns False, without raising or spoiling the transaction, when the keyId is already
+    stored, including when a concurrent registration of the same key won the race.
     """
-    session.add(
-        DeviceKey(
-            key_id=key_id,
-            app_id=app_id,
-            environment=environment,
-            public_key=public_key,
-            counter=0,
-            receipt=receipt,
-            attestation=attestation,
-            verified_at=verified_at,
-            leaf_fingerprint=leaf_fingerprint,
-            intermediate_fingerprint=intermediate_fingerprint,
-        )
+    return insert_if_absent(
+        session,
+        DeviceKey,
+        {
+            "key_id": key_id,
+            "app_id": app_id,
+            "environment": environment,
+            "public_key": public_key,
+            "counter": 0,
+            "receipt": receipt,
+            "attestation": attestation,
+            "verified_at": verified_at,
+            "leaf_fingerprint": leaf_fingerprint,
+            "intermediate_fingerprint": intermediate_fingerprint,
+        },
     )
-    try:
-        session.flush()
-    except IntegrityError as exc:
-        raise KeyAlreadyRegistered(key_id) from exc
 
 
 def advance_counter(session: Session, key_id: str, new_counter: int) -> bool:

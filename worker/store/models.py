@@ -1,10 +1,11 @@
-"""SQLAlchemy models. One module per aggregate would be overkill while there is one table."""
+"""SQLAlchemy models of the store: device keys, issued challenges, recorded verdicts."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, LargeBinary, MetaData, String
+from sqlalchemy import JSON, BigInteger, Boolean, LargeBinary, MetaData, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from worker.store.types import UTCDateTime
@@ -40,3 +41,36 @@ class DeviceKey(Base):
     verified_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     leaf_fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
     intermediate_fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Challenge(Base):
+    """A one-time challenge the producer issued. Only its SHA-256 is kept."""
+
+    __tablename__ = "challenges"
+
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(16))
+    key_id: Mapped[str | None] = mapped_column(String(44))
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    used_by_job: Mapped[str | None] = mapped_column(String(64))
+
+
+class Verdict(Base):
+    """The verdict of one job, recorded in the transaction that acted on it.
+
+    It is the audit trail (nothing in the API updates or deletes it) and what makes a
+    redelivered job return its first verdict instead of running again.
+    """
+
+    __tablename__ = "verdicts"
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    key_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    app_id: Mapped[str | None] = mapped_column(String(300))
+    ok: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(String(40))
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -1,0 +1,67 @@
+"""Settings of the service, read from environment variables prefixed ``APPATTEST_``.
+
+Nothing reads them at import time: ``load_settings()`` is called by the entry points and the
+result is passed to ``create_app(settings)`` and ``create_celery_app(settings)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.core import Policy, TrustStore
+from worker.store.db import DEFAULT_STORE_URL
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the producer and the worker."""
+
+    model_config = SettingsConfigDict(env_prefix="APPATTEST_", extra="ignore", frozen=True)
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    store_url: str = DEFAULT_STORE_URL
+
+    app_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    dev_app_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    root_ca: Path | None = None
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    challenge_ttl_seconds: int = Field(default=300, ge=1, le=86_400)
+    result_ttl_seconds: int = Field(default=86_400, ge=60)
+    max_wait_seconds: float = Field(default=30.0, gt=0, le=120)
+    max_body_bytes: int = Field(default=192 * 1024, ge=1024)
+    max_batch_jobs: int = Field(default=1000, ge=1, le=10_000)
+
+    task_max_retries: int = Field(default=5, ge=0, le=50)
+    task_retry_backoff_max: int = Field(default=30, ge=1)
+
+    @field_validator("app_ids", "dev_app_ids", "api_keys", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    def policy(self) -> Policy:
+        """The verification policy these settings describe; fails closed when incomplete."""
+        trust = (
+            TrustStore.replacing_apple_root(self.root_ca.read_bytes())
+            if self.root_ca is not None
+            else TrustStore.apple()
+        )
+        return Policy.build(
+            trust=trust, production_apps=self.app_ids, development_apps=self.dev_app_ids
+        )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, with explicit overrides taking precedence."""
+    return Settings(**overrides)  # type: ignore[arg-type]
