@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.x509.verification import Store
 
 # SHA-256 of the DER of "Apple App Attestation Root CA" (valid 2020-03-18 to 2045-03-15).
 APPLE_APP_ATTEST_ROOT_SHA256: Final = bytes.fromhex(
@@ -39,6 +40,7 @@ class TrustStore:
     roots: tuple[x509.Certificate, ...]
     fingerprints: tuple[bytes, ...]
     is_apple: bool
+    store: Store = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.roots:
@@ -50,6 +52,7 @@ class TrustStore:
                 raise TrustStoreError(
                     f"root {root.subject.rfc4514_string()} does not match its pinned fingerprint"
                 )
+        object.__setattr__(self, "store", Store(list(self.roots)))
 
     @classmethod
     def apple(cls) -> TrustStore:
