@@ -14,9 +14,11 @@ from typing import BinaryIO
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
+from worker.celery_app import QUEUE, create_celery_app
 from worker.contract import MAX_BODY_BYTES, VerificationResult, kind_of, parse_request
 from worker.core import Policy, PolicyError, Reason, Rejected, TrustStore, TrustStoreError
 from worker.service import VerificationService
+from worker.settings import Settings, load_settings
 from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
 
 log = logging.getLogger("appattest")
@@ -217,6 +219,82 @@ def migrate(store_url: str) -> None:
     click.echo(
         f"key store at {engine.url.render_as_string(hide_password=True)} is up to date", err=True
     )
+
+
+def _settings_with(
+    app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None, **extra: object
+) -> Settings:
+    """Settings from the environment, with command-line options taking precedence."""
+    overrides: dict[str, object] = dict(extra)
+    if app_ids:
+        overrides["app_ids"] = list(app_ids)
+    if dev_app_ids:
+        overrides["dev_app_ids"] = list(dev_app_ids)
+    if root_ca is not None:
+        overrides["root_ca"] = root_ca
+    try:
+        settings = load_settings(**overrides)
+        settings.policy()
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(f"invalid configuration: {exc}") from exc
+    return settings
+
+
+_app_id_option = click.option(
+    "--app-id",
+    "app_ids",
+    multiple=True,
+    metavar="APPID",
+    help="Accept production keys for this App ID (TEAMID.bundle.id). Repeatable.",
+)
+_dev_app_id_option = click.option(
+    "--dev-app-id",
+    "dev_app_ids",
+    multiple=True,
+    metavar="APPID",
+    help="Accept development and production keys for this App ID. Repeatable.",
+)
+_root_ca_option = click.option(
+    "--root-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PEM",
+    help="Trust this root certificate instead of Apple's App Attestation Root CA.",
+)
+
+
+@main.command()
+@_app_id_option
+@_dev_app_id_option
+@_root_ca_option
+@click.option(
+    "--concurrency", type=click.IntRange(min=1), help="Worker processes (default: cores)."
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["prefork", "solo", "threads"]),
+    default="prefork",
+    show_default=True,
+)
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--hostname", help="Celery node name (default: celery@HOST).")
+def worker(
+    app_ids: tuple[str, ...],
+    dev_app_ids: tuple[str, ...],
+    root_ca: Path | None,
+    concurrency: int | None,
+    pool: str,
+    loglevel: str,
+    hostname: str | None,
+) -> None:
+    """Run a Celery worker that verifies queued jobs (settings from APPATTEST_* variables)."""
+    settings = _settings_with(app_ids, dev_app_ids, root_ca)
+    app = create_celery_app(settings)
+    argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    app.worker_main(argv)
 
 
 if __name__ == "__main__":

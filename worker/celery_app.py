@@ -1,0 +1,45 @@
+"""The Celery application, built from settings; no settings are read at import."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from celery import Celery
+
+from worker.settings import Settings
+
+VERIFY_TASK: Final = "appattest.verify"
+QUEUE: Final = "appattest"
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """Build the Celery app for these settings and register the tasks on it."""
+    app = Celery("appattest", set_as_current=False)
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
+        # JSON only: task arguments and results are the contract's JSON, never pickles.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_default_queue=QUEUE,
+        # Late acknowledgement: a message is acknowledged after its task finished, so a worker
+        # killed mid-task leaves it to be redelivered; verdicts are idempotent per job id.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message in flight per worker process beyond the one it runs: a dying process
+        # strands little, and a burst spreads over all processes instead of piling on one.
+        worker_prefetch_multiplier=1,
+        result_expires=settings.result_ttl_seconds,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        # Hide task arguments (tokens, challenges) from Celery's own logs and events.
+        worker_log_format="%(asctime)s %(levelname)s %(processName)s %(message)s",
+        task_send_sent_event=False,
+    )
+    app.conf.appattest_settings = settings
+    from worker import tasks
+
+    tasks.register(app, settings)
+    return app

@@ -1,0 +1,107 @@
+"""Celery tasks: thin adapters from a queued job to the verification service."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, Task
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from worker.contract import VerificationResult, kind_of, parse_request
+from worker.core import IntermediateCache, Reason, Rejected
+from worker.service import VerificationService
+from worker.settings import Settings
+from worker.store.db import create_store_engine, session_factory
+
+log = logging.getLogger("appattest.worker")
+
+# Errors of the infrastructure, not of the request: these retry, everything else is a verdict.
+INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+
+
+@dataclass
+class _ProcessResources:
+    pid: int
+    service: VerificationService
+    cache: IntermediateCache
+
+
+_resources: _ProcessResources | None = None
+
+
+def process_service(settings: Settings) -> VerificationService:
+    """The verification service of this worker process, created on first use.
+
+    Built per process (checked by pid), never at import and never inherited across a fork:
+    a database connection pool and the intermediate cache belong to one process.
+    """
+    global _resources
+    pid = os.getpid()
+    if _resources is None or _resources.pid != pid:
+        engine = create_store_engine(settings.store_url)
+        cache = IntermediateCache()
+        service = VerificationService(
+            policy=settings.policy(),
+            sessions=session_factory(engine),
+            cache=cache,
+            issued_challenges=True,
+        )
+        _resources = _ProcessResources(pid=pid, service=service, cache=cache)
+    return _resources.service
+
+
+def _rejection(job: Any, reason: Reason, detail: str) -> dict[str, Any]:
+    body = job.get("body") if isinstance(job, dict) else None
+    kind = kind_of(body) if isinstance(body, dict) else None
+    key_id = body.get("keyId") if isinstance(body, dict) else None
+    key_id = key_id if isinstance(key_id, str) and len(key_id) <= 128 else None
+    result = VerificationResult.rejection(kind=kind, key_id=key_id, reason=reason, detail=detail)
+    return result.to_json_dict()
+
+
+def run_job(task: Task, settings: Settings, job: Any) -> dict[str, Any]:
+    """Decide one job: ``{"body": <plugin body>}``; return the result's JSON.
+
+    Rejections are results. Infrastructure errors retry with exponential backoff up to the
+    configured bound, then end as ``internal_error``; any other exception is a bug, logged
+    with its traceback and reported as ``internal_error`` without retrying.
+    """
+    job_id: str = task.request.id
+    try:
+        body = job.get("body") if isinstance(job, dict) else None
+        if body is None:
+            raise Rejected(Reason.INVALID_REQUEST, "job has no body")
+        request = parse_request(body)
+        return process_service(settings).handle(request, job_id=job_id).to_json_dict()
+    except Rejected as exc:
+        return _rejection(job, exc.reason, exc.detail)
+    except INFRASTRUCTURE_ERRORS as exc:
+        retries = task.request.retries
+        if retries < settings.task_max_retries:
+            countdown = min(settings.task_retry_backoff_max, 2**retries)
+            log.warning(
+                "job %s: %s, retry %d in %ds", job_id, type(exc).__name__, retries + 1, countdown
+            )
+            raise task.retry(exc=exc, countdown=countdown) from exc
+        log.error("job %s: %s, retries exhausted", job_id, type(exc).__name__)
+        return _rejection(
+            job, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
+        )
+    except Exception:
+        log.exception("job %s: unexpected error", job_id)
+        return _rejection(job, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
+
+
+def register(app: Celery, settings: Settings) -> None:
+    """Register the tasks on ``app``."""
+    from worker.celery_app import VERIFY_TASK
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=VERIFY_TASK, bind=True, max_retries=settings.task_max_retries
+    )
+    def verify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        return run_job(self, settings, job)
