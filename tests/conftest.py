@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from tests.factory import TestCA
+from tests.stack import Stack
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 PG_ADMIN_URL = os.environ.get(
@@ -66,3 +67,56 @@ def store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path_factory.mktemp('store') / 'keys.db'}"
     return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """The real Redis server; fails under CI when it is down."""
+    import redis
+
+    from tests.stack import REDIS_URL
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:
+        _unavailable(f"Redis at {REDIS_URL}", exc)
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def pg_session_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database shared by one test session's integration tests."""
+    name = f"appattest_stack_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    ca: TestCA, pg_session_url: str, redis_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """Redis + PostgreSQL + two real worker processes (prefork, one child each), shared by the
+    integration tests of a session. Tests use their own devices and challenges."""
+    from tests.factory import APP_ID
+    from tests.stack import service_stack
+
+    with service_stack(
+        store_url=pg_session_url,
+        root_pem=ca.root_pem,
+        workdir=tmp_path_factory.mktemp("stack"),
+        app_ids=APP_ID,
+        dev_app_ids="TEAMID1234.com.example.devapp",
+    ) as running:
+        running.start_worker(concurrency=1, name="a")
+        running.start_worker(concurrency=1, name="b")
+        yield running

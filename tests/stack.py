@@ -1,0 +1,144 @@
+"""A real service stack for integration tests: a fresh PostgreSQL database, Redis databases,
+and Celery worker subprocesses started with ``appattest worker``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from worker.celery_app import create_celery_app
+from worker.settings import Settings, load_settings
+from worker.store.db import create_store_engine, upgrade
+
+REDIS_URL = os.environ.get("APPATTEST_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# Redis databases reserved for the test suite; each is flushed before use.
+BROKER_DB, BACKEND_DB = 12, 13
+
+
+@dataclass
+class Stack:
+    """Settings shared by the test process and its worker subprocesses."""
+
+    env: dict[str, str]
+    settings: Settings
+    workdir: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(
+        self, *, concurrency: int = 1, pool: str = "prefork", name: str = "w"
+    ) -> subprocess.Popen[bytes]:
+        """Start ``appattest worker`` and wait until it answers a ping."""
+        log_path = self.workdir / f"worker-{name}-{len(self.workers)}.log"
+        hostname = f"{name}{len(self.workers)}@%h"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "worker.cli",
+                    "worker",
+                    f"--concurrency={concurrency}",
+                    f"--pool={pool}",
+                    f"--hostname={hostname}",
+                    "--loglevel=INFO",
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.workers.append(proc)
+        app = create_celery_app(self.settings)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {proc.returncode}; see {log_path}")
+                replies = app.control.ping(timeout=0.5) or []
+                if any(hostname.split("@")[0] in next(iter(r)) for r in replies):
+                    return proc
+        finally:
+            app.close()
+        raise RuntimeError(f"worker did not answer a ping within 60 s; see {log_path}")
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.workers.clear()
+
+
+def flush_redis(*dbs: int) -> None:
+    for db in dbs:
+        client = redis.Redis.from_url(f"{REDIS_URL}/{db}")
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+
+
+@contextmanager
+def service_stack(
+    *,
+    store_url: str,
+    root_pem: bytes,
+    workdir: Path,
+    app_ids: str,
+    dev_app_ids: str = "",
+    broker_url: str | None = None,
+    result_backend: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Stack]:
+    """Migrate the store, flush the test Redis databases, and yield a stack; workers started
+    through it are stopped on exit."""
+    root = workdir / "root.pem"
+    root.write_bytes(root_pem)
+    broker_url = broker_url or f"{REDIS_URL}/{BROKER_DB}"
+    result_backend = result_backend or f"{REDIS_URL}/{BACKEND_DB}"
+    if broker_url.startswith("redis://") or result_backend.startswith("redis://"):
+        flush_redis(BROKER_DB, BACKEND_DB)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")},
+        "APPATTEST_STORE_URL": store_url,
+        "APPATTEST_BROKER_URL": broker_url,
+        "APPATTEST_RESULT_BACKEND": result_backend,
+        "APPATTEST_APP_IDS": app_ids,
+        "APPATTEST_DEV_APP_IDS": dev_app_ids,
+        "APPATTEST_ROOT_CA": str(root),
+        "APPATTEST_TASK_MAX_RETRIES": "3",
+        "APPATTEST_TASK_RETRY_BACKOFF_MAX": "2",
+        **(extra_env or {}),
+    }
+    settings = load_settings(
+        store_url=store_url,
+        broker_url=broker_url,
+        result_backend=result_backend,
+        app_ids=[a for a in app_ids.split(",") if a],
+        dev_app_ids=[a for a in dev_app_ids.split(",") if a],
+        root_ca=root,
+        task_max_retries=3,
+        task_retry_backoff_max=2,
+    )
+    engine = create_store_engine(store_url)
+    upgrade(engine)
+    engine.dispose()
+    stack = Stack(env=env, settings=settings, workdir=workdir)
+    try:
+        yield stack
+    finally:
+        stack.stop_workers()
