@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -295,6 +296,75 @@ def worker(
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)
+
+
+@main.command()
+@_app_id_option
+@_dev_app_id_option
+@_root_ca_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("appattest-data"),
+    show_default=True,
+    help="Folder of the embedded SQLite key store, broker and result backend.",
+)
+@click.option(
+    "--workers",
+    "worker_processes",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker processes.",
+)
+def serve(
+    app_ids: tuple[str, ...],
+    dev_app_ids: tuple[str, ...],
+    root_ca: Path | None,
+    host: str,
+    port: int,
+    data_dir: Path,
+    worker_processes: int,
+) -> None:
+    """Run the HTTP API and a worker on this machine, with no external server.
+
+    Key store, broker and result backend are SQLite files in --data-dir unless the
+    APPATTEST_STORE_URL, APPATTEST_BROKER_URL or APPATTEST_RESULT_BACKEND variables name
+    servers. API keys come from APPATTEST_API_KEYS; without one, a key is generated and
+    printed once.
+    """
+    from worker.embedded import embedded_overrides, ensure_api_key
+    from worker.embedded import serve as run_serve
+
+    settings = _settings_with(
+        app_ids, dev_app_ids, root_ca, **embedded_overrides(data_dir, os.environ)
+    )
+    settings, generated = ensure_api_key(settings)
+    if generated:
+        click.echo(f"APPATTEST_API_KEYS was not set; this run's API key is: {generated}", err=True)
+    run_serve(settings, host=host, port=port, worker_processes=worker_processes, data_dir=data_dir)
+
+
+@main.command()
+@_app_id_option
+@_dev_app_id_option
+@_root_ca_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+def api(
+    app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None, host: str, port: int
+) -> None:
+    """Serve the HTTP producer only (settings from APPATTEST_* variables); workers run apart."""
+    import uvicorn
+
+    from producer.app import create_app
+
+    settings = _settings_with(app_ids, dev_app_ids, root_ca)
+    if not settings.api_keys:
+        raise click.UsageError("set APPATTEST_API_KEYS: the API refuses every call without keys")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":

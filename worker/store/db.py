@@ -25,7 +25,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_store_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine for any SQLAlchemy URL; SQLite files get WAL and a busy timeout."""
+    """Create an engine for any SQLAlchemy URL; SQLite files get WAL and a busy timeout.
+
+    Statement parameters are hidden from error messages: they hold attestations and challenge
+    digests, and errors end up in logs.
+    """
+    kwargs.setdefault("hide_parameters", True)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(url, **kwargs)

@@ -1,0 +1,98 @@
+"""The embedded default: the HTTP producer and a worker on one machine with no server to run.
+
+The key store, the broker and the result backend are SQLite files in one data folder (the
+broker through kombu's SQLAlchemy transport, results through Celery's database backend). Any
+of them can be switched to a server (Redis, PostgreSQL) with the usual ``APPATTEST_*``
+variables; only the ones left unset are embedded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from worker.settings import Settings, load_settings
+from worker.store.db import create_store_engine, upgrade
+
+log = logging.getLogger("appattest.serve")
+
+
+def embedded_overrides(data_dir: Path, environ: Mapping[str, str]) -> dict[str, object]:
+    """Settings that point at SQLite files in ``data_dir``, for those the environment leaves
+    unset."""
+    data_dir = data_dir.resolve()
+    defaults = {
+        "store_url": ("APPATTEST_STORE_URL", f"sqlite:///{data_dir / 'keys.db'}"),
+        "broker_url": ("APPATTEST_BROKER_URL", f"sqla+sqlite:///{data_dir / 'broker.db'}"),
+        "result_backend": ("APPATTEST_RESULT_BACKEND", f"db+sqlite:///{data_dir / 'results.db'}"),
+    }
+    return {name: value for name, (var, value) in defaults.items() if not environ.get(var)}
+
+
+def ensure_api_key(settings: Settings) -> tuple[Settings, str | None]:
+    """Settings with at least one API key; returns the generated key when one was made."""
+    if settings.api_keys:
+        return settings, None
+    key = secrets.token_urlsafe(32)
+    return settings.model_copy(update={"api_keys": [SecretStr(key)]}), key
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """The environment for a worker subprocess that shares these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
+    env.update(
+        {
+            "APPATTEST_STORE_URL": settings.store_url,
+            "APPATTEST_BROKER_URL": settings.broker_url,
+            "APPATTEST_RESULT_BACKEND": settings.result_backend,
+            "APPATTEST_APP_IDS": ",".join(settings.app_ids),
+            "APPATTEST_DEV_APP_IDS": ",".join(settings.dev_app_ids),
+            "APPATTEST_TASK_MAX_RETRIES": str(settings.task_max_retries),
+            "APPATTEST_TASK_RETRY_BACKOFF_MAX": str(settings.task_retry_backoff_max),
+        }
+    )
+    if settings.root_ca is not None:
+        env["APPATTEST_ROOT_CA"] = str(settings.root_ca.resolve())
+    return env
+
+
+def serve(
+    settings: Settings, *, host: str, port: int, worker_processes: int, data_dir: Path
+) -> None:
+    """Migrate the store, start a worker subprocess, and serve the HTTP API until stopped."""
+    import uvicorn
+    from producer.app import create_app
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_store_engine(settings.store_url)
+    upgrade(engine)
+    engine.dispose()
+    worker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "worker",
+            f"--concurrency={worker_processes}",
+            "--loglevel=WARNING",
+        ],
+        env=worker_environment(settings),
+    )
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
