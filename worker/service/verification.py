@@ -186,6 +186,7 @@ class VerificationService:
                     public_key=verified.public_key,
                     receipt=verified.receipt,
                     attestation=decoded.token,
+                    client_data_hash=client_data_hash(request.challenge),
                     verified_at=at,
                     leaf_fingerprint=verified.leaf_fingerprint,
                     intermediate_fingerprint=verified.intermediate_fingerprint,

@@ -36,6 +36,9 @@ class DeviceKey(Base):
     counter: Mapped[int] = mapped_column(BigInteger)
     receipt: Mapped[bytes] = mapped_column(LargeBinary)
     attestation: Mapped[bytes] = mapped_column(LargeBinary)
+    # What the attestation's nonce covers besides authData; without it the attestation could
+    # not be verified again. Null only for keys stored before it was kept.
+    client_data_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     # The instant the attestation was verified as of; re-verification uses it again, since
     # credential certificates live only days.
     verified_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -1,0 +1,130 @@
+"""The embedded default end to end: ``appattest serve`` as a user starts it, no server at all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from tests.factory import APP_ID, Device, TestCA
+
+API_KEY = "embedded-test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    workdir = tmp_path_factory.mktemp("embedded")
+    (workdir / "root.pem").write_bytes(ca.root_pem)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
+    env["APPATTEST_API_KEYS"] = API_KEY
+    log_path = workdir / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "serve",
+                "--app-id",
+                APP_ID,
+                "--root-ca",
+                str(workdir / "root.pem"),
+                "--port",
+                str(port),
+                "--data-dir",
+                str(workdir / "data"),
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (
+                "serve did not become ready: " + log_path.read_text()
+            )
+            time.sleep(0.2)
+        yield client
+    finally:
+        client.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert (workdir / "data" / "keys.db").exists()
+
+
+def _challenge(client: httpx.Client, purpose: str) -> str:
+    response = client.post("/v1/challenges", json={"purpose": purpose})
+    assert response.status_code == 201, response.text
+    return str(response.json()["challenge"])
+
+
+def test_registration_and_assertions(served: httpx.Client, ca: TestCA) -> None:
+    device = Device(ca=ca)
+    body = device.registration_body(_challenge(served, "registration"), now=datetime.now(UTC))
+    response = served.post("/v1/attestations", params={"wait": 20}, json=body)
+    assert response.status_code == 200, response.text
+    verdict = response.json()
+    assert verdict["status"] == "done"
+    assert verdict["result"]["ok"] is True
+    assert verdict["result"]["environment"] == "production"
+    for expected_counter in (1, 2):
+        payload = _challenge(served, "assertion")
+        response = served.post(
+            "/v1/assertions", params={"wait": 20}, json=device.assertion_body(payload)
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["result"]["counter"] == expected_counter
+
+
+def test_rejections_and_job_lookup(served: httpx.Client, ca: TestCA) -> None:
+    device = Device(ca=ca)
+    unknown = device.registration_body("never-issued-challenge", now=datetime.now(UTC))
+    response = served.post("/v1/attestations", json=unknown)
+    assert response.status_code == 202
+    job_id = response.json()["jobId"]
+    response = served.get(f"/v1/jobs/{job_id}", params={"wait": 20})
+    assert response.json()["result"]["reason"] == "challenge_unknown"
+    before = served.post(
+        "/v1/assertions",
+        params={"wait": 20},
+        json=device.assertion_body(_challenge(served, "assertion")),
+    )
+    assert before.json()["result"]["reason"] == "key_unknown"
+
+
+def test_api_key_required(served: httpx.Client) -> None:
+    response = httpx.post(f"{served.base_url}/v1/challenges", json={"purpose": "registration"})
+    assert response.status_code == 401
