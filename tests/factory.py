@@ -358,10 +358,10 @@ class Device:
             self.aaguid if aaguid is None else aaguid,
             struct.pack(">H", len(cred_id)),
             cred_id,
-            cbor2.dumps(self.cose_key() if cose_key is None else cose_key),
+            cbor2.dumps(self.cose_key() if cose_key is None else cose_key, canonical=True),
         ]
         if extensions is not None:
-            parts.append(cbor2.dumps(extensions))
+            parts.append(cbor2.dumps(extensions, canonical=True))
         return b"".join(parts)
 
     def attestation_object(
@@ -430,7 +430,7 @@ class Device:
         }
         if extra_top_level:
             obj.update(extra_top_level)
-        return cbor2.dumps(obj)
+        return cbor2.dumps(obj, canonical=True)
 
     def assertion_object(
         self,
@@ -454,12 +454,14 @@ class Device:
         used = self.counter + 1 if counter is None else counter
         authenticator_data = self._rp_id_hash(rp_id) + struct.pack(">BI", flags, used)
         if extensions is not None:
-            authenticator_data += cbor2.dumps(extensions)
+            authenticator_data += cbor2.dumps(extensions, canonical=True)
         nonce = _sha256(authenticator_data + client_data_hash)
         key = self.private_key if signing_key is None else signing_key
         signature = key.sign(nonce, ec.ECDSA(hashes.SHA256()))
         self.counter = used
-        return cbor2.dumps({"signature": signature, "authenticatorData": authenticator_data})
+        return cbor2.dumps(
+            {"signature": signature, "authenticatorData": authenticator_data}, canonical=True
+        )
 
     def registration_body(self, challenge: str, *, now: datetime, **kwargs: Any) -> dict[str, str]:
         """Return the plugin's JSON registration body for ``challenge``.

@@ -69,7 +69,7 @@ def rejection(call: Callable[[], object]) -> Reason:
 def mutate(obj: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
     decoded = cbor2.loads(obj)
     change(decoded)
-    return cbor2.dumps(decoded)
+    return cbor2.dumps(decoded, canonical=True)
 
 
 def rp_id_hash(app_id: str) -> bytes:
@@ -86,7 +86,9 @@ def signed(
     nonce = hashlib.sha256(authenticator_data + cdh).digest()
     algorithm = ec.ECDSA(Prehashed(hashes.SHA256()) if prehashed else hashes.SHA256())
     signature = key.sign(nonce, algorithm)
-    return cbor2.dumps({"signature": signature, "authenticatorData": authenticator_data})
+    return cbor2.dumps(
+        {"signature": signature, "authenticatorData": authenticator_data}, canonical=True
+    )
 
 
 # --- accepted assertions ----------------------------------------------------------------------
@@ -287,7 +289,9 @@ def change_auth_data(change: Callable[[bytes], bytes]) -> Callable[[dict[str, An
             change_auth_data(lambda ad: ad[:33] + struct.pack(">I", 9)), id="counter-raised-after"
         ),
         pytest.param(
-            change_auth_data(lambda ad: ad + cbor2.dumps(dict(factory.IOS27_EXTENSIONS))),
+            change_auth_data(
+                lambda ad: ad + cbor2.dumps(dict(factory.IOS27_EXTENSIONS), canonical=True)
+            ),
             id="extensions-added-after",
         ),
     ],
@@ -347,7 +351,7 @@ def test_signature_over_the_nonce_without_the_second_hash_is_rejected(
         pytest.param(
             lambda d: d.update(
                 authenticatorData=d["authenticatorData"]
-                + cbor2.dumps(dict(factory.IOS27_EXTENSIONS))
+                + cbor2.dumps(dict(factory.IOS27_EXTENSIONS), canonical=True)
                 + b"\x00"
             ),
             id="byte-after-extensions",
@@ -355,7 +359,7 @@ def test_signature_over_the_nonce_without_the_second_hash_is_rejected(
         pytest.param(
             lambda d: d.update(
                 authenticatorData=d["authenticatorData"]
-                + cbor2.dumps({"apple_validation_category_01": 1})
+                + cbor2.dumps({"apple_validation_category_01": 1}, canonical=True)
             ),
             id="extension-wrong-type",
         ),
@@ -374,9 +378,9 @@ def test_malformed_assertion_is_rejected(
     "obj",
     [
         pytest.param(b"", id="empty"),
-        pytest.param(cbor2.dumps([]), id="array"),
-        pytest.param(cbor2.dumps({}), id="empty-map"),
-        pytest.param(cbor2.dumps("signature"), id="text"),
+        pytest.param(cbor2.dumps([], canonical=True), id="array"),
+        pytest.param(cbor2.dumps({}, canonical=True), id="empty-map"),
+        pytest.param(cbor2.dumps("signature", canonical=True), id="text"),
     ],
 )
 def test_non_assertion_cbor_is_rejected(device: factory.Device, obj: bytes) -> None:

@@ -99,7 +99,7 @@ def rejection(call: Callable[[], object]) -> Reason:
 def mutate(obj: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
     decoded = cbor2.loads(obj)
     change(decoded)
-    return cbor2.dumps(decoded)
+    return cbor2.dumps(decoded, canonical=True)
 
 
 def x5c_of(obj: bytes) -> list[bytes]:
@@ -117,7 +117,8 @@ def assemble(auth_data: bytes, x5c: Sequence[bytes]) -> bytes:
             "fmt": "apple-appattest",
             "attStmt": {"x5c": list(x5c), "receipt": factory.DEFAULT_RECEIPT},
             "authData": auth_data,
-        }
+        },
+        canonical=True,
     )
 
 

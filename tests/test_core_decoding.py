@@ -22,6 +22,7 @@ from worker.core import (
     verify_assertion,
     verify_attestation,
 )
+from worker.core.attestation import parse_attestation_object
 from worker.core.authdata import (
     AuthDataExtensions,
     parse_assertion_auth_data,
@@ -136,35 +137,40 @@ def test_base64_raises_with_the_reason_asked_for() -> None:
 
 
 def test_cbor_exact_decodes_one_item() -> None:
-    assert decode_cbor_exact(cbor2.dumps({"a": [1, b"x", "y"]})) == {"a": [1, b"x", "y"]}
+    assert decode_cbor_exact(cbor2.dumps({"a": [1, b"x", "y"]}, canonical=True)) == {
+        "a": [1, b"x", "y"]
+    }
 
 
 def test_cbor_prefix_reports_the_end_offset() -> None:
-    data = b"\xff\xff" + cbor2.dumps({"a": 1}) + cbor2.dumps([2])
+    data = b"\xff\xff" + cbor2.dumps({"a": 1}, canonical=True) + cbor2.dumps([2], canonical=True)
     item, end = decode_cbor_prefix(data, 2)
     assert item == {"a": 1}
-    assert data[end:] == cbor2.dumps([2])
+    assert data[end:] == cbor2.dumps([2], canonical=True)
 
 
 def test_cbor_realistic_nesting_is_accepted() -> None:
     nested: object = b"leaf"
     for _ in range(4):
         nested = [nested]
-    assert decode_cbor_exact(cbor2.dumps({"a": nested})) == {"a": nested}
+    assert decode_cbor_exact(cbor2.dumps({"a": nested}, canonical=True)) == {"a": nested}
 
 
 @pytest.mark.parametrize(
     "data",
     [
         pytest.param(b"", id="empty"),
-        pytest.param(cbor2.dumps({"a": 1}) + b"\x00", id="trailing-byte"),
-        pytest.param(cbor2.dumps({"a": 1}) + cbor2.dumps({"a": 1}), id="two-objects"),
+        pytest.param(cbor2.dumps({"a": 1}, canonical=True) + b"\x00", id="trailing-byte"),
+        pytest.param(
+            cbor2.dumps({"a": 1}, canonical=True) + cbor2.dumps({"a": 1}, canonical=True),
+            id="two-objects",
+        ),
         pytest.param(bytes.fromhex("c11a514b67b0"), id="tag-1-epoch-date"),
         pytest.param(bytes.fromhex("c074323031332d30332d32315432303a30343a30305a"), id="tag-0"),
         pytest.param(bytes.fromhex("d9d9f7a0"), id="tag-55799-self-describe"),
         pytest.param(bytes.fromhex("c249010000000000000000"), id="tag-2-bignum"),
         pytest.param(bytes.fromhex("dbffffffffffffffff00"), id="tag-2**64-1"),
-        pytest.param(cbor2.dumps({"a": cbor2.CBORTag(1, 5)}), id="tag-inside-map"),
+        pytest.param(cbor2.dumps({"a": cbor2.CBORTag(1, 5)}, canonical=True), id="tag-inside-map"),
         pytest.param(bytes.fromhex("5f42010243030405ff"), id="indefinite-bytes"),
         pytest.param(bytes.fromhex("7f6161ff"), id="indefinite-text"),
         pytest.param(bytes.fromhex("9f01ff"), id="indefinite-array"),
@@ -174,9 +180,9 @@ def test_cbor_realistic_nesting_is_accepted() -> None:
         pytest.param(b"\x81" * 20 + b"\x00", id="nesting-20"),
         pytest.param(b"\x81" * 100_000 + b"\x00", id="nesting-100000"),
         pytest.param(b"\xa1\x00" * 50 + b"\x00", id="nested-maps-50"),
-        pytest.param(cbor2.dumps({"a": b"xyz"})[:-1], id="truncated-bytes"),
-        pytest.param(cbor2.dumps({"a": "xyz"})[:-2], id="truncated-text"),
-        pytest.param(cbor2.dumps([1, 2, 3])[:-1], id="truncated-array"),
+        pytest.param(cbor2.dumps({"a": b"xyz"}, canonical=True)[:-1], id="truncated-bytes"),
+        pytest.param(cbor2.dumps({"a": "xyz"}, canonical=True)[:-2], id="truncated-text"),
+        pytest.param(cbor2.dumps([1, 2, 3], canonical=True)[:-1], id="truncated-array"),
         pytest.param(b"\x19\x01", id="truncated-integer"),
         pytest.param(bytes.fromhex("5a7fffffff00"), id="bytes-declared-2**31"),
         pytest.param(head(2, 2**64 - 1) + b"\x00", id="bytes-declared-2**64"),
@@ -205,23 +211,32 @@ def self_describe(obj: bytes) -> bytes:
 
 def indefinite_map(obj: bytes) -> bytes:
     items = cbor2.loads(obj)
-    body = b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in items.items())
+    body = b"".join(
+        cbor2.dumps(k, canonical=True) + cbor2.dumps(v, canonical=True) for k, v in items.items()
+    )
     return b"\xbf" + body + b"\xff"
 
 
 def duplicate_first_key(obj: bytes) -> bytes:
     items = cbor2.loads(obj)
     first = next(iter(items))
-    body = b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in items.items())
-    header = cbor2.dumps({str(i): 0 for i in range(len(items) + 1)})[:1]
-    return header + body + cbor2.dumps(first) + cbor2.dumps(items[first])
+    body = b"".join(
+        cbor2.dumps(k, canonical=True) + cbor2.dumps(v, canonical=True) for k, v in items.items()
+    )
+    header = cbor2.dumps({str(i): 0 for i in range(len(items) + 1)}, canonical=True)[:1]
+    return (
+        header
+        + body
+        + cbor2.dumps(first, canonical=True)
+        + cbor2.dumps(items[first], canonical=True)
+    )
 
 
 def tagged_auth_data(key: str) -> Callable[[bytes], bytes]:
     def change(obj: bytes) -> bytes:
         items = cbor2.loads(obj)
         items[key] = cbor2.CBORTag(24, items[key])  # "embedded CBOR", still a tag
-        return cbor2.dumps(items)
+        return cbor2.dumps(items, canonical=True)
 
     return change
 
@@ -236,8 +251,10 @@ OBJECT_DEFECTS: list[Any] = [
     pytest.param(lambda obj: bytes.fromhex("c1") + obj, id="tag-1"),
     pytest.param(indefinite_map, id="indefinite-length-map"),
     pytest.param(duplicate_first_key, id="duplicate-key"),
-    pytest.param(lambda obj: cbor2.dumps([cbor2.loads(obj)]), id="wrapped-in-array"),
-    pytest.param(lambda obj: cbor2.dumps(obj), id="wrapped-in-bytes"),
+    pytest.param(
+        lambda obj: cbor2.dumps([cbor2.loads(obj)], canonical=True), id="wrapped-in-array"
+    ),
+    pytest.param(lambda obj: cbor2.dumps(obj, canonical=True), id="wrapped-in-bytes"),
 ]
 
 
@@ -405,13 +422,13 @@ def test_attested_extensions_with_wrong_types_are_rejected(
 @pytest.mark.parametrize(
     "tail",
     [
-        pytest.param(cbor2.dumps([1]), id="array"),
-        pytest.param(cbor2.dumps(1), id="int"),
-        pytest.param(cbor2.dumps(b"apple"), id="bytes"),
-        pytest.param(cbor2.dumps("apple"), id="text"),
+        pytest.param(cbor2.dumps([1], canonical=True), id="array"),
+        pytest.param(cbor2.dumps(1, canonical=True), id="int"),
+        pytest.param(cbor2.dumps(b"apple", canonical=True), id="bytes"),
+        pytest.param(cbor2.dumps("apple", canonical=True), id="text"),
         pytest.param(b"\x00", id="one-zero-byte"),
         pytest.param(b"\xff", id="break-byte"),
-        pytest.param(cbor2.dumps({"a": 1})[:-1], id="truncated-map"),
+        pytest.param(cbor2.dumps({"a": 1}, canonical=True)[:-1], id="truncated-map"),
     ],
 )
 def test_attested_trailer_that_is_not_a_map_is_rejected(
@@ -424,7 +441,7 @@ def test_attested_trailer_that_is_not_a_map_is_rejected(
     "trailer",
     [
         pytest.param(b"\x00", id="one-byte"),
-        pytest.param(cbor2.dumps({"a": 1}), id="second-map"),
+        pytest.param(cbor2.dumps({"a": 1}, canonical=True), id="second-map"),
         pytest.param(b"\xff\xff\xff", id="garbage"),
     ],
 )
@@ -554,7 +571,8 @@ def test_assertion_auth_data_with_extensions() -> None:
             "apple_validation_category_01": b"\x05\x00\x00\x00",
             "apple_bundle_version_01": "9",
             "apple_other_01": "z",
-        }
+        },
+        canonical=True,
     )
     parsed = parse_assertion_auth_data(raw)
     assert parsed.counter == 1
@@ -572,10 +590,13 @@ def test_truncated_assertion_auth_data_is_rejected(length: int) -> None:
 @pytest.mark.parametrize(
     "tail",
     [
-        pytest.param(cbor2.dumps(dict(factory.IOS27_EXTENSIONS)) + b"\x00", id="byte-after-map"),
-        pytest.param(cbor2.dumps([1]), id="array"),
+        pytest.param(
+            cbor2.dumps(dict(factory.IOS27_EXTENSIONS), canonical=True) + b"\x00",
+            id="byte-after-map",
+        ),
+        pytest.param(cbor2.dumps([1], canonical=True), id="array"),
         pytest.param(b"\x00", id="int"),
-        pytest.param(cbor2.dumps({"a": 1})[:-1], id="truncated-map"),
+        pytest.param(cbor2.dumps({"a": 1}, canonical=True)[:-1], id="truncated-map"),
     ],
 )
 def test_assertion_auth_data_bad_tail_is_rejected(tail: bytes) -> None:
@@ -584,5 +605,40 @@ def test_assertion_auth_data_bad_tail_is_rejected(tail: bytes) -> None:
 
 @pytest.mark.parametrize("extensions", BAD_EXTENSIONS)
 def test_assertion_extensions_with_wrong_types_are_rejected(extensions: dict[Any, Any]) -> None:
-    raw = assertion_auth_data() + cbor2.dumps(extensions)
+    raw = assertion_auth_data() + cbor2.dumps(extensions, canonical=True)
     assert_malformed(lambda: parse_assertion_auth_data(raw))
+
+
+# Deterministic encoding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\x18\x01", id="int-not-shortest"),
+        pytest.param(b"\x59\x00\x01a", id="bytes-length-not-shortest"),
+        pytest.param(b"\xa2\x61b\x01\x61a\x02", id="map-keys-unsorted"),
+        pytest.param(b"\xa2\x62aa\x01\x61b\x02", id="map-keys-longer-first"),
+        pytest.param(b"\xfa\x3f\x80\x00\x00", id="float-not-shortest"),
+    ],
+)
+def test_non_deterministic_cbor_is_rejected(data: bytes) -> None:
+    with pytest.raises(Rejected) as info:
+        decode_cbor_exact(data)
+    assert info.value.reason is Reason.MALFORMED_TOKEN
+
+
+def test_reordered_attestation_map_is_rejected(device: factory.Device) -> None:
+    """The same attestation with its top-level keys in another order is refused, although no
+    signature covers that framing: only one encoding of an object is accepted."""
+    raw = device.attestation_object(b"\x00" * 32, now=datetime(2026, 1, 1, tzinfo=UTC))
+    parse_attestation_object(raw)
+    obj = cbor2.loads(raw)
+    reordered = b"\xa3" + b"".join(
+        cbor2.dumps(k, canonical=True) + cbor2.dumps(obj[k], canonical=True)
+        for k in ("authData", "fmt", "attStmt")
+    )
+    assert cbor2.loads(reordered) == obj
+    with pytest.raises(Rejected) as info:
+        parse_attestation_object(reordered)
+    assert info.value.reason is Reason.MALFORMED_TOKEN

@@ -83,8 +83,8 @@ def decode_cbor_prefix(data: bytes, offset: int = 0) -> tuple[object, int]:
     """Decode one CBOR item starting at ``offset`` with the strict settings.
 
     Returns the item and the offset just past it. Raises ``Rejected(malformed_token)`` for any
-    decoding error, tags, indefinite lengths, duplicate map keys or nesting deeper than a real
-    object has.
+    decoding error, tags, indefinite lengths, duplicate map keys, nesting deeper than a real
+    object has, and encodings that are not deterministic (shortest lengths, sorted map keys).
     """
     if offset >= len(data):
         raise Rejected(Reason.MALFORMED_TOKEN, "CBOR item expected but the data ended")
@@ -100,9 +100,16 @@ def decode_cbor_prefix(data: bytes, offset: int = 0) -> tuple[object, int]:
     )
     try:
         item = decoder.decode()
+        # Devices emit deterministic (canonical) CBOR. Requiring it leaves exactly one encoding
+        # per object, so no byte of an accepted object can change without a rejection, even in
+        # framing that no signature covers.
+        canonical = cbor2.dumps(item, canonical=True)
     except _DECODE_ERRORS as exc:
         raise Rejected(Reason.MALFORMED_TOKEN, f"invalid CBOR: {exc}") from exc
-    return item, offset + stream.tell()
+    end = offset + stream.tell()
+    if canonical != data[offset:end]:
+        raise Rejected(Reason.MALFORMED_TOKEN, "CBOR is not in deterministic encoding")
+    return item, end
 
 
 def decode_cbor_exact(data: bytes) -> object:
