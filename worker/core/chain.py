@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.verification import (
     ClientVerifier,
     ExtensionPolicy,
@@ -21,7 +24,14 @@ from cryptography.x509.verification import (
 from worker.core.reasons import Reason, Rejected
 from worker.core.trust import TrustStore, certificate_fingerprint
 
-_CHAIN_LENGTH = 2  # x5c is [credCert, intermediate]; the root is ours, never the device's.
+_CHAIN_LENGTH = 2
+_CERTIFICATE_ERRORS = (
+    ValueError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    CryptographyDeprecationWarning,
+)  # x5c is [credCert, intermediate]; the root is ours, never the device's.
 
 
 @dataclass(frozen=True)
@@ -124,12 +134,25 @@ def _verifier(store: Store, now: datetime) -> ClientVerifier:
 
 
 def _load(der: bytes, name: str) -> x509.Certificate:
+    """Parse a certificate and every field the checks read.
+
+    pyca/cryptography parses fields lazily, so a corrupt name, key or extension would only
+    raise when first touched, deep inside a check; touching them here turns every such
+    corruption into one clear rejection.
+    """
     try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+        with warnings.catch_warnings():
+            # A deprecated encoding (a negative serial number, say) is refused, not warned of.
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            cert = x509.load_der_x509_certificate(der)
+            cert.public_key()
+            _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+            _ = cert.extensions
+    except _CERTIFICATE_ERRORS as exc:
         raise Rejected(
-            Reason.CERTIFICATE_CHAIN_INVALID, f"{name} is not a DER certificate"
+            Reason.CERTIFICATE_CHAIN_INVALID, f"{name} is not a valid certificate"
         ) from exc
+    return cert
 
 
 def parse_chain(x5c: Sequence[bytes]) -> tuple[x509.Certificate, x509.Certificate]:
@@ -186,7 +209,7 @@ def verify_chain(
     presented = [] if cached is not None else [intermediate]
     try:
         verified = _verifier(store, now).verify(leaf, presented)
-    except VerificationError as exc:
+    except (VerificationError, ValueError, UnsupportedAlgorithm) as exc:
         raise _failure_reason(leaf, intermediate, trust, now) from exc
     chain: list[x509.Certificate] = verified.chain
     if cached is None:
