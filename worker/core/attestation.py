@@ -157,6 +157,21 @@ def _check_credential_id(auth_data: AttestedAuthData, key_id: bytes, point: byte
         )
 
 
+def _check_distrust(
+    leaf_der: bytes, intermediate_der: bytes, key_id: bytes, policy: Policy
+) -> tuple[bytes, bytes]:
+    # Not one of Apple's steps: the operator's own lists of distrusted certificates and keys.
+    leaf_fp = hashlib.sha256(leaf_der).digest()
+    intermediate_fp = hashlib.sha256(intermediate_der).digest()
+    if leaf_fp in policy.distrusted_certificates:
+        raise Rejected(Reason.CERTIFICATE_CHAIN_INVALID, "credCert is on the distrust list")
+    if intermediate_fp in policy.distrusted_certificates:
+        raise Rejected(Reason.CERTIFICATE_CHAIN_INVALID, "intermediate is on the distrust list")
+    if key_id in policy.distrusted_key_ids:
+        raise Rejected(Reason.KEY_REVOKED, "keyId is on the distrust list")
+    return leaf_fp, intermediate_fp
+
+
 def verify_attestation(
     *,
     attestation_object: bytes,
@@ -188,9 +203,15 @@ def verify_attestation(
     _check_counter_zero(parsed.auth_data)
     environment = _check_environment(parsed.auth_data, app)
     _check_credential_id(parsed.auth_data, key_id, point)
+    fingerprints = _check_distrust(parsed.x5c[0], parsed.x5c[1], key_id, policy)
     # Step 1, last because it is the expensive one.
     chain = verify_chain(
-        leaf=leaf, intermediate=intermediate, trust=policy.trust, now=now, cache=cache
+        leaf=leaf,
+        intermediate=intermediate,
+        trust=policy.trust,
+        now=now,
+        cache=cache,
+        fingerprints=fingerprints,
     )
     return VerifiedAttestation(
         key_id=key_id,

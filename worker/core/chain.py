@@ -195,15 +195,20 @@ def verify_chain(
     trust: TrustStore,
     now: datetime,
     cache: IntermediateCache | None,
+    fingerprints: tuple[bytes, bytes] | None = None,
 ) -> VerifiedChain:
     """Verify credCert -> intermediate -> trusted root at ``now``.
 
     Returns the verified chain; raises ``Rejected`` with ``certificate_expired`` when a
     certificate is outside its validity at ``now`` and ``certificate_chain_invalid`` for any
     other failure. With a cache, an intermediate verified before is used as the trust anchor, so
-    only the credCert signature (and its validity at ``now``) is checked again.
+    only the credCert signature (and its validity at ``now``) is checked again. ``fingerprints``
+    are the SHA-256 of the credCert and intermediate DER when the caller has them already.
     """
-    inter_fp = certificate_fingerprint(intermediate)
+    leaf_fp, inter_fp = fingerprints or (
+        certificate_fingerprint(leaf),
+        certificate_fingerprint(intermediate),
+    )
     cached = cache.lookup(trust=trust, fingerprint=inter_fp, now=now) if cache is not None else None
     store = cached if cached is not None else trust.store
     presented = [] if cached is not None else [intermediate]
@@ -226,7 +231,7 @@ def verify_chain(
     return VerifiedChain(
         leaf=leaf,
         intermediate=intermediate,
-        leaf_fingerprint=certificate_fingerprint(leaf),
+        leaf_fingerprint=leaf_fp,
         intermediate_fingerprint=inter_fp,
         from_cache=cached is not None,
     )

@@ -53,11 +53,15 @@ class Policy:
     """An immutable verification policy that fails closed.
 
     It needs a trust store and at least one app; an App ID listed twice with different
-    environment rules is a construction error rather than a silent choice.
+    environment rules is a construction error rather than a silent choice. Distrust lists name
+    certificates (SHA-256 of the DER of a credCert or an intermediate) and keys (the 32-byte
+    keyId) that must no longer verify, whatever their signatures say.
     """
 
     trust: TrustStore
     apps: tuple[AppConfig, ...]
+    distrusted_certificates: frozenset[bytes] = frozenset()
+    distrusted_key_ids: frozenset[bytes] = frozenset()
     _by_rp_id_hash: MappingProxyType[bytes, AppConfig] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +69,9 @@ class Policy:
             raise PolicyError("a policy needs a TrustStore")
         if not self.apps:
             raise PolicyError("a policy needs at least one app")
+        for digest in self.distrusted_certificates | self.distrusted_key_ids:
+            if len(digest) != 32:
+                raise PolicyError("distrusted fingerprints and key ids are 32-byte SHA-256 values")
         by_hash: dict[bytes, AppConfig] = {}
         for app in self.apps:
             previous = by_hash.setdefault(app.rp_id_hash, app)
@@ -79,6 +86,8 @@ class Policy:
         trust: TrustStore,
         production_apps: Iterable[str] = (),
         development_apps: Iterable[str] = (),
+        distrusted_certificates: Iterable[bytes] = (),
+        distrusted_key_ids: Iterable[bytes] = (),
     ) -> Policy:
         """Build a policy from App ID lists.
 
@@ -89,7 +98,12 @@ class Policy:
         dev = list(dict.fromkeys(development_apps))
         prod = [a for a in dict.fromkeys(production_apps) if a not in dev]
         apps = tuple(AppConfig(a) for a in prod) + tuple(AppConfig(a, True) for a in dev)
-        return cls(trust=trust, apps=apps)
+        return cls(
+            trust=trust,
+            apps=apps,
+            distrusted_certificates=frozenset(distrusted_certificates),
+            distrusted_key_ids=frozenset(distrusted_key_ids),
+        )
 
     def app_for_rp_id_hash(self, rp_id_hash: bytes) -> AppConfig | None:
         """The configured app whose App ID hashes to ``rp_id_hash``, if any."""
