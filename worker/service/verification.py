@@ -219,6 +219,11 @@ class VerificationService:
                 stored = keys.get_key(session, request.key_id)
             if stored is None:
                 raise Rejected(Reason.KEY_UNKNOWN, "keyId is not registered")
+            if stored.revoked_at is not None:
+                raise Rejected(
+                    Reason.KEY_REVOKED,
+                    f"key was revoked ({stored.revoked_reason}) by run {stored.revoked_by_run}",
+                )
             app = self.policy.app(stored.app_id)
             if app is None:
                 raise Rejected(Reason.APP_ID_MISMATCH, f"{stored.app_id} is not configured")

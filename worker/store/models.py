@@ -39,6 +39,10 @@ class DeviceKey(Base):
     # What the attestation's nonce covers besides authData; without it the attestation could
     # not be verified again. Null only for keys stored before it was kept.
     client_data_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Set by a re-verification run with --apply; assertions of a revoked key are refused.
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_reason: Mapped[str | None] = mapped_column(String(40))
+    revoked_by_run: Mapped[str | None] = mapped_column(String(64))
     # The instant the attestation was verified as of; re-verification uses it again, since
     # credential certificates live only days.
     verified_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
@@ -77,3 +81,34 @@ class Verdict(Base):
     reason: Mapped[str | None] = mapped_column(String(40))
     result: Mapped[dict[str, Any]] = mapped_column(JSON)
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ReverifyRun(Base):
+    """One re-verification run: what it checks against, and whether it revokes."""
+
+    __tablename__ = "reverify_runs"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    apply: Mapped[bool] = mapped_column(Boolean)
+    # The policy and filters, as JSON, so that a resumed run and every worker use exactly the
+    # ones the run started with.
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    filters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    total: Mapped[int] = mapped_column(BigInteger)
+
+
+class ReverifyResult(Base):
+    """One key's outcome in one run; ``status`` is pending until a worker decided it."""
+
+    __tablename__ = "reverify_results"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(44), primary_key=True)
+    status: Mapped[str] = mapped_column(String(8), index=True)
+    ok: Mapped[bool | None] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(String(40))
+    detail: Mapped[str | None] = mapped_column(String(500))
+    app_id: Mapped[str | None] = mapped_column(String(300))
+    environment: Mapped[str | None] = mapped_column(String(16))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
