@@ -9,6 +9,7 @@ from celery import Celery
 from worker.settings import Settings
 
 VERIFY_TASK: Final = "appattest.verify"
+REVERIFY_TASK: Final = "appattest.reverify"
 QUEUE: Final = "appattest"
 
 

@@ -354,11 +354,14 @@ def serve(
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 def api(
-    app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None, host: str, port: int
+    app_ids: tuple[str, ...],
+    dev_app_ids: tuple[str, ...],
+    root_ca: Path | None,
+    host: str,
+    port: int,
 ) -> None:
     """Serve the HTTP producer only (settings from APPATTEST_* variables); workers run apart."""
     import uvicorn
-
     from producer.app import create_app
 
     settings = _settings_with(app_ids, dev_app_ids, root_ca)

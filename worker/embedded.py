@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 from worker.store.db import create_store_engine, upgrade
 
 log = logging.getLogger("appattest.serve")

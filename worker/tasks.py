@@ -76,17 +76,15 @@ def run_job(task: Task, settings: Settings, job: Any) -> dict[str, Any]:
         if body is None:
             raise Rejected(Reason.INVALID_REQUEST, "job has no body")
         request = parse_request(body)
-        return process_service(settings).handle(request, job_id=job_id).to_json_dict()
+        resources = process_resources(settings)
+        # Only a job put on the queue by `appattest verify --queue` (an operator with broker
+        # access) may ask for given challenges; the HTTP producer never sets this.
+        service = resources.offline if job.get("challenges") == "given" else resources.service
+        return service.handle(request, job_id=job_id).to_json_dict()
     except Rejected as exc:
         return _rejection(job, exc.reason, exc.detail)
     except INFRASTRUCTURE_ERRORS as exc:
-        retries = task.request.retries
-        if retries < settings.task_max_retries:
-            countdown = min(settings.task_retry_backoff_max, 2**retries)
-            log.warning(
-                "job %s: %s, retry %d in %ds", job_id, type(exc).__name__, retries + 1, countdown
-            )
-            raise task.retry(exc=exc, countdown=countdown) from exc
+        _retry_or_raise(task, settings, exc)
         log.error("job %s: %s, retries exhausted", job_id, type(exc).__name__)
         return _rejection(
             job, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
@@ -96,12 +94,46 @@ def run_job(task: Task, settings: Settings, job: Any) -> dict[str, Any]:
         return _rejection(job, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
 
 
+def _retry_or_raise(task: Task, settings: Settings, exc: Exception) -> None:
+    retries = task.request.retries
+    if retries < settings.task_max_retries:
+        countdown = min(settings.task_retry_backoff_max, 2**retries)
+        log.warning(
+            "task %s: %s, retry %d in %ds",
+            task.request.id,
+            type(exc).__name__,
+            retries + 1,
+            countdown,
+        )
+        raise task.retry(exc=exc, countdown=countdown) from exc
+
+
+def run_reverify(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
+    """Decide one batch ``{"runId", "keyIds"}`` of a re-verification run."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("runId"), str):
+        return {"decided": 0, "error": "invalid batch"}
+    key_ids = [k for k in batch.get("keyIds", []) if isinstance(k, str)]
+    try:
+        decided = process_resources(settings).reverifier.decide_batch(batch["runId"], key_ids)
+    except INFRASTRUCTURE_ERRORS as exc:
+        _retry_or_raise(task, settings, exc)
+        log.error("reverify batch %s: retries exhausted", task.request.id)
+        return {"decided": 0, "error": "the store was unavailable; retries exhausted"}
+    return {"decided": decided}
+
+
 def register(app: Celery, settings: Settings) -> None:
     """Register the tasks on ``app``."""
-    from worker.celery_app import VERIFY_TASK
+    from worker.celery_app import REVERIFY_TASK, VERIFY_TASK
 
     @app.task(  # type: ignore[untyped-decorator]
         name=VERIFY_TASK, bind=True, max_retries=settings.task_max_retries
     )
     def verify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         return run_job(self, settings, job)
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=REVERIFY_TASK, bind=True, max_retries=settings.task_max_retries
+    )
+    def reverify(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
+        return run_reverify(self, settings, batch)

@@ -32,6 +32,7 @@ class Reason(StrEnum):
     CHALLENGE_USED = "challenge_used"
     INTERNAL_ERROR = "internal_error"
     KEY_REVOKED = "key_revoked"
+    RECEIPT_INVALID = "receipt_invalid"
 
 
 class Rejected(Exception):

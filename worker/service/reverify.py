@@ -1,0 +1,350 @@
+"""Re-verification of stored registrations against today's policy, in resumable runs.
+
+A run snapshots the keys it covers as ``pending`` rows when it starts; each batch decides its
+keys and turns their rows to ``done`` with one conditional update, so a batch delivered twice,
+or a run started again after an interruption, never counts a key twice. Every stored
+attestation is verified again as of the instant it was first verified (credential certificates
+live only days), against the run's trust root, apps, environment rules and distrust lists.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, literal, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.core import (
+    IntermediateCache,
+    Policy,
+    Reason,
+    Rejected,
+    TrustStore,
+    verify_attestation,
+)
+from worker.service.verification import utc_now
+from worker.store.models import DeviceKey, ReverifyResult, ReverifyRun
+
+PENDING, DONE = "pending", "done"
+
+
+class RunMismatch(ValueError):
+    """A run id was reused with another policy, other filters or another --apply choice."""
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """The policy of a run, in a form that survives JSON and rebuilds the same ``Policy``."""
+
+    app_ids: tuple[str, ...] = ()
+    dev_app_ids: tuple[str, ...] = ()
+    root_pem: str | None = None
+    distrusted_certificates: tuple[str, ...] = ()  # SHA-256 hex of credCert or intermediate
+    distrusted_key_ids: tuple[str, ...] = ()  # standard base64 keyIds
+
+    def build(self) -> Policy:
+        """The verification policy; raises ``ValueError`` subclasses when it is incomplete."""
+        trust = (
+            TrustStore.replacing_apple_root(self.root_pem.encode())
+            if self.root_pem
+            else TrustStore.apple()
+        )
+        return Policy.build(
+            trust=trust,
+            production_apps=self.app_ids,
+            development_apps=self.dev_app_ids,
+            distrusted_certificates=[bytes.fromhex(h) for h in self.distrusted_certificates],
+            distrusted_key_ids=[
+                base64.b64decode(k, validate=True) for k in self.distrusted_key_ids
+            ],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunPolicy:
+        return cls(
+            app_ids=tuple(data.get("app_ids", ())),
+            dev_app_ids=tuple(data.get("dev_app_ids", ())),
+            root_pem=data.get("root_pem"),
+            distrusted_certificates=tuple(data.get("distrusted_certificates", ())),
+            distrusted_key_ids=tuple(data.get("distrusted_key_ids", ())),
+        )
+
+
+@dataclass(frozen=True)
+class RunFilters:
+    """Which stored registrations a run covers; empty means all."""
+
+    app_ids: tuple[str, ...] = ()
+    environment: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "app_ids": list(self.app_ids),
+            "environment": self.environment,
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+        }
+
+    def where(self) -> list[Any]:
+        clauses: list[Any] = []
+        if self.app_ids:
+            clauses.append(DeviceKey.app_id.in_(self.app_ids))
+        if self.environment:
+            clauses.append(DeviceKey.environment == self.environment)
+        if self.since:
+            clauses.append(DeviceKey.verified_at >= self.since)
+        if self.until:
+            clauses.append(DeviceKey.verified_at < self.until)
+        return clauses
+
+
+@dataclass(frozen=True)
+class RunState:
+    """How far a run has come."""
+
+    run_id: str
+    total: int
+    done: int
+    apply: bool
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.done
+
+
+def start_run(
+    session: Session,
+    *,
+    run_id: str,
+    policy: RunPolicy,
+    filters: RunFilters,
+    apply: bool,
+    now: datetime,
+) -> RunState:
+    """Create the run and its pending rows, or return the state of the run with this id.
+
+    Raises ``RunMismatch`` when the id exists with other parameters: resuming must not quietly
+    change what a run means.
+    """
+    existing = session.get(ReverifyRun, run_id)
+    if existing is not None:
+        if (existing.policy, existing.filters, existing.apply) != (
+            policy.to_json(),
+            filters.to_json(),
+            apply,
+        ):
+            raise RunMismatch(f"run {run_id} exists with another policy, filters or --apply")
+        return run_state(session, run_id)
+    session.add(
+        ReverifyRun(
+            run_id=run_id,
+            created_at=now,
+            apply=apply,
+            policy=policy.to_json(),
+            filters=filters.to_json(),
+            total=0,
+        )
+    )
+    session.flush()
+    snapshot = select(DeviceKey.key_id).where(*filters.where())
+    session.execute(
+        insert(ReverifyResult).from_select(
+            ["run_id", "key_id", "status"],
+            select(
+                literal(run_id, ReverifyResult.run_id.type),
+                snapshot.subquery().c.key_id,
+                literal(PENDING, ReverifyResult.status.type),
+            ),
+        )
+    )
+    total = session.scalar(
+        select(func.count()).select_from(ReverifyResult).where(ReverifyResult.run_id == run_id)
+    )
+    session.execute(
+        update(ReverifyRun).where(ReverifyRun.run_id == run_id).values(total=int(total or 0))
+    )
+    return run_state(session, run_id)
+
+
+def run_state(session: Session, run_id: str) -> RunState:
+    """Counts of a run; raises ``KeyError`` for an unknown run."""
+    run = session.get(ReverifyRun, run_id)
+    if run is None:
+        raise KeyError(run_id)
+    done = session.scalar(
+        select(func.count())
+        .select_from(ReverifyResult)
+        .where(ReverifyResult.run_id == run_id, ReverifyResult.status == DONE)
+    )
+    return RunState(run_id=run_id, total=run.total, done=int(done or 0), apply=run.apply)
+
+
+def pending_key_ids(session: Session, run_id: str, *, after: str = "", limit: int) -> list[str]:
+    """The next pending keys of a run, in key order after ``after``."""
+    return list(
+        session.scalars(
+            select(ReverifyResult.key_id)
+            .where(
+                ReverifyResult.run_id == run_id,
+                ReverifyResult.status == PENDING,
+                ReverifyResult.key_id > after,
+            )
+            .order_by(ReverifyResult.key_id)
+            .limit(limit)
+        )
+    )
+
+
+def iter_pending_batches(
+    sessions: sessionmaker[Session], run_id: str, batch_size: int
+) -> Iterator[list[str]]:
+    """All pending keys of a run, in batches, read page by page."""
+    after = ""
+    while True:
+        with sessions() as session:
+            batch = pending_key_ids(session, run_id, after=after, limit=batch_size)
+        if not batch:
+            return
+        yield batch
+        after = batch[-1]
+
+
+def results(session: Session, run_id: str) -> Iterator[ReverifyResult]:
+    """Every decided result of a run, in key order."""
+    yield from session.scalars(
+        select(ReverifyResult)
+        .where(ReverifyResult.run_id == run_id, ReverifyResult.status == DONE)
+        .order_by(ReverifyResult.key_id)
+        .execution_options(yield_per=1000)
+    )
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    key_id: str
+    ok: bool
+    reason: str | None
+    detail: str | None
+    app_id: str | None
+    environment: str | None
+
+
+@dataclass
+class Reverifier:
+    """Decides batches of a run's keys; one per process, holding the built policies."""
+
+    sessions: sessionmaker[Session]
+    cache: IntermediateCache = field(default_factory=IntermediateCache)
+    clock: Callable[[], datetime] = utc_now
+    _policies: OrderedDict[str, tuple[Policy, bool]] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _run(self, session: Session, run_id: str) -> tuple[Policy, bool]:
+        with self._lock:
+            if run_id in self._policies:
+                return self._policies[run_id]
+        run = session.get(ReverifyRun, run_id)
+        if run is None:
+            raise KeyError(f"unknown re-verification run {run_id}")
+        built = (RunPolicy.from_json(run.policy).build(), run.apply)
+        with self._lock:
+            self._policies[run_id] = built
+            while len(self._policies) > 16:
+                self._policies.popitem(last=False)
+        return built
+
+    def _decide(self, key: DeviceKey | None, key_id: str, policy: Policy) -> _Outcome:
+        if key is None:
+            return _Outcome(key_id, False, Reason.KEY_UNKNOWN, "key was deleted", None, None)
+        if key.client_data_hash is None:
+            return _Outcome(
+                key_id,
+                False,
+                Reason.INTERNAL_ERROR,
+                "no clientDataHash was stored for this key",
+                key.app_id,
+                key.environment,
+            )
+        try:
+            verified = verify_attestation(
+                attestation_object=key.attestation,
+                key_id=base64.b64decode(key.key_id, validate=True),
+                client_data_hash=key.client_data_hash,
+                policy=policy,
+                now=key.verified_at,
+                cache=self.cache,
+            )
+        except Rejected as exc:
+            return _Outcome(key_id, False, exc.reason, exc.detail, key.app_id, key.environment)
+        return _Outcome(key_id, True, None, None, verified.app_id, verified.environment.value)
+
+    def decide_batch(self, run_id: str, key_ids: Sequence[str]) -> int:
+        """Decide these keys of the run; return how many were newly decided.
+
+        Keys already decided (a redelivered batch, a resumed run) are skipped, and so are their
+        revocation updates. With --apply, a key that fails is revoked and a revoked key that
+        passes is restored, in the same transaction as its result.
+        """
+        with self.sessions() as session:
+            policy, apply = self._run(session, run_id)
+            keys = {
+                k.key_id: k
+                for k in session.scalars(select(DeviceKey).where(DeviceKey.key_id.in_(key_ids)))
+            }
+        outcomes = [self._decide(keys.get(k), k, policy) for k in key_ids]
+        now = self.clock()
+        decided = 0
+        with self.sessions() as session, session.begin():
+            for outcome in outcomes:
+                changed = session.execute(
+                    update(ReverifyResult)
+                    .where(
+                        ReverifyResult.run_id == run_id,
+                        ReverifyResult.key_id == outcome.key_id,
+                        ReverifyResult.status == PENDING,
+                    )
+                    .values(
+                        status=DONE,
+                        ok=outcome.ok,
+                        reason=outcome.reason,
+                        detail=(outcome.detail or "")[:500] or None,
+                        app_id=outcome.app_id,
+                        environment=outcome.environment,
+                        decided_at=now,
+                    )
+                    .execution_options(synchronize_session=False)
+                ).rowcount  # type: ignore[attr-defined]
+                if changed != 1:
+                    continue
+                decided += 1
+                if apply and outcome.key_id in keys:
+                    self._apply(session, run_id, outcome, now)
+        return decided
+
+    @staticmethod
+    def _apply(session: Session, run_id: str, outcome: _Outcome, now: datetime) -> None:
+        if outcome.ok:
+            session.execute(
+                update(DeviceKey)
+                .where(DeviceKey.key_id == outcome.key_id, DeviceKey.revoked_at.is_not(None))
+                .values(revoked_at=None, revoked_reason=None, revoked_by_run=None)
+                .execution_options(synchronize_session=False)
+            )
+        else:
+            session.execute(
+                update(DeviceKey)
+                .where(DeviceKey.key_id == outcome.key_id)
+                .values(revoked_at=now, revoked_reason=outcome.reason, revoked_by_run=run_id)
+                .execution_options(synchronize_session=False)
+            )
