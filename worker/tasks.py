@@ -27,14 +27,16 @@ INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, P
 class _ProcessResources:
     pid: int
     service: VerificationService
+    offline: VerificationService
+    reverifier: Reverifier
     cache: IntermediateCache
 
 
 _resources: _ProcessResources | None = None
 
 
-def process_service(settings: Settings) -> VerificationService:
-    """The verification service of this worker process, created on first use.
+def process_resources(settings: Settings) -> _ProcessResources:
+    """The services of this worker process, created on first use.
 
     Built per process (checked by pid), never at import and never inherited across a fork:
     a database connection pool and the intermediate cache belong to one process.
@@ -42,16 +44,28 @@ def process_service(settings: Settings) -> VerificationService:
     global _resources
     pid = os.getpid()
     if _resources is None or _resources.pid != pid:
-        engine = create_store_engine(settings.store_url)
+        sessions = session_factory(create_store_engine(settings.store_url))
         cache = IntermediateCache()
-        service = VerificationService(
-            policy=settings.policy(),
-            sessions=session_factory(engine),
+        policy = settings.policy()
+        _resources = _ProcessResources(
+            pid=pid,
+            service=VerificationService(
+                policy=policy, sessions=sessions, cache=cache, issued_challenges=True
+            ),
+            # Bulk imports of registrations made elsewhere: their challenges were checked by
+            # the system that issued them, so they are taken as given, as in `appattest verify`.
+            offline=VerificationService(
+                policy=policy, sessions=sessions, cache=cache, issued_challenges=False
+            ),
+            reverifier=Reverifier(sessions=sessions, cache=cache),
             cache=cache,
-            issued_challenges=True,
         )
-        _resources = _ProcessResources(pid=pid, service=service, cache=cache)
-    return _resources.service
+    return _resources
+
+
+def process_service(settings: Settings) -> VerificationService:
+    """The verification service (issued challenges required) of this worker process."""
+    return process_resources(settings).service
 
 
 def _rejection(job: Any, reason: Reason, detail: str) -> dict[str, Any]:
@@ -80,7 +94,8 @@ def run_job(task: Task, settings: Settings, job: Any) -> dict[str, Any]:
         # Only a job put on the queue by `appattest verify --queue` (an operator with broker
         # access) may ask for given challenges; the HTTP producer never sets this.
         service = resources.offline if job.get("challenges") == "given" else resources.service
-        return service.handle(request, job_id=job_id).to_json_dict()
+        result: dict[str, Any] = service.handle(request, job_id=job_id).to_json_dict()
+        return result
     except Rejected as exc:
         return _rejection(job, exc.reason, exc.detail)
     except INFRASTRUCTURE_ERRORS as exc:
