@@ -14,6 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from worker.contract import VerificationResult, kind_of, parse_request
 from worker.core import IntermediateCache, Reason, Rejected
 from worker.service import VerificationService
+from worker.service.reverify import Reverifier
 from worker.settings import Settings
 from worker.store.db import create_store_engine, session_factory
 
