@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -16,8 +15,9 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.celery_app import QUEUE, create_celery_app
-from worker.contract import MAX_BODY_BYTES, VerificationResult, kind_of, parse_request
-from worker.core import Policy, PolicyError, Reason, Rejected, TrustStore, TrustStoreError
+from worker.contract import VerificationResult
+from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
+from worker.lines import parse_line, read_lines
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
@@ -53,51 +53,15 @@ def _build_policy(
         raise click.UsageError(str(exc)) from exc
 
 
-def _lines(stream: BinaryIO) -> Iterator[bytes | None]:
-    """Yield each line without its newline, or None for a line longer than any valid body.
-
-    Reading is bounded: an overlong line is skipped in chunks, never held in memory whole.
-    """
-    limit = MAX_BODY_BYTES + 2
-    while True:
-        line = stream.readline(limit)
-        if not line:
-            return
-        if len(line) == limit and not line.endswith(b"\n"):
-            while True:
-                rest = stream.readline(limit)
-                if not rest or rest.endswith(b"\n"):
-                    break
-            yield None
-            continue
-        yield line.rstrip(b"\r\n")
-
-
 def _verify_line(
-    service: VerificationService, line: bytes | None, at: datetime | None
+    service: VerificationService, raw: bytes | None, at: datetime | None
 ) -> VerificationResult:
-    if line is None:
-        return VerificationResult.rejection(
-            kind=None,
-            key_id=None,
-            reason=Reason.INVALID_REQUEST,
-            detail=f"line is longer than {MAX_BODY_BYTES} bytes",
-        )
+    line = parse_line(raw)
+    if line.request is None:
+        assert line.rejection is not None
+        return line.rejection
     try:
-        body = json.loads(line)
-    except (ValueError, RecursionError):
-        return VerificationResult.rejection(
-            kind=None, key_id=None, reason=Reason.INVALID_REQUEST, detail="line is not valid JSON"
-        )
-    kind = kind_of(body) if isinstance(body, dict) else None
-    key_id = body.get("keyId") if isinstance(body, dict) else None
-    key_id = key_id if isinstance(key_id, str) and len(key_id) <= 128 else None
-    try:
-        return service.handle(parse_request(body), now=at)
-    except Rejected as exc:
-        return VerificationResult.rejection(
-            kind=kind, key_id=key_id, reason=exc.reason, detail=exc.detail
-        )
+        return service.handle(line.request, now=at)
     except SQLAlchemyError as exc:
         log.error("key store error: %s", exc.__class__.__name__)
         detail = "the key store failed; the line was not verified"
@@ -105,7 +69,7 @@ def _verify_line(
         log.exception("unexpected error while verifying a line")
         detail = "unexpected error; see the log"
     return VerificationResult.rejection(
-        kind=kind, key_id=key_id, reason=Reason.INTERNAL_ERROR, detail=detail
+        kind=line.kind, key_id=line.key_id, reason=Reason.INTERNAL_ERROR, detail=detail
     )
 
 
@@ -186,7 +150,7 @@ def verify(
     counts: Counter[str] = Counter()
     out = sys.stdout
     try:
-        for number, line in enumerate(_lines(input_file), start=1):
+        for number, line in enumerate(read_lines(input_file), start=1):
             result = _verify_line(service, line, at)
             counts["accepted" if result.ok else str(result.reason)] += 1
             out.write(json.dumps({"line": number, **result.to_json_dict()}) + "\n")
@@ -362,6 +326,7 @@ def api(
 ) -> None:
     """Serve the HTTP producer only (settings from APPATTEST_* variables); workers run apart."""
     import uvicorn
+
     from producer.app import create_app
 
     settings = _settings_with(app_ids, dev_app_ids, root_ca)

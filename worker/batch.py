@@ -1,0 +1,196 @@
+"""Orchestration of batch runs from the command line: re-verification and queued bulk import.
+
+Both are resumable by a run id and show progress; the CLI commands are thin wrappers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.celery_app import REVERIFY_TASK, VERIFY_TASK
+from worker.contract import VerificationResult, kind_of
+from worker.core import Reason
+from worker.lines import parse_line
+from worker.progress import RunProgress
+from worker.service.reverify import Reverifier, iter_pending_batches, results, run_state
+
+REPORT_COLUMNS = ("keyId", "ok", "reason", "detail", "appId", "environment", "decidedAt")
+
+
+class Stalled(RuntimeError):
+    """The workers made no progress for longer than allowed."""
+
+
+def reverify_local(
+    sessions: sessionmaker[Session],
+    reverifier: Reverifier,
+    run_id: str,
+    batch_size: int,
+    progress: RunProgress,
+) -> None:
+    """Decide every pending key of the run in this process."""
+    for batch in iter_pending_batches(sessions, run_id, batch_size):
+        reverifier.decide_batch(run_id, batch)
+        with sessions() as session:
+            progress.update(run_state(session, run_id).done)
+
+
+def reverify_distributed(
+    sessions: sessionmaker[Session],
+    app: Celery,
+    run_id: str,
+    batch_size: int,
+    progress: RunProgress,
+    *,
+    stall_seconds: float,
+    poll_seconds: float = 0.5,
+) -> None:
+    """Enqueue every pending key of the run in batches, then wait until the workers are done.
+
+    Raises ``Stalled`` when the done count does not move for ``stall_seconds``: the run can be
+    resumed with the same id once workers are running.
+    """
+    for batch in iter_pending_batches(sessions, run_id, batch_size):
+        app.send_task(REVERIFY_TASK, args=[{"runId": run_id, "keyIds": batch}])
+    last_done, last_change = -1, time.monotonic()
+    while True:
+        with sessions() as session:
+            state = run_state(session, run_id)
+        progress.update(state.done)
+        if state.pending == 0:
+            return
+        if state.done != last_done:
+            last_done, last_change = state.done, time.monotonic()
+        elif time.monotonic() - last_change > stall_seconds:
+            raise Stalled(f"no key was decided for {stall_seconds:.0f} s")
+        time.sleep(poll_seconds)
+
+
+def reverify_rows(sessions: sessionmaker[Session], run_id: str) -> Iterator[dict[str, Any]]:
+    """The run's per-key results, as report rows."""
+    with sessions() as session:
+        for row in results(session, run_id):
+            yield {
+                "keyId": row.key_id,
+                "ok": row.ok,
+                "reason": row.reason,
+                "detail": row.detail,
+                "appId": row.app_id,
+                "environment": row.environment,
+                "decidedAt": row.decided_at.isoformat() if row.decided_at else None,
+            }
+
+
+# Queued bulk import ------------------------------------------------------------------------
+
+
+@dataclass
+class _Line:
+    number: int
+    body: dict[str, Any]
+    job_id: str
+    key: str
+
+
+def _job_id(run_id: str, number: int) -> str:
+    # Deterministic per run and line, so a resumed run finds the verdicts it already has.
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"appattest-import:{run_id}:{number}"))
+
+
+def verify_queued(
+    lines: Iterator[bytes | None],
+    app: Celery,
+    run_id: str,
+    emit: Callable[[int, VerificationResult], None],
+    *,
+    progress: RunProgress,
+    max_in_flight: int = 1000,
+    poll_seconds: float = 0.05,
+    job_timeout: float = 600.0,
+) -> None:
+    """Verify plugin bodies through the workers, emitting results in input order.
+
+    Lines of one keyId run one after another, in input order, so a registration makes its key
+    known to the assertions after it; lines of different keys run in parallel. A line's job id
+    is derived from the run id and its number: running the same file again with the same run
+    id returns the verdicts already decided instead of deciding them again.
+    """
+    backend = app.backend
+    ready: dict[int, VerificationResult] = {}
+    waiting_by_key: dict[str, deque[_Line]] = {}
+    runnable: deque[_Line] = deque()
+    for number, raw in enumerate(lines, start=1):
+        line = parse_line(raw)
+        if line.body is None or line.request is None:
+            assert line.rejection is not None
+            ready[number] = line.rejection
+            continue
+        key = line.request.key_id
+        item = _Line(number=number, body=line.body, job_id=_job_id(run_id, number), key=key)
+        if key in waiting_by_key:
+            waiting_by_key[key].append(item)
+        else:
+            waiting_by_key[key] = deque()
+            runnable.append(item)
+    in_flight: dict[str, tuple[_Line, float]] = {}
+    next_out = 1
+    done = 0
+
+    def flush() -> None:
+        nonlocal next_out
+        while next_out in ready:
+            emit(next_out, ready.pop(next_out))
+            next_out += 1
+
+    def finish(item: _Line, result: VerificationResult) -> None:
+        nonlocal done
+        ready[item.number] = result
+        done += 1
+        queue = waiting_by_key[item.key]
+        if queue:
+            runnable.append(queue.popleft())
+
+    done = len(ready)
+    flush()
+    while runnable or in_flight:
+        while runnable and len(in_flight) < max_in_flight:
+            item = runnable.popleft()
+            meta = backend.get_task_meta(item.job_id)
+            if meta.get("status") == "SUCCESS":
+                finish(item, VerificationResult.model_validate(meta["result"]))
+                continue
+            app.send_task(
+                VERIFY_TASK, args=[{"body": item.body, "challenges": "given"}], task_id=item.job_id
+            )
+            in_flight[item.job_id] = (item, time.monotonic())
+        for job_id, (item, sent) in list(in_flight.items()):
+            meta = backend.get_task_meta(job_id)
+            status = meta.get("status")
+            if status == "SUCCESS":
+                del in_flight[job_id]
+                finish(item, VerificationResult.model_validate(meta["result"]))
+            elif status == "FAILURE" or time.monotonic() - sent > job_timeout:
+                del in_flight[job_id]
+                finish(
+                    item,
+                    VerificationResult.rejection(
+                        kind=kind_of(item.body),
+                        key_id=item.key,
+                        reason=Reason.INTERNAL_ERROR,
+                        detail="the job failed or timed out in the queue",
+                    ),
+                )
+        flush()
+        progress.update(done)
+        if in_flight:
+            time.sleep(poll_seconds)
+    flush()
+    progress.update(done)
