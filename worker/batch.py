@@ -10,6 +10,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -112,6 +113,7 @@ def verify_queued(
     emit: Callable[[int, VerificationResult], None],
     *,
     progress: RunProgress,
+    at: datetime | None = None,
     max_in_flight: int = 1000,
     poll_seconds: float = 0.05,
     job_timeout: float = 600.0,
@@ -167,9 +169,10 @@ def verify_queued(
             if meta.get("status") == "SUCCESS":
                 finish(item, VerificationResult.model_validate(meta["result"]))
                 continue
-            app.send_task(
-                VERIFY_TASK, args=[{"body": item.body, "challenges": "given"}], task_id=item.job_id
-            )
+            job: dict[str, Any] = {"body": item.body, "challenges": "given"}
+            if at is not None:
+                job["at"] = at.isoformat()
+            app.send_task(VERIFY_TASK, args=[job], task_id=item.job_id)
             in_flight[item.job_id] = (item, time.monotonic())
         for job_id, (item, sent) in list(in_flight.items()):
             meta = backend.get_task_meta(job_id)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,6 +124,18 @@ _store_option = click.option(
     help="Verify as of this instant (default: now). Without a zone, UTC.",
 )
 @_store_option
+@click.option(
+    "--queue",
+    is_flag=True,
+    help="Send the lines through the Celery workers (APPATTEST_BROKER_URL) instead of "
+    "verifying in this process; the workers' apps and root apply.",
+)
+@click.option("--run-id", help="With --queue: resume the run with this id (printed at start).")
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --queue: where to write results.jsonl and results.csv (default import-RUNID).",
+)
 def verify(
     input_file: BinaryIO,
     app_ids: tuple[str, ...],
@@ -130,6 +143,9 @@ def verify(
     root_ca: Path | None,
     at_text: str | None,
     store_url: str,
+    queue: bool,
+    run_id: str | None,
+    report_dir: Path | None,
 ) -> None:
     """Verify plugin bodies from a JSON Lines file (or standard input), in order.
 
@@ -139,6 +155,13 @@ def verify(
     status: 0 when every line got a verdict, 1 when some line hit an internal error, 2 on a
     usage error or unreadable input.
     """
+    if queue:
+        if app_ids or dev_app_ids or root_ca:
+            raise click.UsageError("with --queue the workers' configured apps and root apply")
+        _verify_through_queue(input_file, at_text, run_id, report_dir)
+        return
+    if run_id or report_dir:
+        raise click.UsageError("--run-id and --report-dir go with --queue")
     policy = _build_policy(app_ids, dev_app_ids, root_ca)
     at = _parse_instant(at_text) if at_text else None
     try:
@@ -160,6 +183,10 @@ def verify(
         sys.exit(USAGE_ERROR)
     finally:
         engine.dispose()
+    _print_line_summary(counts)
+
+
+def _print_line_summary(counts: Counter[str]) -> None:
     total = sum(counts.values())
     click.echo(
         f"{total} lines: {counts['accepted']} accepted, {total - counts['accepted']} rejected",
@@ -170,6 +197,49 @@ def verify(
             click.echo(f"  {reason}: {count}", err=True)
     if counts[Reason.INTERNAL_ERROR.value]:
         sys.exit(1)
+
+
+def _verify_through_queue(
+    input_file: BinaryIO, at_text: str | None, run_id: str | None, report_dir: Path | None
+) -> None:
+    from worker.batch import verify_queued
+    from worker.progress import RunProgress
+    from worker.reports import print_summary, write_reports
+
+    at = _parse_instant(at_text) if at_text else None
+    settings = load_settings()
+    run_id = run_id or uuid.uuid4().hex[:16]
+    click.echo(f"import run {run_id} (run again with --run-id {run_id} to resume)", err=True)
+    try:
+        raw_lines = list(read_lines(input_file))
+    except OSError as exc:
+        click.echo(f"error: cannot read input: {exc}", err=True)
+        sys.exit(USAGE_ERROR)
+    app = create_celery_app(settings)
+    counts: Counter[str] = Counter()
+    rows: list[dict[str, object]] = []
+
+    def emit(number: int, result: VerificationResult) -> None:
+        counts["accepted" if result.ok else str(result.reason)] += 1
+        row = {"line": number, **result.to_json_dict()}
+        rows.append(row)
+        sys.stdout.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
+
+    try:
+        with RunProgress(description="import", total=len(raw_lines)) as progress:
+            verify_queued(iter(raw_lines), app, run_id, emit, progress=progress, at=at)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; resume with --run-id {run_id}", err=True)
+        sys.exit(130)
+    finally:
+        app.close()
+    directory = report_dir or Path(f"import-{run_id}")
+    columns = ("line", "ok", "kind", "keyId", "reason", "detail", "appId", "environment", "counter")
+    jsonl, csv_path, summary = write_reports(rows, directory, columns=columns)
+    print_summary(summary, sys.stderr, title=f"import {run_id}")
+    click.echo(f"results: {jsonl} {csv_path}", err=True)
+    _print_line_summary(counts)
 
 
 @main.command()
@@ -333,6 +403,178 @@ def api(
     if not settings.api_keys:
         raise click.UsageError("set APPATTEST_API_KEYS: the API refuses every call without keys")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@main.command()
+@_app_id_option
+@_dev_app_id_option
+@_root_ca_option
+@click.option(
+    "--distrust-cert",
+    "distrust_certs",
+    multiple=True,
+    metavar="SHA256",
+    help="Distrust this credCert or intermediate (hex SHA-256 of its DER). Repeatable.",
+)
+@click.option(
+    "--distrust-key",
+    "distrust_keys",
+    multiple=True,
+    metavar="KEYID",
+    help="Distrust this keyId (standard base64). Repeatable.",
+)
+@click.option(
+    "--only-app-id",
+    "only_app_ids",
+    multiple=True,
+    metavar="APPID",
+    help="Re-verify only keys of this App ID. Repeatable.",
+)
+@click.option(
+    "--only-environment",
+    type=click.Choice(["production", "development"]),
+    help="Re-verify only keys of this environment.",
+)
+@click.option(
+    "--since",
+    "since_text",
+    metavar="ISO8601",
+    help="Only keys first verified at or after this instant.",
+)
+@click.option(
+    "--until", "until_text", metavar="ISO8601", help="Only keys first verified before this instant."
+)
+@click.option("--run-id", help="Resume the run with this id (printed when a run starts).")
+@click.option(
+    "--apply",
+    is_flag=True,
+    help="Revoke keys that now fail (and restore revoked keys that now pass).",
+)
+@click.option("--local", is_flag=True, help="Re-verify in this process instead of the workers.")
+@click.option("--batch-size", type=click.IntRange(1, 5000), default=200, show_default=True)
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write results.jsonl and results.csv (default reverify-RUNID).",
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Give up (resumably) when the workers decide nothing for this many seconds.",
+)
+@click.option(
+    "--store",
+    "store_url",
+    envvar="APPATTEST_STORE_URL",
+    default=None,
+    help="SQLAlchemy URL of the key store (default: the settings' store).",
+)
+def reverify(
+    app_ids: tuple[str, ...],
+    dev_app_ids: tuple[str, ...],
+    root_ca: Path | None,
+    distrust_certs: tuple[str, ...],
+    distrust_keys: tuple[str, ...],
+    only_app_ids: tuple[str, ...],
+    only_environment: str | None,
+    since_text: str | None,
+    until_text: str | None,
+    run_id: str | None,
+    apply: bool,
+    local: bool,
+    batch_size: int,
+    report_dir: Path | None,
+    stall_timeout: float,
+    store_url: str | None,
+) -> None:
+    """Re-verify stored registrations against today's policy, through the workers.
+
+    Each stored attestation is verified again as of the instant it was first verified, against
+    the given (or configured) apps, environment rules, trust root and distrust lists. Without
+    --apply nothing changes; with it, keys that now fail are revoked and their assertions get
+    key_revoked. A run is resumable: run again with its --run-id to continue where it stopped.
+    """
+    from worker.batch import (
+        REPORT_COLUMNS,
+        Stalled,
+        reverify_distributed,
+        reverify_local,
+        reverify_rows,
+    )
+    from worker.progress import RunProgress
+    from worker.reports import print_summary, write_reports
+    from worker.service.reverify import Reverifier, RunFilters, RunMismatch, RunPolicy, start_run
+
+    extra = {"store_url": store_url} if store_url else {}
+    settings = _settings_with(app_ids, dev_app_ids, root_ca, **extra)
+    try:
+        run_policy = RunPolicy(
+            app_ids=tuple(settings.app_ids),
+            dev_app_ids=tuple(settings.dev_app_ids),
+            root_pem=settings.root_ca.read_text() if settings.root_ca else None,
+            distrusted_certificates=tuple(sorted(h.lower() for h in distrust_certs)),
+            distrusted_key_ids=tuple(sorted(distrust_keys)),
+        )
+        run_policy.build()
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(f"invalid policy: {exc}") from exc
+    filters = RunFilters(
+        app_ids=tuple(sorted(only_app_ids)),
+        environment=only_environment,
+        since=_parse_instant(since_text) if since_text else None,
+        until=_parse_instant(until_text) if until_text else None,
+    )
+    run_id = run_id or uuid.uuid4().hex[:16]
+    try:
+        engine = create_store_engine(settings.store_url)
+        upgrade(engine)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise click.UsageError(f"cannot open the key store: {exc}") from exc
+    sessions = session_factory(engine)
+    try:
+        with sessions() as session, session.begin():
+            state = start_run(
+                session,
+                run_id=run_id,
+                policy=run_policy,
+                filters=filters,
+                apply=apply,
+                now=datetime.now(UTC),
+            )
+    except RunMismatch as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(
+        f"reverify run {run_id}: {state.total} keys, {state.done} already decided"
+        f"{', applying revocations' if apply else ''} (resume with --run-id {run_id})",
+        err=True,
+    )
+    app = None if local else create_celery_app(settings)
+    try:
+        with RunProgress(description="reverify", total=state.total, completed=state.done) as bar:
+            if app is None:
+                reverify_local(sessions, Reverifier(sessions=sessions), run_id, batch_size, bar)
+            else:
+                reverify_distributed(
+                    sessions, app, run_id, batch_size, bar, stall_seconds=stall_timeout
+                )
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; resume with --run-id {run_id}", err=True)
+        sys.exit(130)
+    except Stalled as exc:
+        click.echo(f"error: {exc}; are workers running? resume with --run-id {run_id}", err=True)
+        sys.exit(1)
+    finally:
+        if app is not None:
+            app.close()
+    directory = report_dir or Path(f"reverify-{run_id}")
+    jsonl, csv_path, summary = write_reports(
+        reverify_rows(sessions, run_id), directory, columns=REPORT_COLUMNS
+    )
+    engine.dispose()
+    print_summary(summary, sys.stderr, title=f"reverify {run_id}")
+    click.echo(f"results: {jsonl} {csv_path}", err=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import Celery, Task
@@ -94,8 +95,13 @@ def run_job(task: Task, settings: Settings, job: Any) -> dict[str, Any]:
         resources = process_resources(settings)
         # Only a job put on the queue by `appattest verify --queue` (an operator with broker
         # access) may ask for given challenges; the HTTP producer never sets this.
-        service = resources.offline if job.get("challenges") == "given" else resources.service
-        result: dict[str, Any] = service.handle(request, job_id=job_id).to_json_dict()
+        offline = job.get("challenges") == "given"
+        service = resources.offline if offline else resources.service
+        # Operator imports may verify as of the instant the registrations were made.
+        at = datetime.fromisoformat(job["at"]) if offline and job.get("at") else None
+        if at is not None and at.tzinfo is None:
+            raise Rejected(Reason.INVALID_REQUEST, "job instant has no time zone")
+        result: dict[str, Any] = service.handle(request, job_id=job_id, now=at).to_json_dict()
         return result
     except Rejected as exc:
         return _rejection(job, exc.reason, exc.detail)

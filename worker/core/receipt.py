@@ -421,7 +421,7 @@ def _parse_certificates(ber: _Ber, element: _Element) -> tuple[x509.Certificate,
     for entry in entries:
         try:
             certs.append(x509.load_der_x509_certificate(ber.encoding(entry)))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise _invalid("SignedData.certificates holds a malformed certificate") from exc
     return tuple(certs)
 
