@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Final, Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import (
@@ -57,11 +57,12 @@ APPLE_ROOT_CA_G3_SHA256: Final = bytes.fromhex(
 )
 _APPLE_ROOT_RESOURCE: Final = "apple-root-ca-g3.pem"
 
-# Apple Root CA - G3 also anchors certificates whose keys third parties hold (developer and
-# Apple Pay certificates, for instance). A chain to that root alone therefore proves nothing
-# about who signed a receipt; the role is bound by the marker extensions Apple puts on the
-# fraud receipt signing leaf and on its "Apple Application Integration" intermediate, as Apple
-# documents for its other services under this root. Every real receipt carries both.
+# Apple Root CA - G3 anchors many Apple PKIs, some with leaf keys that developers hold (Apple
+# Pay payment processing certificates, for one). A chain to that root alone therefore proves
+# nothing about who signed a receipt. The role is bound by the marker extensions on the fraud
+# receipt signing leaf and on its "Apple Application Integration" intermediate, the way Apple
+# tells Apple Pay verifiers to bind roles under this same root. Apple does not document these
+# two OIDs for receipts; every real receipt we hold carries both.
 RECEIPT_SIGNER_MARKER_OID: Final = x509.ObjectIdentifier("1.2.840.113635.100.12.15")
 RECEIPT_INTERMEDIATE_MARKER_OID: Final = x509.ObjectIdentifier("1.2.840.113635.100.6.2.3")
 
@@ -69,6 +70,7 @@ ReceiptType = Literal["ATTEST", "RECEIPT"]
 
 # BER identifier octets used by receipts (universal class unless noted).
 _INTEGER: Final = 0x02
+_BIT_STRING: Final = 0x03
 _OCTET_STRING: Final = 0x04
 _OCTET_STRING_CONSTRUCTED: Final = 0x24
 _NULL: Final = 0x05
@@ -138,14 +140,15 @@ class Receipt:
     ``credential_certificate`` is field 3 (Apple calls it the attested public key): the DER of
     the credCert the receipt was issued for. ``client_hash`` is field 4; in refreshed
     (``RECEIPT``) receipts Apple returns it mangled, so it must not be compared there.
-    ``environment`` is field 7 (``sandbox`` in the development environment). ``risk_metric``
-    and ``not_before`` appear in refreshed receipts only. ``signer`` is the certificate that
-    signed the content and ``certificates`` every certificate the receipt carried (Apple
-    includes the signer, its intermediate and the root); none of them is trusted by parsing.
+    ``environment`` is field 7 when present (``sandbox`` in every real receipt we hold, all
+    from the development environment). ``risk_metric`` (17) and ``not_before`` (19) appear in
+    refreshed receipts only. ``signer`` is the certificate that signed the content and
+    ``certificates`` every certificate the receipt carried (Apple includes the signer, its
+    intermediate and the root); none of them is trusted by parsing.
     """
 
     app_id: str
-    credential_certificate: bytes
+    credential_certificate: bytes = field(repr=False)
     client_hash: bytes
     token: str
     receipt_type: ReceiptType
@@ -155,8 +158,8 @@ class Receipt:
     not_before: datetime | None
     expiration_time: datetime
     signer: x509.Certificate
-    certificates: tuple[x509.Certificate, ...]
-    signature: bytes
+    certificates: tuple[x509.Certificate, ...] = field(repr=False)
+    signature: bytes = field(repr=False)
     content: bytes = field(repr=False)
 
 
@@ -400,9 +403,14 @@ def _parse_signed_data(raw: bytes) -> _SignedData:
     (digest,) = ber.sequence(digests, _SET, "SignedData.digestAlgorithms", 1)
     ber.algorithm(digest, _OID_SHA256, "SignedData.digestAlgorithms", null_ok=True)
     content = _parse_encapsulated_content(ber, encap)
-    certs = _parse_certificates(ber, certificates)
-    signer, signature = _parse_signer_info(ber, signer_infos, certs)
-    return _SignedData(content=content, certificates=certs, signer=signer, signature=signature)
+    included = _parse_certificates(ber, certificates)
+    signer, signature = _parse_signer_info(ber, signer_infos, included)
+    return _SignedData(
+        content=content,
+        certificates=tuple(entry.certificate for entry in included),
+        signer=signer,
+        signature=signature,
+    )
 
 
 def _parse_encapsulated_content(ber: _Ber, encap: _Element) -> bytes:
@@ -413,21 +421,61 @@ def _parse_encapsulated_content(ber: _Ber, encap: _Element) -> bytes:
     return ber.octets(octets, "encapContentInfo.eContent")
 
 
-def _parse_certificates(ber: _Ber, element: _Element) -> tuple[x509.Certificate, ...]:
+@dataclass(frozen=True)
+class _Included:
+    """A certificate carried in the receipt, with the issuer and serial that identify it."""
+
+    certificate: x509.Certificate
+    issuer_der: bytes
+    serial_number: int
+
+
+def _load_certificate(ber: _Ber, entry: _Element) -> _Included:
+    # Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber,
+    #   signature, issuer, ... }, signatureAlgorithm, signatureValue BIT STRING }.
+    # The serial and issuer are read here, from the bytes as sent, to find the signer.
+    # pyca/cryptography only warns about a serial number that is not positive (RFC 5280
+    # forbids it, and the warning would be an error under a strict test run); such a
+    # certificate is refused here instead.
+    tbs_element, _, signature = ber.sequence(entry, _SEQUENCE, "certificate", 3)
+    # pyca/cryptography ignores the unused-bits octet of a signature BIT STRING, which would let
+    # a certificate change encoding and still verify; a signature is whole octets.
+    body = ber.content(ber.expect(signature, _BIT_STRING, "certificate signature"))
+    if not body or body[0] != 0:
+        raise _invalid("certificate signature is not a whole number of octets")
+    tbs = ber.children(ber.expect(tbs_element, _SEQUENCE, "tbsCertificate"))
+    at = 1 if tbs and tbs[0].tag == _CONTEXT_0_CONSTRUCTED else 0
+    if len(tbs) < at + 3:
+        raise _invalid("tbsCertificate: too few elements")
+    serial_number = ber.integer(tbs[at], "certificate serial number")
+    if serial_number <= 0:
+        raise _invalid("certificate serial number is not positive")
+    issuer_der = ber.encoding(ber.expect(tbs[at + 2], _SEQUENCE, "certificate issuer"))
+    try:
+        cert = x509.load_der_x509_certificate(ber.encoding(entry))
+        # Names, key and extensions are decoded lazily; decode them now, so that a malformed
+        # certificate is a malformed receipt here rather than a library error later on.
+        _ = (cert.subject, cert.issuer, cert.public_key(), cert.extensions)
+    except (
+        ValueError,
+        UnsupportedAlgorithm,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ) as exc:
+        raise _invalid("SignedData.certificates holds a malformed certificate") from exc
+    return _Included(certificate=cert, issuer_der=issuer_der, serial_number=serial_number)
+
+
+def _parse_certificates(ber: _Ber, element: _Element) -> tuple[_Included, ...]:
     entries = ber.children(ber.expect(element, _CONTEXT_0_CONSTRUCTED, "SignedData.certificates"))
     if not 1 <= len(entries) <= _MAX_CERTIFICATES:
         raise _invalid(f"SignedData.certificates holds {len(entries)} certificates")
-    certs = []
-    for entry in entries:
-        try:
-            certs.append(x509.load_der_x509_certificate(ber.encoding(entry)))
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise _invalid("SignedData.certificates holds a malformed certificate") from exc
-    return tuple(certs)
+    return tuple(_load_certificate(ber, entry) for entry in entries)
 
 
 def _parse_signer_info(
-    ber: _Ber, element: _Element, certs: tuple[x509.Certificate, ...]
+    ber: _Ber, element: _Element, certs: tuple[_Included, ...]
 ) -> tuple[x509.Certificate, bytes]:
     (info,) = ber.sequence(element, _SET, "SignedData.signerInfos", 1)
     # SignerInfo ::= SEQUENCE { version 1, sid IssuerAndSerialNumber, digestAlgorithm sha256,
@@ -448,9 +496,9 @@ def _parse_signer_info(
     ber.algorithm(algorithm, _OID_ECDSA_WITH_SHA256, "SignerInfo.signatureAlgorithm", null_ok=False)
     signature_value = ber.octets(signature, "SignerInfo.signature")
     matches = [
-        cert
-        for cert in certs
-        if cert.serial_number == serial_number and cert.issuer.public_bytes() == issuer_der
+        included.certificate
+        for included in certs
+        if included.serial_number == serial_number and included.issuer_der == issuer_der
     ]
     if len(matches) != 1:
         raise _invalid(f"{len(matches)} certificates match the signer's issuer and serial")
@@ -502,12 +550,8 @@ def _time(fields: dict[int, bytes], field_type: int) -> datetime:
         raise _invalid(f"receipt field {field_type} is not a valid date") from exc
 
 
-def _optional(fields: dict[int, bytes], field_type: int) -> bool:
-    return field_type in fields
-
-
 def _risk_metric(fields: dict[int, bytes]) -> int | None:
-    if not _optional(fields, _RISK_METRIC):
+    if _RISK_METRIC not in fields:
         return None
     # Apple writes the count of recent attestations as decimal ASCII.
     text = _text(fields, _RISK_METRIC)
@@ -533,7 +577,8 @@ def parse_receipt(raw: bytes) -> Receipt:
     for anything that is not the SignedData shape Apple produces: one ECDSA-SHA256 signer
     without attributes, found among the included certificates by issuer and serial number, and
     a content of typed fields with app id, credCert, client hash, token, type, creation and
-    expiration time present.
+    expiration time present. Field types this module does not know are skipped, since Apple
+    may add some; no type may appear twice.
     """
     if len(raw) > MAX_RECEIPT_BYTES:
         raise _invalid(f"receipt is larger than {MAX_RECEIPT_BYTES} bytes")
@@ -549,10 +594,10 @@ def parse_receipt(raw: bytes) -> Receipt:
         client_hash=fields[_CLIENT_HASH],
         token=_text(fields, _TOKEN),
         receipt_type=_receipt_type(fields),
-        environment=_text(fields, _ENVIRONMENT) if _optional(fields, _ENVIRONMENT) else None,
+        environment=_text(fields, _ENVIRONMENT) if _ENVIRONMENT in fields else None,
         creation_time=_time(fields, _CREATION_TIME),
         risk_metric=_risk_metric(fields),
-        not_before=_time(fields, _NOT_BEFORE) if _optional(fields, _NOT_BEFORE) else None,
+        not_before=_time(fields, _NOT_BEFORE) if _NOT_BEFORE in fields else None,
         expiration_time=_time(fields, _EXPIRATION_TIME),
         signer=signed.signer,
         certificates=signed.certificates,
@@ -614,8 +659,8 @@ def _verifier(trust: ReceiptTrustStore, now: datetime) -> ClientVerifier:
     )
 
 
-def _expired_detail(chain: tuple[x509.Certificate, ...], now: datetime) -> str | None:
-    for cert in chain:
+def _expired_detail(certs: tuple[x509.Certificate, ...], now: datetime) -> str | None:
+    for cert in certs:
         name = cert.subject.rfc4514_string()
         if now < cert.not_valid_before_utc:
             return f"receipt certificate {name} is not valid before {now.isoformat()}"
@@ -630,14 +675,17 @@ def _check_chain(receipt: Receipt, trust: ReceiptTrustStore, now: datetime) -> N
     try:
         verified = _verifier(trust, now).verify(receipt.signer, others)
     except VerificationError as exc:
-        candidates = (receipt.signer, *others, trust.root)
-        detail = _expired_detail(candidates, now) or (
+        detail = _expired_detail((*receipt.certificates, trust.root), now) or (
             f"receipt signer does not chain to the trusted root: {exc}"
         )
         raise _invalid(detail) from exc
     chain: list[x509.Certificate] = verified.chain
     if len(chain) != _CHAIN_LENGTH:
         raise _invalid(f"receipt chain has {len(chain)} certificates, expected {_CHAIN_LENGTH}")
+    # Apple includes exactly its chain (signer, intermediate, root). Anything else would be
+    # bytes nobody checks, so the receipt would no longer be all verified.
+    if any(cert not in chain for cert in receipt.certificates):
+        raise _invalid("receipt carries a certificate outside its signing chain")
     # Bind the role: only Apple's receipt signer and its intermediate carry these markers.
     for cert, marker, role in (
         (chain[0], RECEIPT_SIGNER_MARKER_OID, "signer"),
