@@ -342,6 +342,11 @@ class Report:
     unchanged: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     accepted: list[tuple[str, str, str]] = field(default_factory=list)
+    # Accepted mutations that changed nothing but attStmt.receipt: no device signature covers
+    # the receipt, and the verdict does not depend on it (see worker/core/attestation.py).
+    receipt_only: int = 0
+    # Mutated plugin bodies that are still the contract (a different challenge text, say).
+    plugin_still_valid: int = 0
     crashes: list[tuple[str, str, str]] = field(default_factory=list)
     slowest_seconds: float = 0.0
     by_mutator: Counter[str] = field(default_factory=Counter)
@@ -356,6 +361,20 @@ def mutate(rng: random.Random, data: bytes) -> tuple[bytes, str]:
             data = MUTATORS[name](rng, data)
         names.append(name)
     return data, "+".join(names)
+
+
+def _only_receipt_differs(original: bytes, mutated: bytes) -> bool:
+    try:
+        before, after = cbor2.loads(original), cbor2.loads(mutated)
+        return bool(
+            before["fmt"] == after["fmt"]
+            and before["authData"] == after["authData"]
+            and before["attStmt"]["x5c"] == after["attStmt"]["x5c"]
+            and set(before) == set(after)
+            and set(before["attStmt"]) == set(after["attStmt"])
+        )
+    except Exception:
+        return False
 
 
 def run_case(seed: Seed, mutated: bytes, label: str, report: Report) -> None:
@@ -373,7 +392,10 @@ def run_case(seed: Seed, mutated: bytes, label: str, report: Report) -> None:
     except Exception as exc:
         report.crashes.append((seed.name, label, f"{type(exc).__name__}: {exc}"[:300]))
     else:
-        report.accepted.append((seed.name, label, base64.b64encode(mutated).decode()[:120]))
+        if _only_receipt_differs(seed.data, mutated):
+            report.receipt_only += 1
+        else:
+            report.accepted.append((seed.name, label, base64.b64encode(mutated).decode()[:120]))
     report.slowest_seconds = max(report.slowest_seconds, time.perf_counter() - started)
 
 
@@ -406,6 +428,8 @@ def run_plugin_case(rng: random.Random, body: dict[str, str], report: Report) ->
         report.reasons[Reason(exc.reason).value] += 1
     except Exception as exc:
         report.crashes.append(("plugin", field_name, f"{type(exc).__name__}: {exc}"[:300]))
+    else:
+        report.plugin_still_valid += 1
 
 
 def fuzz(seeds: list[Seed], bodies: list[dict[str, str]], *, cases: int, seed: int) -> Report:

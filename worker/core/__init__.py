@@ -13,6 +13,7 @@ from worker.core.chain import IntermediateCache
 from worker.core.decoding import b64decode_strict
 from worker.core.policy import AppConfig, Environment, Policy, PolicyError
 from worker.core.reasons import Reason, Rejected
+from worker.core.receipt import Receipt, ReceiptTrustStore, parse_receipt, verify_receipt
 from worker.core.trust import APPLE_APP_ATTEST_ROOT_SHA256, TrustStore, TrustStoreError
 
 
@@ -30,6 +31,8 @@ __all__ = [
     "Policy",
     "PolicyError",
     "Reason",
+    "Receipt",
+    "ReceiptTrustStore",
     "Rejected",
     "TrustStore",
     "TrustStoreError",
@@ -37,6 +40,8 @@ __all__ = [
     "VerifiedAttestation",
     "b64decode_strict",
     "client_data_hash",
+    "parse_receipt",
     "verify_assertion",
     "verify_attestation",
+    "verify_receipt",
 ]
