@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +20,32 @@ from worker.settings import Settings, load_settings
 from worker.store.db import create_store_engine, upgrade
 
 REDIS_URL = os.environ.get("APPATTEST_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-# Redis databases reserved for the test suite; each is flushed before use.
-BROKER_DB, BACKEND_DB = 12, 13
+# Pairs of Redis databases the test suite may use (broker, results). A session leases a free
+# pair with a lock key in database 0, so test sessions running side by side on one machine
+# never share a queue; a leased pair is flushed before use.
+DB_PAIRS = [(2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15)]
+_LEASE_SECONDS = 3600
+
+
+@contextmanager
+def leased_redis_pair() -> Iterator[tuple[int, int]]:
+    """Lease a free (broker, results) pair of Redis databases for the length of the block."""
+    client = redis.Redis.from_url(f"{REDIS_URL}/0")
+    token = f"{os.getpid()}-{time.time()}"
+    try:
+        for pair in DB_PAIRS:
+            key = f"appattest-test-lease:{pair[0]}"
+            if client.set(key, token, nx=True, ex=_LEASE_SECONDS):
+                try:
+                    flush_redis(*pair)
+                    yield pair
+                finally:
+                    if client.get(key) == token.encode():
+                        client.delete(key)
+                return
+        raise RuntimeError("every test Redis database pair is leased by another session")
+    finally:
+        client.close()
 
 
 @dataclass
@@ -104,14 +128,38 @@ def service_stack(
     result_backend: str | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[Stack]:
-    """Migrate the store, flush the test Redis databases, and yield a stack; workers started
-    through it are stopped on exit."""
+    """Migrate the store, lease and flush a pair of test Redis databases (unless URLs are
+    given), and yield a stack; workers started through it are stopped on exit."""
+    with ExitStack() as cleanup:
+        if broker_url is None or result_backend is None:
+            broker_db, backend_db = cleanup.enter_context(leased_redis_pair())
+            broker_url = broker_url or f"{REDIS_URL}/{broker_db}"
+            result_backend = result_backend or f"{REDIS_URL}/{backend_db}"
+        yield from _stack(
+            store_url=store_url,
+            root_pem=root_pem,
+            workdir=workdir,
+            app_ids=app_ids,
+            dev_app_ids=dev_app_ids,
+            broker_url=broker_url,
+            result_backend=result_backend,
+            extra_env=extra_env,
+        )
+
+
+def _stack(
+    *,
+    store_url: str,
+    root_pem: bytes,
+    workdir: Path,
+    app_ids: str,
+    dev_app_ids: str,
+    broker_url: str,
+    result_backend: str,
+    extra_env: dict[str, str] | None,
+) -> Iterator[Stack]:
     root = workdir / "root.pem"
     root.write_bytes(root_pem)
-    broker_url = broker_url or f"{REDIS_URL}/{BROKER_DB}"
-    result_backend = result_backend or f"{REDIS_URL}/{BACKEND_DB}"
-    if broker_url.startswith("redis://") or result_backend.startswith("redis://"):
-        flush_redis(BROKER_DB, BACKEND_DB)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")},
         "APPATTEST_STORE_URL": store_url,

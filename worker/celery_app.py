@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Final
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
 
 from worker.settings import Settings
 
 VERIFY_TASK: Final = "appattest.verify"
 REVERIFY_TASK: Final = "appattest.reverify"
 QUEUE: Final = "appattest"
+_EMBEDDED_TRANSPORT: Final = "appattest-sqla"
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -41,8 +43,9 @@ def create_celery_app(settings: Settings) -> Celery:
     )
     if settings.broker_url.startswith("sqla+"):
         # The embedded broker is a polled database table; poll often enough that a single job
-        # is not held back by the default one-second interval.
-        app.conf.broker_transport_options = {"polling_interval": 0.05}
+        # is not held back by the default one-second interval (see worker.embedded_transport).
+        TRANSPORT_ALIASES[_EMBEDDED_TRANSPORT] = "worker.embedded_transport:Transport"
+        app.conf.broker_url = _EMBEDDED_TRANSPORT + settings.broker_url.removeprefix("sqla")
     app.conf.appattest_settings = settings
     from worker import tasks
 

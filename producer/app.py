@@ -1,0 +1,483 @@
+"""The HTTP producer: issues challenges, queues plugin bodies for the workers, answers verdicts.
+
+Routes are adapters: they validate the contract, call the challenge store or the job queue,
+and answer with a model. The producer does no cryptography; the workers decide every verdict.
+Everything the app holds (the Celery app, the database engine) is built by ``create_app`` and
+its lifespan from the settings given, never at import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final
+from uuid import UUID
+
+from celery import Celery
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sqlalchemy import Engine
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from producer.auth import ApiKeys
+from producer.errors import ApiError, ErrorCode, QueueUnavailable, error_body, validation_summary
+from producer.health import readiness
+from producer.jobs import JobQueue, check_batch_item, check_request
+from producer.middleware import BodySizeLimit, InternalErrors
+from producer.schemas import (
+    BatchJob,
+    BatchRequest,
+    BatchResponse,
+    ChallengeRequest,
+    ErrorDetail,
+    ErrorResponse,
+    IssuedChallenge,
+    JobAccepted,
+    JobStatus,
+    Liveness,
+    Readiness,
+)
+from worker.celery_app import create_celery_app
+from worker.contract import AssertionRequest, Kind, PluginRequest, RegistrationRequest
+from worker.core import Rejected
+from worker.settings import Settings, load_settings
+from worker.store.challenges import Purpose, issue_challenge
+from worker.store.db import create_store_engine, session_factory
+
+log = logging.getLogger("appattest.producer")
+
+# A batch carries up to max_batch_jobs bodies, but is never read past this many bytes.
+MAX_BATCH_BODY_BYTES: Final = 32 * 1024 * 1024
+
+_DATABASE_DOWN = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+
+
+@dataclass(frozen=True)
+class _Resources:
+    """What the routes use, built by the lifespan."""
+
+    settings: Settings
+    queue: JobQueue
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+
+def _resources(request: Request) -> _Resources:
+    resources: _Resources | None = getattr(request.app.state, "resources", None)
+    if resources is None:
+        raise RuntimeError("the app's lifespan has not run (use it as a context manager)")
+    return resources
+
+
+Resources = Annotated[_Resources, Depends(_resources)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
+async def _require_api_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    keys: ApiKeys = request.app.state.api_keys
+    if not keys.accepts(credentials.credentials if credentials else None):
+        raise ApiError(
+            401,
+            ErrorCode.UNAUTHORIZED,
+            "a valid API key is required: Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def _request_body(model: type[BaseModel], description: str) -> dict[str, Any]:
+    """OpenAPI for a body that the route reads and validates itself."""
+    schema = model.model_json_schema(by_alias=True)
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {"application/json": {"schema": inline(schema)}},
+        }
+    }
+
+
+def _json(model: BaseModel, status: int, *, exclude_none: bool = False) -> JSONResponse:
+    content = model.model_dump(mode="json", by_alias=True, exclude_none=exclude_none)
+    return JSONResponse(content, status_code=status)
+
+
+Wait = Annotated[
+    float | None,
+    Query(
+        gt=0,
+        allow_inf_nan=False,
+        description="Wait up to this many seconds for the verdict (at most the server's "
+        "max_wait_seconds); without it, answer at once.",
+    ),
+]
+
+
+def _checked_wait(wait: float | None, settings: Settings) -> float | None:
+    if wait is not None and not (math.isfinite(wait) and wait <= settings.max_wait_seconds):
+        raise ApiError(
+            422,
+            ErrorCode.INVALID_REQUEST,
+            f"wait must be above 0 and at most {settings.max_wait_seconds} seconds",
+        )
+    return wait
+
+
+async def _answer(queue: JobQueue, job_id: str, wait: float | None) -> JSONResponse:
+    """202 with the job id; or, when asked to wait and the verdict came in time, 200 with it."""
+    if wait is not None:
+        status = await queue.wait_async(job_id, wait)
+        if status.done:
+            return _json(status, 200)
+    return _json(JobAccepted(jobId=job_id), 202)
+
+
+async def _submit(
+    request: Request, resources: _Resources, kind: Kind, wait: float | None
+) -> JSONResponse:
+    wait = _checked_wait(wait, resources.settings)
+    plugin = check_request(await request.body(), expected=kind)
+    job_id = await run_in_threadpool(resources.queue.submit, plugin)
+    return await _answer(resources.queue, job_id, wait)
+
+
+# Routes -------------------------------------------------------------------------------------
+
+
+async def healthz() -> Liveness:
+    """Answers 200 while the process runs; touches no dependency."""
+    return Liveness()
+
+
+async def readyz(resources: Resources) -> JSONResponse:
+    """200 when the broker, the result backend and the database answer; 503 otherwise."""
+    result = await readiness(resources.queue.celery_app, resources.engine)
+    return _json(result, 200 if result.status == "ready" else 503)
+
+
+def create_challenge(body: ChallengeRequest, resources: Resources) -> IssuedChallenge:
+    """A fresh challenge for one registration or assertion, valid for the configured TTL;
+    with ``keyId``, only that key may use it."""
+    # A plain function: FastAPI runs it in a worker thread, so the database call blocks no one.
+    with resources.sessions() as session, session.begin():
+        challenge, expires_at = issue_challenge(
+            session,
+            purpose=Purpose(body.purpose),
+            key_id=body.key_id,
+            ttl=timedelta(seconds=resources.settings.challenge_ttl_seconds),
+            now=datetime.now(UTC),
+        )
+    return IssuedChallenge(
+        challenge=challenge, expiresAt=expires_at, purpose=body.purpose, keyId=body.key_id
+    )
+
+
+async def submit_attestation(
+    request: Request, resources: Resources, wait: Wait = None
+) -> JSONResponse:
+    """Queue a registration body; 202 with the job id, or 200 with the verdict within
+    ``wait``."""
+    return await _submit(request, resources, "registration", wait)
+
+
+async def submit_assertion(
+    request: Request, resources: Resources, wait: Wait = None
+) -> JSONResponse:
+    """Queue an assertion body; 202 with the job id, or 200 with the verdict within
+    ``wait``."""
+    return await _submit(request, resources, "assertion", wait)
+
+
+def _batch_items(raw: bytes, max_jobs: int) -> list[Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, "body is not valid JSON") from exc
+    if not isinstance(data, dict) or set(data) != {"jobs"} or not isinstance(data["jobs"], list):
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, 'body must be {"jobs": [...]}')
+    items: list[Any] = data["jobs"]
+    if not items:
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, "jobs is empty")
+    if len(items) > max_jobs:
+        raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"at most {max_jobs} jobs per batch")
+    return items
+
+
+def _submit_batch(raw: bytes, resources: _Resources) -> BatchResponse:
+    outcomes: list[BatchJob] = []
+    valid: list[tuple[int, PluginRequest]] = []
+    for index, item in enumerate(_batch_items(raw, resources.settings.max_batch_jobs)):
+        try:
+            valid.append((index, check_batch_item(item)))
+        except Rejected as exc:
+            error = ErrorDetail(code=exc.reason.value, detail=exc.detail)
+            outcomes.append(BatchJob(index=index, status="rejected", error=error))
+    job_ids = resources.queue.submit_many([request for _, request in valid]) if valid else []
+    outcomes.extend(
+        BatchJob(index=index, jobId=job_id, status="pending")
+        for (index, _), job_id in zip(valid, job_ids, strict=True)
+    )
+    return BatchResponse(jobs=sorted(outcomes, key=lambda outcome: outcome.index))
+
+
+async def submit_jobs(request: Request, resources: Resources) -> JSONResponse:
+    """Queue ``{"jobs": [{"type", "body"}, ...]}``; one entry per item, queued or rejected."""
+    # Parsing and queueing a large batch takes a while: in a worker thread, off the loop.
+    result = await run_in_threadpool(_submit_batch, await request.body(), resources)
+    # Without nulls: an accepted item has no error, a rejected one no job id.
+    return _json(result, 202, exclude_none=True)
+
+
+async def get_job(
+    job_id: Annotated[UUID, Path(alias="jobId")], resources: Resources, wait: Wait = None
+) -> JobStatus:
+    """The job's status (an unknown id reads as pending); with ``wait``, hold on for the
+    verdict up to that many seconds."""
+    wait = _checked_wait(wait, resources.settings)
+    if wait is None:
+        return await run_in_threadpool(resources.queue.status, str(job_id))
+    return await resources.queue.wait_async(str(job_id), wait)
+
+
+def _add_routes(app: FastAPI) -> None:
+    """Register the routes on ``app`` itself (not through an included router), so that
+    ``app.routes`` lists every path."""
+    auth = [Depends(_require_api_key)]
+    refusals = _errors(401, 413, 422, 500, 503)
+    job_answers: dict[int | str, dict[str, Any]] = {
+        202: {"model": JobAccepted, "description": "Queued; the verdict is not in yet."},
+        200: {"model": JobStatus, "description": "Done within `wait`: the verdict."},
+        **refusals,
+    }
+    app.add_api_route(
+        "/healthz",
+        healthz,
+        methods=["GET"],
+        summary="Liveness: the process answers",
+        response_model=Liveness,
+        tags=["health"],
+    )
+    app.add_api_route(
+        "/readyz",
+        readyz,
+        methods=["GET"],
+        summary="Readiness: the broker, the result backend and the database answer",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Some dependency is unavailable."}},
+        tags=["health"],
+    )
+    app.add_api_route(
+        "/v1/challenges",
+        create_challenge,
+        methods=["POST"],
+        summary="Issue a one-time challenge",
+        status_code=201,
+        response_model=IssuedChallenge,
+        responses=refusals,
+        dependencies=auth,
+        tags=["challenges"],
+    )
+    app.add_api_route(
+        "/v1/attestations",
+        submit_attestation,
+        methods=["POST"],
+        summary="Queue a registration (the plugin's attestation body)",
+        status_code=202,
+        response_model=None,
+        responses=job_answers,
+        dependencies=auth,
+        openapi_extra=_request_body(RegistrationRequest, "The plugin's registration body."),
+        tags=["jobs"],
+    )
+    app.add_api_route(
+        "/v1/assertions",
+        submit_assertion,
+        methods=["POST"],
+        summary="Queue an assertion (the plugin's assertion body, optionally naming its challenge)",
+        status_code=202,
+        response_model=None,
+        responses=job_answers,
+        dependencies=auth,
+        openapi_extra=_request_body(
+            AssertionRequest,
+            "The plugin's assertion body. With `challenge`, the payload must contain it.",
+        ),
+        tags=["jobs"],
+    )
+    app.add_api_route(
+        "/v1/jobs",
+        submit_jobs,
+        methods=["POST"],
+        summary="Queue several jobs at once; each item is accepted or rejected on its own",
+        status_code=202,
+        response_model=None,
+        responses={202: {"model": BatchResponse}, **refusals},
+        dependencies=auth,
+        openapi_extra=_request_body(BatchRequest, "Up to max_batch_jobs items."),
+        tags=["jobs"],
+    )
+    app.add_api_route(
+        "/v1/jobs/{jobId}",
+        get_job,
+        methods=["GET"],
+        summary="A job's status and, once done, its verdict",
+        response_model=JobStatus,
+        responses=refusals,
+        dependencies=auth,
+        tags=["jobs"],
+    )
+
+
+# Errors -------------------------------------------------------------------------------------
+
+
+def _error(
+    status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, detail), status_code=status, headers=headers)
+
+
+async def _on_api_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return _error(exc.status, exc.code, exc.detail, exc.headers)
+
+
+async def _on_rejected(_request: Request, exc: Exception) -> JSONResponse:
+    # The producer rejects only what is not the contract or not iOS App Attest.
+    assert isinstance(exc, Rejected)
+    return _error(422, exc.reason.value, exc.detail)
+
+
+async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return _error(422, ErrorCode.INVALID_REQUEST, validation_summary(exc.errors()))
+
+
+_HTTP_CODES: Final = {
+    400: ErrorCode.INVALID_REQUEST,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    422: ErrorCode.INVALID_REQUEST,
+}
+
+
+async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    fallback = ErrorCode.INVALID_REQUEST if exc.status_code < 500 else ErrorCode.INTERNAL_ERROR
+    code = _HTTP_CODES.get(exc.status_code, fallback)
+    return _error(exc.status_code, code, str(exc.detail), exc.headers)
+
+
+async def _on_queue_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("queue unavailable: %s", exc)
+    return _error(503, ErrorCode.SERVICE_UNAVAILABLE, f"{exc}; try again later")
+
+
+async def _on_database_down(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return _error(
+        503, ErrorCode.SERVICE_UNAVAILABLE, "the challenge store is unavailable; try again later"
+    )
+
+
+# The app -----------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings, *, celery_app: Celery | None = None) -> FastAPI:
+    """Build the producer's FastAPI app for these settings.
+
+    ``celery_app`` is the Celery app to queue jobs through; without one, the lifespan builds
+    it from the settings and closes it on shutdown (one passed in stays the caller's). The
+    database engine for challenges is built by the lifespan and disposed on shutdown, so the
+    app must run with its lifespan (uvicorn does; use ``TestClient`` as a context manager).
+    """
+    api_keys = ApiKeys(settings.api_keys)
+    if not api_keys:
+        log.warning("no API keys are configured: every /v1 request will be refused")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = celery_app is None
+        celery = create_celery_app(settings) if celery_app is None else celery_app
+        engine = create_store_engine(settings.store_url)
+        app.state.resources = _Resources(
+            # The keys themselves stay out of what the app keeps: it has their hashes.
+            settings=settings.model_copy(update={"api_keys": []}),
+            queue=JobQueue(celery),
+            engine=engine,
+            sessions=session_factory(engine),
+        )
+        try:
+            yield
+        finally:
+            del app.state.resources
+            engine.dispose()
+            if owned:
+                celery.close()
+
+    app = FastAPI(
+        title="App Attest verification",
+        summary="Queues App Attest attestations and assertions for verification.",
+        version="1",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.api_keys = api_keys
+    _add_routes(app)
+
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(Rejected, _on_rejected)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(QueueUnavailable, _on_queue_unavailable)
+    for error in _DATABASE_DOWN:
+        app.add_exception_handler(error, _on_database_down)
+
+    batch_limit = max(
+        settings.max_body_bytes,
+        min(settings.max_body_bytes * settings.max_batch_jobs, MAX_BATCH_BODY_BYTES),
+    )
+    app.add_middleware(
+        BodySizeLimit, limit=settings.max_body_bytes, per_path={"/v1/jobs": batch_limit}
+    )
+    # Added last, so outermost: it also catches what the body limit might raise.
+    app.add_middleware(InternalErrors)
+    return app
+
+
+def from_environment() -> FastAPI:
+    """The app with settings read from the ``APPATTEST_*`` environment variables, for
+    ``uvicorn --factory producer.app:from_environment``."""
+    return create_app(load_settings())

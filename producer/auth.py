@@ -1,0 +1,39 @@
+"""API keys: only their SHA-256 hashes are kept, and a presented key is checked against all of
+them in constant time. With no key configured, every request is refused (fail closed)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+
+from pydantic import SecretStr
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class ApiKeys:
+    """The configured API keys, as hashes."""
+
+    def __init__(self, keys: Iterable[SecretStr]) -> None:
+        # An empty key would let an empty bearer token in; it is ignored, not accepted.
+        self._digests = tuple(
+            _digest(key.get_secret_value()) for key in keys if key.get_secret_value()
+        )
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def accepts(self, presented: str | None) -> bool:
+        """Whether ``presented`` is one of the keys.
+
+        Compares against every stored hash without stopping at a match, so the time taken
+        reveals neither which key matched nor how many are configured before it.
+        """
+        digest = _digest(presented or "")
+        matched = False
+        for stored in self._digests:
+            matched |= hmac.compare_digest(digest, stored)
+        return matched and presented is not None and presented != ""

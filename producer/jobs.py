@@ -1,0 +1,238 @@
+"""The producer's queue shell: checks plugin bodies against the contract, sends them to the
+verify task and reads verdicts back from the result backend.
+
+No cryptography happens here and nothing is decoded: the worker decides. The producer only
+refuses what could never be judged (not the contract, not iOS App Attest) so that callers learn
+about it at once instead of from a verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
+
+import anyio.to_thread
+from celery import Celery, states
+from kombu.exceptions import OperationalError as KombuOperationalError
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
+
+from producer.errors import QueueUnavailable, validation_summary
+from producer.schemas import BatchItem, JobStatus, JobType
+from worker.celery_app import VERIFY_TASK
+from worker.contract import (
+    FORMAT_APPLE_APP_ATTEST,
+    PLATFORM_IOS,
+    AssertionRequest,
+    Kind,
+    PluginRequest,
+    RegistrationRequest,
+    VerificationResult,
+    parse_request,
+)
+from worker.core import Reason, Rejected
+
+log = logging.getLogger("appattest.producer")
+
+PluginBody = str | bytes | Mapping[str, Any] | RegistrationRequest | AssertionRequest
+
+# Polling the result backend: start fast (most verdicts take milliseconds), back off to a
+# modest ceiling so that a slow job costs a few reads per second, not hundreds.
+_REDACTED: Final = "(<job>,)"
+
+FIRST_POLL_DELAY: Final = 0.005
+MAX_POLL_DELAY: Final = 0.1
+
+# Errors meaning "the broker or the result backend is not reachable", whatever the backend.
+_UNREACHABLE: Final[tuple[type[BaseException], ...]] = (
+    KombuOperationalError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    SQLAlchemyOperationalError,
+    OSError,
+)
+
+
+def check_request(body: PluginBody, *, expected: Kind | None = None) -> PluginRequest:
+    """Validate a plugin body as far as the producer can without decoding anything.
+
+    Takes JSON text, a decoded object or a contract model, and optionally the kind the caller
+    expects. Returns the validated request. Raises ``Rejected`` with ``invalid_request`` for
+    anything that is not the contract, for a body of the other kind, and for an assertion
+    whose ``challenge`` is not in its payload; with ``unsupported_format`` for anything but iOS
+    App Attest (the plugin's Android and web fallbacks included).
+    """
+    if isinstance(body, RegistrationRequest | AssertionRequest):
+        request: PluginRequest = body
+    elif isinstance(body, Mapping):
+        request = parse_request(dict(body))
+    else:
+        request = parse_request(body)
+    kind: Kind = "assertion" if isinstance(request, AssertionRequest) else "registration"
+    if expected is not None and kind != expected:
+        raise Rejected(Reason.INVALID_REQUEST, f"expected a {expected} body, got a {kind} body")
+    # A plain comparison of the claims; the worker checks them again along with everything else.
+    if request.platform != PLATFORM_IOS or request.format != FORMAT_APPLE_APP_ATTEST:
+        raise Rejected(
+            Reason.UNSUPPORTED_FORMAT,
+            f"only platform {PLATFORM_IOS!r} with format {FORMAT_APPLE_APP_ATTEST!r} is supported",
+        )
+    if (
+        isinstance(request, AssertionRequest)
+        and request.challenge is not None
+        and request.challenge not in request.payload
+    ):
+        raise Rejected(Reason.INVALID_REQUEST, "payload does not contain the given challenge")
+    return request
+
+
+KIND_OF_TYPE: Final[dict[JobType, Kind]] = {
+    "attestation": "registration",
+    "assertion": "assertion",
+}
+
+
+def check_batch_item(item: object) -> PluginRequest:
+    """Check one batch item, ``{"type": "attestation"|"assertion", "body": {...}}``, like a
+    single submission of that type. Returns the request; raises ``Rejected`` like
+    ``check_request``."""
+    try:
+        parsed = BatchItem.model_validate(item)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        raise Rejected(Reason.INVALID_REQUEST, validation_summary(errors)) from exc
+    return check_request(parsed.body, expected=KIND_OF_TYPE[parsed.type])
+
+
+def plugin_json(request: PluginRequest) -> dict[str, Any]:
+    """The request as the plugin's JSON object, the form the verify task takes."""
+    return request.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _internal_error(detail: str) -> VerificationResult:
+    return VerificationResult.rejection(
+        kind=None, key_id=None, reason=Reason.INTERNAL_ERROR, detail=detail
+    )
+
+
+def _poll_delays() -> Iterator[float]:
+    delay = FIRST_POLL_DELAY
+    while True:
+        yield delay
+        delay = min(delay * 2, MAX_POLL_DELAY)
+
+
+class JobQueue:
+    """Sends verification jobs through a Celery app and reads their verdicts by polling.
+
+    Results are read with ``backend.get_task_meta``, never with ``AsyncResult.get()``, which
+    would wait on a pub/sub subscription per job. Every method raises ``QueueUnavailable``
+    when the broker or the result backend cannot be reached.
+    """
+
+    def __init__(self, celery_app: Celery) -> None:
+        self.celery_app = celery_app
+
+    def _unreachable(self) -> tuple[type[BaseException], ...]:
+        extra = getattr(self.celery_app.backend, "connection_errors", ())
+        return _UNREACHABLE + tuple(extra)
+
+    def _send(self, request: PluginRequest, producer: Any) -> str:
+        # This is Celery's send_task without its one step that does not suit a producer: with
+        # the Redis result backend, send_task subscribes to every job's result channel (and,
+        # when the backend is down, retries that for about 20 s before failing). Verdicts are
+        # polled here instead, so the message is built and published with Celery's own
+        # message layer, through the same routing, retry policy and publish signals.
+        job_id = str(uuid.uuid4())
+        args = ({"body": plugin_json(request)},)
+        amqp = self.celery_app.amqp
+        message = amqp.create_task_message(
+            job_id,
+            VERIFY_TASK,
+            args,
+            {},
+            reply_to=self.celery_app.thread_oid,
+            create_sent_event=self.celery_app.conf.task_send_sent_event,
+            # The message headers carry a printable copy of the arguments for monitoring tools
+            # and worker logs; tokens, challenges and payloads stay out of it.
+            argsrepr=_REDACTED,
+            kwargsrepr="{}",
+        )
+        options = amqp.router.route({}, VERIFY_TASK, args, {})
+        amqp.send_task_message(producer, VERIFY_TASK, message, **options)
+        return job_id
+
+    def submit(self, request: PluginRequest) -> str:
+        """Queue one validated request; return its job id (a UUID string)."""
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: Sequence[PluginRequest]) -> list[str]:
+        """Queue several validated requests over one broker connection; return their job ids.
+
+        When the broker fails midway, the jobs sent before the failure stay queued.
+        """
+        try:
+            with self.celery_app.producer_or_acquire() as producer:
+                return [self._send(request, producer) for request in requests]
+        except self._unreachable() as exc:
+            raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
+
+    def status(self, job_id: str) -> JobStatus:
+        """Where the job stands now. An unknown job id is indistinguishable from a pending one.
+
+        A job that failed in the worker (which the verify task never lets happen: it turns
+        every error into a verdict) is reported as done with an ``internal_error`` verdict.
+        """
+        try:
+            meta = self.celery_app.backend.get_task_meta(job_id, cache=False)
+        except NotImplementedError as exc:
+            # Celery's DisabledBackend: the app was configured without a result backend.
+            raise QueueUnavailable("no result backend is configured") from exc
+        except self._unreachable() as exc:
+            raise QueueUnavailable(
+                f"the result backend is unavailable ({type(exc).__name__})"
+            ) from exc
+        state = meta.get("status")
+        if state == states.SUCCESS:
+            try:
+                result = VerificationResult.model_validate(meta.get("result"))
+            except ValidationError:
+                log.error("job %s: the stored result is not a verdict", job_id)
+                result = _internal_error("the worker returned an unreadable result")
+            return JobStatus(jobId=job_id, status="done", result=result)
+        if state in states.READY_STATES:
+            log.error("job %s ended in state %s", job_id, state)
+            return JobStatus(
+                jobId=job_id,
+                status="done",
+                result=_internal_error(f"the job ended in state {state}"),
+            )
+        return JobStatus(jobId=job_id, status="pending")
+
+    def wait(self, job_id: str, timeout: float) -> JobStatus:
+        """Poll until the job is done or ``timeout`` seconds passed; return its last status."""
+        deadline = time.monotonic() + timeout
+        delays = _poll_delays()
+        while True:
+            status = self.status(job_id)
+            remaining = deadline - time.monotonic()
+            if status.done or remaining <= 0:
+                return status
+            time.sleep(min(next(delays), remaining))
+
+    async def wait_async(self, job_id: str, timeout: float) -> JobStatus:
+        """Like ``wait``, for an event loop: each read runs in a worker thread, and the pauses
+        between reads sleep on the loop, so a long wait holds no thread."""
+        deadline = time.monotonic() + timeout
+        delays = _poll_delays()
+        while True:
+            status = await anyio.to_thread.run_sync(self.status, job_id)
+            remaining = deadline - time.monotonic()
+            if status.done or remaining <= 0:
+                return status
+            await anyio.sleep(min(next(delays), remaining))
