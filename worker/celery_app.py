@@ -41,6 +41,12 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_log_format="%(asctime)s %(levelname)s %(processName)s %(message)s",
         task_send_sent_event=False,
     )
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Verdicts take milliseconds, so a message unacknowledged for this long belongs to a
+        # worker that died; it is redelivered, and the verdicts table makes that idempotent.
+        app.conf.broker_transport_options = {
+            "visibility_timeout": settings.visibility_timeout_seconds
+        }
     if settings.broker_url.startswith("sqla+"):
         # The embedded broker is a polled database table; poll often enough that a single job
         # is not held back by the default one-second interval (see worker.embedded_transport).

@@ -57,6 +57,7 @@ def worker_environment(settings: Settings) -> dict[str, str]:
             "APPATTEST_DEV_APP_IDS": ",".join(settings.dev_app_ids),
             "APPATTEST_TASK_MAX_RETRIES": str(settings.task_max_retries),
             "APPATTEST_TASK_RETRY_BACKOFF_MAX": str(settings.task_retry_backoff_max),
+            "APPATTEST_VISIBILITY_TIMEOUT_SECONDS": str(settings.visibility_timeout_seconds),
         }
     )
     if settings.root_ca is not None:

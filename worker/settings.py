@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=192 * 1024, ge=1024)
     max_batch_jobs: int = Field(default=1000, ge=1, le=10_000)
 
+    # How long a delivered but unacknowledged message waits before the Redis broker hands it
+    # to another worker: what bounds the delay of a job whose worker was killed outright.
+    visibility_timeout_seconds: int = Field(default=120, ge=1, le=86_400)
     task_max_retries: int = Field(default=5, ge=0, le=50)
     task_retry_backoff_max: int = Field(default=30, ge=1)
 
