@@ -70,6 +70,7 @@ def serve(
 ) -> None:
     """Migrate the store, start a worker subprocess, and serve the HTTP API until stopped."""
     import uvicorn
+
     from producer.app import create_app
 
     data_dir.mkdir(parents=True, exist_ok=True)
