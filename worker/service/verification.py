@@ -1,10 +1,17 @@
-"""Registration and assertion against the store: challenges, keys, counters and verdicts."""
+"""Registration and assertion against the store: challenges, keys, counters and verdicts.
+
+Jobs are decided in batches (a single job is a batch of one): the reads of a batch are a few
+set-at-a-time queries, the signature checks run outside any transaction, and everything a
+batch changes (challenges consumed, keys inserted, counters advanced, verdicts recorded)
+happens in one transaction whose conditional statements decide every race.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,8 +36,13 @@ from worker.core import (
     verify_attestation,
 )
 from worker.service.plugin import DecodedRequest, decode_plugin_fields
-from worker.store import challenges, keys, verdicts
-from worker.store.challenges import Purpose
+from worker.store import bulk
+from worker.store.challenges import Purpose, challenge_digest
+from worker.store.models import Challenge, DeviceKey
+
+# A batch whose verdicts conflict with a concurrent delivery of the same jobs is decided again;
+# the second attempt finds the recorded verdicts. More attempts would mean a bug.
+_ATTEMPTS = 3
 
 
 def utc_now() -> datetime:
@@ -47,12 +59,6 @@ def _extensions(ext: AuthDataExtensions | None) -> Extensions | None:
     )
 
 
-def _rejection(kind: Kind, request: PluginRequest, exc: Rejected) -> VerificationResult:
-    return VerificationResult.rejection(
-        kind=kind, key_id=request.key_id, reason=exc.reason, detail=exc.detail
-    )
-
-
 def _assertion_challenge(request: AssertionRequest) -> str:
     """The challenge an assertion uses: the payload itself, or one the payload embeds."""
     if request.challenge is None:
@@ -63,13 +69,36 @@ def _assertion_challenge(request: AssertionRequest) -> str:
 
 
 @dataclass
-class _Pending:
-    """What a job will do in its one transaction, decided before the transaction starts."""
+class _Job:
+    """One job on its way through a batch."""
 
-    result: VerificationResult
-    attestation: VerifiedAttestation | None = None
+    job_id: str | None
+    request: PluginRequest | None
+    result: VerificationResult | None = None
+    recorded: bool = False
     decoded: DecodedRequest | None = None
+    digest: bytes | None = None
+    claimable: bool = False
+    attestation: VerifiedAttestation | None = None
     new_counter: int | None = None
+
+    @property
+    def kind(self) -> Kind:
+        return "registration" if isinstance(self.request, RegistrationRequest) else "assertion"
+
+    @property
+    def key_id(self) -> str:
+        assert self.request is not None
+        return self.request.key_id
+
+    def reject(self, reason: Reason, detail: str) -> None:
+        self.result = VerificationResult.rejection(
+            kind=self.kind, key_id=self.key_id, reason=reason, detail=detail
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None and self.result.ok
 
 
 class VerificationService:
@@ -78,8 +107,8 @@ class VerificationService:
     Takes the policy, a session factory, the process's intermediate cache and a clock. With
     ``issued_challenges=True`` (the service) a challenge must be one the producer issued,
     unused and unexpired, and it is consumed in the transaction that records the verdict; with
-    False (offline batches) the challenge is taken as given. With a ``job_id`` the verdict is
-    recorded, and a job that was decided before returns its first verdict unchanged.
+    False (offline batches) the challenge is taken as given. Jobs with an id have their verdict
+    recorded, and a job decided before returns its first verdict unchanged.
 
     Every verdict is a ``VerificationResult``, rejections included. Infrastructure errors (a
     database that is down) propagate, so that the adapter can retry or report them.
@@ -104,48 +133,131 @@ class VerificationService:
         self, request: PluginRequest, *, now: datetime | None = None, job_id: str | None = None
     ) -> VerificationResult:
         """Register or assert, by the request's type."""
+        return self.handle_batch([(job_id, request)], now=now)[0]
+
+    def handle_batch(
+        self,
+        items: Sequence[tuple[str | None, PluginRequest | VerificationResult]],
+        *,
+        now: datetime | None = None,
+    ) -> list[VerificationResult]:
+        """Decide a batch of jobs, given as (job id or None, request); return the verdicts in
+        the same order. An item may already be a verdict (a body that failed the contract),
+        which is then only recorded."""
         at = now or self.clock()
-        if job_id is not None:
-            with self.sessions() as session:
-                recorded = verdicts.get_verdict(session, job_id)
-            if recorded is not None:
-                return VerificationResult.model_validate(recorded)
-        if isinstance(request, RegistrationRequest):
-            pending = self._prepare_registration(request, at)
-            return self._commit_registration(request, pending, at, job_id)
-        pending = self._prepare_assertion(request, at)
-        return self._commit_assertion(request, pending, at, job_id)
+        for _ in range(_ATTEMPTS):
+            decided = self._attempt(items, at)
+            if decided is not None:
+                return decided
+        raise RuntimeError("verdicts of a batch kept conflicting with another delivery")
 
-    # Registration -------------------------------------------------------------------------
+    # One attempt ---------------------------------------------------------------------------
 
-    def _prepare_registration(self, request: RegistrationRequest, at: datetime) -> _Pending:
+    def _attempt(
+        self,
+        items: Sequence[tuple[str | None, PluginRequest | VerificationResult]],
+        at: datetime,
+    ) -> list[VerificationResult] | None:
+        jobs = [
+            _Job(job_id, None, result=item)
+            if isinstance(item, VerificationResult)
+            else _Job(job_id, item)
+            for job_id, item in items
+        ]
+        challenges, keys = self._read(jobs)
+        for job in jobs:
+            if job.result is None:
+                self._check(job, challenges, keys, at)
+        with self.sessions() as session, session.begin():
+            self._consume_challenges(session, jobs, at)
+            self._insert_keys(session, jobs, at)
+            self._advance_counters(session, jobs)
+            if not self._record(session, jobs, at):
+                session.rollback()
+                return None
+        return [job.result for job in jobs if job.result is not None]
+
+    def _read(self, jobs: list[_Job]) -> tuple[dict[bytes, Challenge], dict[str, DeviceKey]]:
+        """Recorded verdicts, decoded fields, and the challenges and keys the batch needs."""
+        with self.sessions() as session:
+            recorded = bulk.get_verdicts(session, [j.job_id for j in jobs if j.job_id])
+            for job in jobs:
+                if job.job_id in recorded:
+                    job.result = VerificationResult.model_validate(recorded[job.job_id])
+                    job.recorded = True
+                elif job.result is None:
+                    self._decode(job)
+            open_jobs = [j for j in jobs if j.result is None]
+            challenges = (
+                bulk.get_challenges(session, [j.digest for j in open_jobs if j.digest])
+                if self.issued_challenges
+                else {}
+            )
+            keys = bulk.get_keys(session, [j.key_id for j in open_jobs])
+        return challenges, keys
+
+    def _decode(self, job: _Job) -> None:
+        request = job.request
+        assert request is not None
         try:
-            decoded = decode_plugin_fields(request)
-            with self.sessions() as session:
-                # Early refusals, before any signature work; the transaction decides again.
-                if self.issued_challenges and (
-                    problem := challenges.challenge_problem(
-                        session,
-                        challenge=request.challenge,
-                        purpose=Purpose.REGISTRATION,
-                        key_id=request.key_id,
-                        now=at,
-                    )
-                ):
-                    raise Rejected(problem, "the challenge cannot be used")
-                if keys.key_exists(session, request.key_id):
-                    raise Rejected(Reason.KEY_ALREADY_REGISTERED, "keyId is already registered")
-            verified = verify_attestation(
-                attestation_object=decoded.token,
-                key_id=decoded.key_id,
-                client_data_hash=client_data_hash(request.challenge),
-                policy=self.policy,
-                now=at,
-                cache=self.cache,
+            job.decoded = decode_plugin_fields(request)
+            text = (
+                request.challenge
+                if isinstance(request, RegistrationRequest)
+                else _assertion_challenge(request)
             )
         except Rejected as exc:
-            return _Pending(result=_rejection("registration", request, exc))
-        result = VerificationResult(
+            job.reject(exc.reason, exc.detail)
+            return
+        if self.issued_challenges:
+            job.digest = challenge_digest(text)
+
+    def _check(
+        self,
+        job: _Job,
+        challenges: dict[bytes, Challenge],
+        keys: dict[str, DeviceKey],
+        at: datetime,
+    ) -> None:
+        """Everything that decides a job before the transaction: challenge, stored key and the
+        signatures. Sets the job's result."""
+        try:
+            if self.issued_challenges:
+                self._check_challenge(job, challenges.get(job.digest or b""), at)
+                job.claimable = True
+            if isinstance(job.request, RegistrationRequest):
+                self._check_registration(job, job.request, keys.get(job.key_id), at)
+            else:
+                assert isinstance(job.request, AssertionRequest)
+                self._check_assertion(job, job.request, keys.get(job.key_id), at)
+        except Rejected as exc:
+            job.reject(exc.reason, exc.detail)
+
+    def _check_challenge(self, job: _Job, row: Challenge | None, at: datetime) -> None:
+        purpose = Purpose.REGISTRATION if job.kind == "registration" else Purpose.ASSERTION
+        if row is None or row.purpose != purpose or row.key_id not in (None, job.key_id):
+            raise Rejected(Reason.CHALLENGE_UNKNOWN, "the challenge was not issued for this")
+        if row.used_at is not None:
+            raise Rejected(Reason.CHALLENGE_USED, "the challenge was used before")
+        if row.expires_at <= at:
+            raise Rejected(Reason.CHALLENGE_EXPIRED, "the challenge expired")
+
+    def _check_registration(
+        self, job: _Job, request: RegistrationRequest, stored: DeviceKey | None, at: datetime
+    ) -> None:
+        if stored is not None:
+            raise Rejected(Reason.KEY_ALREADY_REGISTERED, "keyId is already registered")
+        assert job.decoded is not None
+        verified = verify_attestation(
+            attestation_object=job.decoded.token,
+            key_id=job.decoded.key_id,
+            client_data_hash=client_data_hash(request.challenge),
+            policy=self.policy,
+            now=at,
+            cache=self.cache,
+        )
+        job.attestation = verified
+        job.result = VerificationResult(
             ok=True,
             kind="registration",
             keyId=request.key_id,
@@ -155,94 +267,35 @@ class VerificationService:
             extensions=_extensions(verified.extensions),
             verifiedAt=at,
         )
-        return _Pending(result=result, attestation=verified, decoded=decoded)
 
-    def _commit_registration(
-        self, request: RegistrationRequest, pending: _Pending, at: datetime, job_id: str | None
-    ) -> VerificationResult:
-        with self.sessions() as session, session.begin():
-            result = pending.result
-            if self.issued_challenges:
-                # Every attempt burns its challenge, accepted or not.
-                problem = challenges.consume_challenge(
-                    session,
-                    challenge=request.challenge,
-                    purpose=Purpose.REGISTRATION,
-                    key_id=request.key_id,
-                    job_id=job_id or "",
-                    now=at,
-                )
-                if problem is not None and result.ok:
-                    result = _rejection(
-                        "registration", request, Rejected(problem, "the challenge was just used")
-                    )
-            verified, decoded = pending.attestation, pending.decoded
-            if result.ok and verified is not None and decoded is not None:
-                inserted = keys.insert_key(
-                    session,
-                    key_id=request.key_id,
-                    app_id=verified.app_id,
-                    environment=verified.environment.value,
-                    public_key=verified.public_key,
-                    receipt=verified.receipt,
-                    attestation=decoded.token,
-                    client_data_hash=client_data_hash(request.challenge),
-                    verified_at=at,
-                    leaf_fingerprint=verified.leaf_fingerprint,
-                    intermediate_fingerprint=verified.intermediate_fingerprint,
-                )
-                if not inserted:
-                    result = _rejection(
-                        "registration",
-                        request,
-                        Rejected(Reason.KEY_ALREADY_REGISTERED, "keyId is already registered"),
-                    )
-            return self._record(session, job_id, result, at)
-
-    # Assertion ----------------------------------------------------------------------------
-
-    def _prepare_assertion(self, request: AssertionRequest, at: datetime) -> _Pending:
-        try:
-            decoded = decode_plugin_fields(request)
-            challenge = _assertion_challenge(request)
-            with self.sessions() as session:
-                if self.issued_challenges and (
-                    problem := challenges.challenge_problem(
-                        session,
-                        challenge=challenge,
-                        purpose=Purpose.ASSERTION,
-                        key_id=request.key_id,
-                        now=at,
-                    )
-                ):
-                    raise Rejected(problem, "the challenge cannot be used")
-                stored = keys.get_key(session, request.key_id)
-            if stored is None:
-                raise Rejected(Reason.KEY_UNKNOWN, "keyId is not registered")
-            if stored.revoked_at is not None:
-                raise Rejected(
-                    Reason.KEY_REVOKED,
-                    f"key was revoked ({stored.revoked_reason}) by run {stored.revoked_by_run}",
-                )
-            app = self.policy.app(stored.app_id)
-            if app is None:
-                raise Rejected(Reason.APP_ID_MISMATCH, f"{stored.app_id} is not configured")
-            environment = Environment(stored.environment)
-            if not app.allows(environment):
-                raise Rejected(
-                    Reason.ENVIRONMENT_MISMATCH,
-                    f"{app.app_id} no longer accepts {environment} keys",
-                )
-            verified = verify_assertion(
-                assertion_object=decoded.token,
-                client_data_hash=client_data_hash(request.payload),
-                public_key=stored.public_key,
-                app_id=stored.app_id,
-                previous_counter=stored.counter,
+    def _check_assertion(
+        self, job: _Job, request: AssertionRequest, stored: DeviceKey | None, at: datetime
+    ) -> None:
+        if stored is None:
+            raise Rejected(Reason.KEY_UNKNOWN, "keyId is not registered")
+        if stored.revoked_at is not None:
+            raise Rejected(
+                Reason.KEY_REVOKED,
+                f"key was revoked ({stored.revoked_reason}) by run {stored.revoked_by_run}",
             )
-        except Rejected as exc:
-            return _Pending(result=_rejection("assertion", request, exc))
-        result = VerificationResult(
+        app = self.policy.app(stored.app_id)
+        if app is None:
+            raise Rejected(Reason.APP_ID_MISMATCH, f"{stored.app_id} is not configured")
+        environment = Environment(stored.environment)
+        if not app.allows(environment):
+            raise Rejected(
+                Reason.ENVIRONMENT_MISMATCH, f"{app.app_id} no longer accepts {environment} keys"
+            )
+        assert job.decoded is not None
+        verified = verify_assertion(
+            assertion_object=job.decoded.token,
+            client_data_hash=client_data_hash(request.payload),
+            public_key=stored.public_key,
+            app_id=stored.app_id,
+            previous_counter=stored.counter,
+        )
+        job.new_counter = verified.counter
+        job.result = VerificationResult(
             ok=True,
             kind="assertion",
             keyId=request.key_id,
@@ -252,66 +305,105 @@ class VerificationService:
             extensions=_extensions(verified.extensions),
             verifiedAt=at,
         )
-        return _Pending(result=result, new_counter=verified.counter)
 
-    def _commit_assertion(
-        self, request: AssertionRequest, pending: _Pending, at: datetime, job_id: str | None
-    ) -> VerificationResult:
-        with self.sessions() as session, session.begin():
-            result = pending.result
-            if self.issued_challenges and result.reason is not Reason.INVALID_REQUEST:
-                problem = challenges.consume_challenge(
-                    session,
-                    challenge=_assertion_challenge(request),
-                    purpose=Purpose.ASSERTION,
-                    key_id=request.key_id,
-                    job_id=job_id or "",
-                    now=at,
-                )
-                if problem is not None and result.ok:
-                    result = _rejection(
-                        "assertion", request, Rejected(problem, "the challenge was just used")
-                    )
-            # The conditional update decides races between workers: only a counter above the
-            # stored one at this moment is accepted.
-            if (
-                result.ok
-                and pending.new_counter is not None
-                and not keys.advance_counter(session, request.key_id, pending.new_counter)
-            ):
-                result = _rejection(
-                    "assertion",
-                    request,
-                    Rejected(
+    # The transaction -----------------------------------------------------------------------
+
+    def _consume_challenges(self, session: Session, jobs: list[_Job], at: datetime) -> None:
+        """Burn every usable challenge the batch presented, accepted or not; of several jobs
+        presenting one challenge, the first in the batch claims it."""
+        claims: dict[bytes, tuple[bulk.Claim, _Job]] = {}
+        late: list[_Job] = []
+        for job in jobs:
+            if not job.claimable or job.recorded or job.digest is None:
+                continue
+            if job.digest in claims:
+                late.append(job)
+                continue
+            purpose = "registration" if job.kind == "registration" else "assertion"
+            claim = bulk.Claim(job.digest, purpose, job.key_id, job.job_id or "")
+            claims[job.digest] = (claim, job)
+        consumed = bulk.consume_challenges(session, [c for c, _ in claims.values()], at)
+        for digest, (_, job) in claims.items():
+            if digest not in consumed and job.ok:
+                job.reject(Reason.CHALLENGE_USED, "the challenge was used by a concurrent job")
+        for job in late:
+            if job.ok:
+                job.reject(Reason.CHALLENGE_USED, "the challenge was used by another job")
+
+    def _insert_keys(self, session: Session, jobs: list[_Job], at: datetime) -> None:
+        first: dict[str, _Job] = {}
+        for job in jobs:
+            if job.recorded or not job.ok or job.attestation is None:
+                continue
+            if job.key_id in first:
+                job.reject(Reason.KEY_ALREADY_REGISTERED, "keyId is registered by another job")
+                continue
+            first[job.key_id] = job
+        rows: list[dict[str, Any]] = []
+        for key_id, job in first.items():
+            verified, decoded, request = job.attestation, job.decoded, job.request
+            assert verified and decoded and isinstance(request, RegistrationRequest)
+            rows.append(
+                {
+                    "key_id": key_id,
+                    "app_id": verified.app_id,
+                    "environment": verified.environment.value,
+                    "public_key": verified.public_key,
+                    "counter": 0,
+                    "receipt": verified.receipt,
+                    "attestation": decoded.token,
+                    "client_data_hash": client_data_hash(request.challenge),
+                    "verified_at": at,
+                    "leaf_fingerprint": verified.leaf_fingerprint,
+                    "intermediate_fingerprint": verified.intermediate_fingerprint,
+                }
+            )
+        inserted = bulk.insert_keys(session, rows)
+        for key_id, job in first.items():
+            if key_id not in inserted:
+                job.reject(Reason.KEY_ALREADY_REGISTERED, "keyId is already registered")
+
+    def _advance_counters(self, session: Session, jobs: list[_Job]) -> None:
+        """Only a counter above the stored one at this moment is accepted: the conditional
+        updates decide races between workers. Several assertions of one key in a batch go in
+        batch order, one after another."""
+        rounds: list[dict[str, _Job]] = []
+        for job in jobs:
+            if job.recorded or not job.ok or job.new_counter is None:
+                continue
+            for round_ in rounds:
+                if job.key_id not in round_:
+                    round_[job.key_id] = job
+                    break
+            else:
+                rounds.append({job.key_id: job})
+        for round_ in rounds:
+            updates = [(key_id, job.new_counter or 0) for key_id, job in round_.items()]
+            advanced = bulk.advance_counters(session, updates)
+            for key_id, job in round_.items():
+                if key_id not in advanced:
+                    job.reject(
                         Reason.COUNTER_REPLAY,
-                        f"counter {pending.new_counter} was overtaken by a concurrent assertion",
-                    ),
-                )
-            return self._record(session, job_id, result, at)
+                        f"counter {job.new_counter} is not above the stored counter",
+                    )
 
-    # Verdicts -----------------------------------------------------------------------------
-
-    def _record(
-        self, session: Session, job_id: str | None, result: VerificationResult, at: datetime
-    ) -> VerificationResult:
-        """Record the verdict in the open transaction; a job decided before keeps its first."""
-        if job_id is None:
-            return result
-        recorded = verdicts.record_verdict(
-            session,
-            job_id=job_id,
-            kind=result.kind or "unknown",
-            key_id=result.key_id,
-            app_id=result.app_id,
-            ok=result.ok,
-            reason=result.reason.value if result.reason else None,
-            result=result.to_json_dict(),
-            decided_at=at,
-        )
-        if recorded:
-            return result
-        session.rollback()
-        first = verdicts.get_verdict(session, job_id)
-        if first is None:  # pragma: no cover - the conflicting row cannot vanish
-            raise RuntimeError(f"verdict of job {job_id} conflicted but is missing")
-        return VerificationResult.model_validate(first)
+    def _record(self, session: Session, jobs: list[_Job], at: datetime) -> bool:
+        """Record the new verdicts; False when another delivery recorded one first."""
+        rows = []
+        for job in jobs:
+            if job.job_id is None or job.recorded or job.result is None:
+                continue
+            result = job.result
+            rows.append(
+                {
+                    "job_id": job.job_id,
+                    "kind": result.kind or "unknown",
+                    "key_id": result.key_id,
+                    "app_id": result.app_id,
+                    "ok": result.ok,
+                    "reason": result.reason.value if result.reason else None,
+                    "result": result.to_json_dict(),
+                    "decided_at": at,
+                }
+            )
+        return len(bulk.record_verdicts(session, rows)) == len(rows)
