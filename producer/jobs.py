@@ -22,9 +22,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 
+from producer.batching import MicroBatcher, batch_of, new_batch
 from producer.errors import QueueUnavailable, validation_summary
 from producer.schemas import BatchItem, JobStatus, JobType
-from worker.celery_app import VERIFY_TASK
+from worker.celery_app import VERIFY_BATCH_TASK, VERIFY_TASK
 from worker.contract import (
     FORMAT_APPLE_APP_ATTEST,
     PLATFORM_IOS,
@@ -135,12 +136,49 @@ class JobQueue:
     when the broker or the result backend cannot be reached.
     """
 
-    def __init__(self, celery_app: Celery) -> None:
+    def __init__(
+        self, celery_app: Celery, *, batch_window: float = 0.002, max_batch: int = 200
+    ) -> None:
         self.celery_app = celery_app
+        self.max_batch = max_batch
+        # Single submissions arriving together (a burst of HTTP requests) share one message.
+        self._batcher: MicroBatcher[PluginRequest] = MicroBatcher(
+            self._submit_chunk, window=batch_window, max_size=max_batch
+        )
 
     def _unreachable(self) -> tuple[type[BaseException], ...]:
         extra = getattr(self.celery_app.backend, "connection_errors", ())
         return _UNREACHABLE + tuple(extra)
+
+    def _send_batch(self, requests: Sequence[PluginRequest], producer: Any) -> list[str]:
+        """Publish one batch message for these requests; return their job ids."""
+        batch_id, job_ids = new_batch(len(requests))
+        jobs = [
+            {"jobId": job_id, "body": plugin_json(request)}
+            for job_id, request in zip(job_ids, requests, strict=True)
+        ]
+        args = ({"jobs": jobs},)
+        amqp = self.celery_app.amqp
+        message = amqp.create_task_message(
+            batch_id,
+            VERIFY_BATCH_TASK,
+            args,
+            {},
+            reply_to=self.celery_app.thread_oid,
+            create_sent_event=self.celery_app.conf.task_send_sent_event,
+            argsrepr=_REDACTED,
+            kwargsrepr="{}",
+        )
+        options = amqp.router.route({}, VERIFY_BATCH_TASK, args, {})
+        amqp.send_task_message(producer, VERIFY_BATCH_TASK, message, **options)
+        return job_ids
+
+    def _submit_chunk(self, requests: Sequence[PluginRequest]) -> list[str]:
+        try:
+            with self.celery_app.producer_or_acquire() as producer:
+                return self._send_batch(requests, producer)
+        except self._unreachable() as exc:
+            raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
 
     def _send(self, request: PluginRequest, producer: Any) -> str:
         # This is Celery's send_task without its one step that does not suit a producer: with
@@ -168,19 +206,47 @@ class JobQueue:
         return job_id
 
     def submit(self, request: PluginRequest) -> str:
-        """Queue one validated request; return its job id (a UUID string)."""
-        return self.submit_many([request])[0]
+        """Queue one validated request; return its job id (a UUID string).
+
+        Requests submitted together from several threads travel in one batch message; each
+        caller waits at most the batching window before its job is queued.
+        """
+        return self._batcher.submit(request)
 
     def submit_many(self, requests: Sequence[PluginRequest]) -> list[str]:
-        """Queue several validated requests over one broker connection; return their job ids.
+        """Queue several validated requests in batch messages; return their job ids.
 
-        When the broker fails midway, the jobs sent before the failure stay queued.
+        When the broker fails midway, the batches sent before the failure stay queued.
         """
+        job_ids: list[str] = []
+        for start in range(0, len(requests), self.max_batch):
+            job_ids += self._submit_chunk(requests[start : start + self.max_batch])
+        return job_ids
+
+    def submit_one(self, request: PluginRequest) -> str:
+        """Queue one request as a task of its own, outside any batch."""
         try:
             with self.celery_app.producer_or_acquire() as producer:
-                return [self._send(request, producer) for request in requests]
+                return self._send(request, producer)
         except self._unreachable() as exc:
             raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
+
+    def _meta(self, job_id: str) -> dict[str, Any]:
+        """The task state of a job: its batch's, narrowed to the job, or its own."""
+        backend = self.celery_app.backend
+        located = batch_of(job_id)
+        if located is not None:
+            batch_id, index = located
+            meta: dict[str, Any] = backend.get_task_meta(batch_id, cache=False)
+            if meta.get("status") == states.SUCCESS:
+                results = (meta.get("result") or {}).get("results") or []
+                if index < len(results):
+                    return {"status": states.SUCCESS, "result": results[index]}
+                return {"status": states.FAILURE, "result": None}
+            if meta.get("status") in states.READY_STATES:
+                return meta
+        own: dict[str, Any] = backend.get_task_meta(job_id, cache=False)
+        return own
 
     def status(self, job_id: str) -> JobStatus:
         """Where the job stands now. An unknown job id is indistinguishable from a pending one.
@@ -189,7 +255,7 @@ class JobQueue:
         every error into a verdict) is reported as done with an ``internal_error`` verdict.
         """
         try:
-            meta = self.celery_app.backend.get_task_meta(job_id, cache=False)
+            meta = self._meta(job_id)
         except NotImplementedError as exc:
             # Celery's DisabledBackend: the app was configured without a result backend.
             raise QueueUnavailable("no result backend is configured") from exc

@@ -11,6 +11,7 @@ from worker.settings import Settings
 
 VERIFY_TASK: Final = "appattest.verify"
 REVERIFY_TASK: Final = "appattest.reverify"
+VERIFY_BATCH_TASK: Final = "appattest.verify_batch"
 QUEUE: Final = "appattest"
 _EMBEDDED_TRANSPORT: Final = "appattest-sqla"
 

@@ -116,6 +116,56 @@ def run_job(task: Task, settings: Settings, job: Any) -> dict[str, Any]:
         return _rejection(job, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
 
 
+# The largest batch a message may carry: bounds the memory and the transaction of one task.
+MAX_BATCH_JOBS = 1000
+
+
+def run_batch(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
+    """Decide a batch ``{"jobs": [{"jobId", "body"}, ...]}``; return ``{"results": [...]}``
+    in job order, one result backend write for the whole batch.
+
+    Bodies that fail the contract get their rejection; the rest are decided together by the
+    service, which records every verdict under its own job id, so a redelivered batch returns
+    the first verdicts. Infrastructure errors retry the whole batch with bounded backoff, then
+    end every job not yet decided as ``internal_error``.
+    """
+    jobs = batch.get("jobs") if isinstance(batch, dict) else None
+    if not isinstance(jobs, list) or not 0 < len(jobs) <= MAX_BATCH_JOBS:
+        return {"results": [], "error": "a batch holds 1 to 1000 jobs"}
+    items: list[tuple[str | None, Any]] = []
+    for job in jobs:
+        job_id = job.get("jobId") if isinstance(job, dict) else None
+        job_id = job_id if isinstance(job_id, str) and len(job_id) <= 64 else None
+        body = job.get("body") if isinstance(job, dict) else None
+        try:
+            items.append((job_id, parse_request(body if isinstance(body, dict) else "")))
+        except Rejected as exc:
+            rejection = _rejection(job, exc.reason, exc.detail)
+            items.append((job_id, VerificationResult.model_validate(rejection)))
+    try:
+        results = process_resources(settings).service.handle_batch(items)
+    except INFRASTRUCTURE_ERRORS as exc:
+        _retry_or_raise(task, settings, exc)
+        log.error("batch %s: %s, retries exhausted", task.request.id, type(exc).__name__)
+        return {
+            "results": [
+                _rejection(
+                    job, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
+                )
+                for job in jobs
+            ]
+        }
+    except Exception:
+        log.exception("batch %s: unexpected error", task.request.id)
+        return {
+            "results": [
+                _rejection(job, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
+                for job in jobs
+            ]
+        }
+    return {"results": [result.to_json_dict() for result in results]}
+
+
 def _retry_or_raise(task: Task, settings: Settings, exc: Exception) -> None:
     retries = task.request.retries
     if retries < settings.task_max_retries:
@@ -146,13 +196,19 @@ def run_reverify(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
 
 def register(app: Celery, settings: Settings) -> None:
     """Register the tasks on ``app``."""
-    from worker.celery_app import REVERIFY_TASK, VERIFY_TASK
+    from worker.celery_app import REVERIFY_TASK, VERIFY_BATCH_TASK, VERIFY_TASK
 
     @app.task(  # type: ignore[untyped-decorator]
         name=VERIFY_TASK, bind=True, max_retries=settings.task_max_retries
     )
     def verify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         return run_job(self, settings, job)
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=VERIFY_BATCH_TASK, bind=True, max_retries=settings.task_max_retries
+    )
+    def verify_batch(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
+        return run_batch(self, settings, batch)
 
     @app.task(  # type: ignore[untyped-decorator]
         name=REVERIFY_TASK, bind=True, max_retries=settings.task_max_retries
