@@ -134,20 +134,26 @@ def _verifier(store: Store, now: datetime) -> ClientVerifier:
 
 
 def _load(der: bytes, name: str) -> x509.Certificate:
-    """Parse a certificate and every field the checks read.
+    try:
+        return x509.load_der_x509_certificate(der)
+    except _CERTIFICATE_ERRORS as exc:
+        raise Rejected(
+            Reason.CERTIFICATE_CHAIN_INVALID, f"{name} is not a valid certificate"
+        ) from exc
+
+
+def _touch(cert: x509.Certificate, name: str) -> x509.Certificate:
+    """Parse the key, names, validity and extensions of a loaded certificate.
 
     pyca/cryptography parses fields lazily, so a corrupt name, key or extension would only
     raise when first touched, deep inside a check; touching them here turns every such
-    corruption into one clear rejection.
+    corruption into one clear rejection. An intermediate found in the cache is never read
+    beyond its fingerprint, so it is only touched when it must be verified.
     """
     try:
-        with warnings.catch_warnings():
-            # A deprecated encoding (a negative serial number, say) is refused, not warned of.
-            warnings.simplefilter("error", CryptographyDeprecationWarning)
-            cert = x509.load_der_x509_certificate(der)
-            cert.public_key()
-            _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
-            _ = cert.extensions
+        cert.public_key()
+        _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+        _ = cert.extensions
     except _CERTIFICATE_ERRORS as exc:
         raise Rejected(
             Reason.CERTIFICATE_CHAIN_INVALID, f"{name} is not a valid certificate"
@@ -159,15 +165,18 @@ def parse_chain(x5c: Sequence[bytes]) -> tuple[x509.Certificate, x509.Certificat
     """Parse x5c into (credCert, intermediate) without verifying anything.
 
     Raises ``Rejected(certificate_chain_invalid)`` when x5c does not hold exactly two
-    certificates or the credCert key is not a P-256 key.
+    certificates, one does not parse, or the credCert key is not a P-256 key.
     """
     if len(x5c) != _CHAIN_LENGTH:
         raise Rejected(
             Reason.CERTIFICATE_CHAIN_INVALID,
             f"x5c holds {len(x5c)} certificates, expected credCert and intermediate",
         )
-    leaf = _load(x5c[0], "credCert")
-    intermediate = _load(x5c[1], "intermediate")
+    with warnings.catch_warnings():
+        # A deprecated encoding (a negative serial number, say) is refused, not warned of.
+        warnings.simplefilter("error", CryptographyDeprecationWarning)
+        leaf = _touch(_load(x5c[0], "credCert"), "credCert")
+        intermediate = _load(x5c[1], "intermediate")
     key = leaf.public_key()
     if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
         raise Rejected(Reason.CERTIFICATE_CHAIN_INVALID, "credCert key is not a P-256 key")
@@ -178,13 +187,16 @@ def _failure_reason(
     leaf: x509.Certificate, intermediate: x509.Certificate, trust: TrustStore, now: datetime
 ) -> Rejected:
     """Tell an expired or not-yet-valid certificate apart from a chain that does not verify."""
-    named = [("credCert", leaf), ("intermediate", intermediate)]
-    named += [("root", root) for root in trust.roots if root.subject == intermediate.issuer]
-    for name, cert in named:
-        if now < cert.not_valid_before_utc:
-            return Rejected(Reason.CERTIFICATE_EXPIRED, f"{name} is not valid before {now}")
-        if now > cert.not_valid_after_utc:
-            return Rejected(Reason.CERTIFICATE_EXPIRED, f"{name} expired before {now}")
+    try:
+        named = [("credCert", leaf), ("intermediate", intermediate)]
+        named += [("root", root) for root in trust.roots if root.subject == intermediate.issuer]
+        for name, cert in named:
+            if now < cert.not_valid_before_utc:
+                return Rejected(Reason.CERTIFICATE_EXPIRED, f"{name} is not valid before {now}")
+            if now > cert.not_valid_after_utc:
+                return Rejected(Reason.CERTIFICATE_EXPIRED, f"{name} expired before {now}")
+    except _CERTIFICATE_ERRORS:
+        pass  # a field that does not even parse: the chain is invalid, not expired
     return Rejected(Reason.CERTIFICATE_CHAIN_INVALID, "credCert does not chain to a trusted root")
 
 
@@ -210,6 +222,9 @@ def verify_chain(
         certificate_fingerprint(intermediate),
     )
     cached = cache.lookup(trust=trust, fingerprint=inter_fp, now=now) if cache is not None else None
+    if cached is None:
+        # About to be verified and cached: every field of it must parse.
+        _touch(intermediate, "intermediate")
     store = cached if cached is not None else trust.store
     presented = [] if cached is not None else [intermediate]
     try:
