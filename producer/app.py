@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated, Any, Final
 from uuid import UUID
 
@@ -36,6 +37,7 @@ from producer.errors import ApiError, ErrorCode, QueueUnavailable, error_body, v
 from producer.health import readiness
 from producer.jobs import JobQueue, check_batch_item, check_request
 from producer.middleware import BodySizeLimit, InternalErrors
+from producer.ratelimit import RateLimiter, retry_after_seconds
 from producer.schemas import (
     BatchJob,
     BatchRequest,
@@ -86,18 +88,50 @@ Resources = Annotated[_Resources, Depends(_resources)]
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
 
 
-async def _require_api_key(
+def _charge(request: Request, cost: int, *, take: bool = True) -> None:
+    """Take ``cost`` tokens from the bucket of the request's API key, or with ``take=False``
+    only check that they are there; 429 with ``Retry-After`` when they are not."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    key = request.state.api_key
+    wait = limiter.acquire(key, cost) if take else limiter.wait_time(key, cost)
+    if wait > 0:
+        seconds = retry_after_seconds(wait)
+        log.info("rate limited %s %s: retry after %ds", request.method, request.url.path, seconds)
+        raise ApiError(
+            429,
+            ErrorCode.RATE_LIMITED,
+            f"too many requests for this API key; retry after {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
+
+
+async def _authenticate(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
+    """Admit a request with a valid API key (401 otherwise), and note which key it was."""
     keys: ApiKeys = request.app.state.api_keys
-    if not keys.accepts(credentials.credentials if credentials else None):
+    matched = keys.match(credentials.credentials if credentials else None)
+    if matched is None:
         raise ApiError(
             401,
             ErrorCode.UNAUTHORIZED,
             "a valid API key is required: Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    # The key's stored hash identifies it to the limiter; the key itself is not kept.
+    request.state.api_key = matched
+
+
+async def _rate_limit(request: Request) -> None:
+    """Charge one request to its key (after ``_authenticate``)."""
+    _charge(request, 1)
+
+
+async def _rate_limit_check(request: Request) -> None:
+    """Refuse a request whose key has no token left, taking none: for the batch route, which
+    charges once it knows how many jobs the batch carries."""
+    _charge(request, 1, take=False)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -234,10 +268,20 @@ def _batch_items(raw: bytes, max_jobs: int) -> list[Any]:
     return items
 
 
-def _submit_batch(raw: bytes, resources: _Resources) -> BatchResponse:
+def _submit_batch(
+    raw: bytes, resources: _Resources, charge: Callable[[int], None]
+) -> BatchResponse:
+    # A batch costs one token per job, in one charge, so that a batch larger than the burst
+    # is admitted on a full bucket (see RateLimiter.acquire); a refused batch costs one.
+    try:
+        items = _batch_items(raw, resources.settings.max_batch_jobs)
+    except ApiError:
+        charge(1)
+        raise
+    charge(len(items))
     outcomes: list[BatchJob] = []
     valid: list[tuple[int, PluginRequest]] = []
-    for index, item in enumerate(_batch_items(raw, resources.settings.max_batch_jobs)):
+    for index, item in enumerate(items):
         try:
             valid.append((index, check_batch_item(item)))
         except Rejected as exc:
@@ -254,7 +298,9 @@ def _submit_batch(raw: bytes, resources: _Resources) -> BatchResponse:
 async def submit_jobs(request: Request, resources: Resources) -> JSONResponse:
     """Queue ``{"jobs": [{"type", "body"}, ...]}``; one entry per item, queued or rejected."""
     # Parsing and queueing a large batch takes a while: in a worker thread, off the loop.
-    result = await run_in_threadpool(_submit_batch, await request.body(), resources)
+    result = await run_in_threadpool(
+        _submit_batch, await request.body(), resources, partial(_charge, request)
+    )
     # Without nulls: an accepted item has no error, a rejected one no job id.
     return _json(result, 202, exclude_none=True)
 
@@ -273,8 +319,11 @@ async def get_job(
 def _add_routes(app: FastAPI) -> None:
     """Register the routes on ``app`` itself (not through an included router), so that
     ``app.routes`` lists every path."""
-    auth = [Depends(_require_api_key)]
-    refusals = _errors(401, 413, 422, 500, 503)
+    auth = [Depends(_authenticate), Depends(_rate_limit)]
+    # The batch route charges the rate limit itself, once it knows how many jobs it carries;
+    # before reading the batch, it only checks that the key has a token left.
+    batch_auth = [Depends(_authenticate), Depends(_rate_limit_check)]
+    refusals = _errors(401, 413, 422, 429, 500, 503)
     job_answers: dict[int | str, dict[str, Any]] = {
         202: {"model": JobAccepted, "description": "Queued; the verdict is not in yet."},
         200: {"model": JobStatus, "description": "Done within `wait`: the verdict."},
@@ -343,7 +392,7 @@ def _add_routes(app: FastAPI) -> None:
         status_code=202,
         response_model=None,
         responses={202: {"model": BatchResponse}, **refusals},
-        dependencies=auth,
+        dependencies=batch_auth,
         openapi_extra=_request_body(BatchRequest, "Up to max_batch_jobs items."),
         tags=["jobs"],
     )
@@ -415,15 +464,24 @@ async def _on_database_down(_request: Request, exc: Exception) -> JSONResponse:
 # The app -----------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings, *, celery_app: Celery | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    celery_app: Celery | None = None,
+    rate_limiter: RateLimiter | None = None,
+) -> FastAPI:
     """Build the producer's FastAPI app for these settings.
 
     ``celery_app`` is the Celery app to queue jobs through; without one, the lifespan builds
     it from the settings and closes it on shutdown (one passed in stays the caller's). The
     database engine for challenges is built by the lifespan and disposed on shutdown, so the
     app must run with its lifespan (uvicorn does; use ``TestClient`` as a context manager).
+    ``rate_limiter`` holds the per-key limits; without one, it is built from the settings
+    (``rate_limit_per_second``, ``rate_limit_burst``). Raises ``ValueError`` when those are
+    out of range.
     """
     api_keys = ApiKeys(settings.api_keys)
+    limiter = rate_limiter if rate_limiter is not None else RateLimiter.from_settings(settings)
     if not api_keys:
         log.warning("no API keys are configured: every /v1 request will be refused")
 
@@ -455,6 +513,7 @@ def create_app(settings: Settings, *, celery_app: Celery | None = None) -> FastA
         redoc_url=None,
     )
     app.state.api_keys = api_keys
+    app.state.rate_limiter = limiter
     _add_routes(app)
 
     app.add_exception_handler(ApiError, _on_api_error)

@@ -26,14 +26,22 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._digests)
 
-    def accepts(self, presented: str | None) -> bool:
-        """Whether ``presented`` is one of the keys.
+    def match(self, presented: str | None) -> bytes | None:
+        """The stored hash of the key ``presented`` is, or None when it is none of them.
 
         Compares against every stored hash without stopping at a match, so the time taken
-        reveals neither which key matched nor how many are configured before it.
+        reveals neither which key matched nor how many are configured before it. The hash
+        identifies the key for per-key accounting (rate limits) without keeping the key.
         """
         digest = _digest(presented or "")
-        matched = False
+        found: bytes | None = None
         for stored in self._digests:
-            matched |= hmac.compare_digest(digest, stored)
-        return matched and presented is not None and presented != ""
+            if hmac.compare_digest(digest, stored):
+                found = stored
+        # A missing or empty key hashes like any other and matches nothing: empty keys are
+        # never stored.
+        return found
+
+    def accepts(self, presented: str | None) -> bool:
+        """Whether ``presented`` is one of the keys (compared as ``match`` does)."""
+        return self.match(presented) is not None

@@ -187,13 +187,13 @@ def verify_attestation(
     from the plugin; Apple's documentation samples used other lengths),
     the policy, the verification instant (timezone-aware) and an optional intermediate cache.
     Returns what must be stored for the key. Raises ``Rejected`` with the reason of the first
-    failed check.
+    failed check. The cheap structural and hash checks run before any signature, so garbage
+    costs microseconds, not a P-384 verification; every check still runs before acceptance.
 
     The receipt is stored as received and is not part of the verdict: no device signature
     covers it, Apple's steps do not include it, and some real receipts do not pass standard
     CMS verification, so gating on it would refuse genuine devices. ``verify_receipt`` checks
-    one on its own. The cheap structural and hash checks run before any signature, so garbage
-    costs microseconds, not a P-384 verification; every check still runs before acceptance.
+    one on its own.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
