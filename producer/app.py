@@ -23,7 +23,7 @@ from celery import Celery
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -50,6 +50,8 @@ from producer.schemas import (
     JobStatus,
     Liveness,
     Readiness,
+    StatusRequest,
+    StatusResponse,
 )
 from worker.celery_app import create_celery_app
 from worker.contract import AssertionRequest, Kind, PluginRequest, RegistrationRequest
@@ -316,6 +318,34 @@ async def get_job(
     return await resources.queue.wait_async(str(job_id), wait)
 
 
+async def get_jobs(request: Request, resources: Resources, wait: Wait = None) -> StatusResponse:
+    """The statuses of up to ``max_batch_jobs`` jobs at once; with ``wait``, hold on until all
+    are done or that many seconds passed. Collecting the verdicts of a bulk submission this
+    way costs one request per batch instead of one per job."""
+    wait = _checked_wait(wait, resources.settings)
+    try:
+        asked = StatusRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, validation_summary(errors)) from exc
+    if len(asked.job_ids) > resources.settings.max_batch_jobs:
+        raise ApiError(
+            413,
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"at most {resources.settings.max_batch_jobs} jobs per request",
+        )
+    for job_id in asked.job_ids:
+        try:
+            UUID(job_id)
+        except ValueError as exc:
+            raise ApiError(422, ErrorCode.INVALID_REQUEST, "jobIds must be UUIDs") from exc
+    if wait is None:
+        found = await run_in_threadpool(resources.queue.statuses, asked.job_ids)
+    else:
+        found = await resources.queue.wait_many_async(asked.job_ids, wait)
+    return StatusResponse(jobs=found)
+
+
 def _add_routes(app: FastAPI) -> None:
     """Register the routes on ``app`` itself (not through an included router), so that
     ``app.routes`` lists every path."""
@@ -405,6 +435,22 @@ def _add_routes(app: FastAPI) -> None:
         responses=refusals,
         dependencies=auth,
         tags=["jobs"],
+    )
+    app.add_api_route(
+        "/v1/jobs/status",
+        get_jobs,
+        methods=["POST"],
+        summary="The statuses of many jobs at once",
+        response_model=StatusResponse,
+        responses=refusals,
+        dependencies=auth,
+        tags=["jobs"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": StatusRequest.model_json_schema()}},
+            }
+        },
     )
 
 

@@ -87,6 +87,23 @@ def _job_call(job_id: str, wait: float | None) -> _Call:
     return _Call("GET", f"/v1/jobs/{job_id}", params={"wait": wait}, wait=wait)
 
 
+def _jobs_call(job_ids: Sequence[str], wait: float | None) -> _Call:
+    params = None if wait is None else {"wait": wait}
+    return _Call(
+        "POST", "/v1/jobs/status", json={"jobIds": list(job_ids)}, params=params, wait=wait or 0.0
+    )
+
+
+_Statuses = TypeAdapter(list[JobStatus])
+
+
+def _pending_after(deadline: float, pending: int, timeout: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"{pending} jobs have no verdict after {timeout} s")
+    return remaining
+
+
 def _checked(response: httpx.Response) -> httpx.Response:
     if response.is_success:
         return response
@@ -190,6 +207,28 @@ class AppAttestClient(_Base):
         """The job's status; with ``wait``, the server holds on up to that many seconds."""
         return JobStatus.model_validate(self._send(_job_call(job_id, wait)).json())
 
+    def get_jobs(self, job_ids: Sequence[str], *, wait: float | None = None) -> list[JobStatus]:
+        """The statuses of several jobs in one request (as many as the server's batch limit);
+        with ``wait``, the server holds on until all are done or that many seconds passed."""
+        return _Statuses.validate_python(self._send(_jobs_call(job_ids, wait)).json()["jobs"])
+
+    def wait_many(
+        self, job_ids: Sequence[str], timeout: float = 60.0, *, chunk: int = 1000
+    ) -> dict[str, VerificationResult]:
+        """Wait for the verdicts of many jobs, ``chunk`` per request; return them by job id.
+        Raises ``TimeoutError`` when some are still pending after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        found: dict[str, VerificationResult] = {}
+        pending = list(dict.fromkeys(job_ids))
+        while pending:
+            wait = min(_pending_after(deadline, len(pending), timeout), self._server_wait)
+            for start in range(0, len(pending), chunk):
+                for status in self.get_jobs(pending[start : start + chunk], wait=wait):
+                    if status.result is not None:
+                        found[status.job_id] = status.result
+            pending = [job_id for job_id in pending if job_id not in found]
+        return found
+
     def wait(self, job_id: str, timeout: float = 30.0) -> VerificationResult:
         """Wait for the job's verdict, asking the server to hold on, until ``timeout`` seconds
         have passed; then raise ``TimeoutError``."""
@@ -270,6 +309,29 @@ class AsyncAppAttestClient(_Base):
     async def get_job(self, job_id: str, *, wait: float | None = None) -> JobStatus:
         """See ``AppAttestClient.get_job``."""
         return JobStatus.model_validate((await self._send(_job_call(job_id, wait))).json())
+
+    async def get_jobs(
+        self, job_ids: Sequence[str], *, wait: float | None = None
+    ) -> list[JobStatus]:
+        """See ``AppAttestClient.get_jobs``."""
+        response = await self._send(_jobs_call(job_ids, wait))
+        return _Statuses.validate_python(response.json()["jobs"])
+
+    async def wait_many(
+        self, job_ids: Sequence[str], timeout: float = 60.0, *, chunk: int = 1000
+    ) -> dict[str, VerificationResult]:
+        """See ``AppAttestClient.wait_many``."""
+        deadline = time.monotonic() + timeout
+        found: dict[str, VerificationResult] = {}
+        pending = list(dict.fromkeys(job_ids))
+        while pending:
+            wait = min(_pending_after(deadline, len(pending), timeout), self._server_wait)
+            for start in range(0, len(pending), chunk):
+                for status in await self.get_jobs(pending[start : start + chunk], wait=wait):
+                    if status.result is not None:
+                        found[status.job_id] = status.result
+            pending = [job_id for job_id in pending if job_id not in found]
+        return found
 
     async def wait(self, job_id: str, timeout: float = 30.0) -> VerificationResult:
         """See ``AppAttestClient.wait``."""

@@ -9,8 +9,10 @@ about it at once instead of from a verdict.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -47,6 +49,8 @@ PluginBody = str | bytes | Mapping[str, Any] | RegistrationRequest | AssertionRe
 _REDACTED: Final = "(<job>,)"
 
 FIRST_POLL_DELAY: Final = 0.005
+# Finished batches kept decoded in memory (at most 200 verdicts each).
+_FINISHED_BATCHES: Final = 512
 MAX_POLL_DELAY: Final = 0.1
 
 # Errors meaning "the broker or the result backend is not reachable", whatever the backend.
@@ -145,6 +149,11 @@ class JobQueue:
         self._batcher: MicroBatcher[PluginRequest] = MicroBatcher(
             self._submit_chunk, window=batch_window, max_size=max_batch
         )
+        # Finished batches, decoded once: a batch's result is immutable once written, and
+        # reading it again (and decoding every verdict in it) for each of its jobs would cost
+        # the producer far more than the verification cost the worker.
+        self._finished: OrderedDict[str, list[Any]] = OrderedDict()
+        self._finished_lock = threading.Lock()
 
     def _unreachable(self) -> tuple[type[BaseException], ...]:
         extra = getattr(self.celery_app.backend, "connection_errors", ())
@@ -237,14 +246,22 @@ class JobQueue:
         located = batch_of(job_id)
         if located is not None:
             batch_id, index = located
-            meta: dict[str, Any] = backend.get_task_meta(batch_id, cache=False)
-            if meta.get("status") == states.SUCCESS:
-                results = (meta.get("result") or {}).get("results") or []
+            with self._finished_lock:
+                results = self._finished.get(batch_id)
+            if results is None:
+                meta: dict[str, Any] = backend.get_task_meta(batch_id, cache=False)
+                if meta.get("status") in states.READY_STATES - {states.SUCCESS}:
+                    return meta
+                if meta.get("status") == states.SUCCESS:
+                    results = list((meta.get("result") or {}).get("results") or [])
+                    with self._finished_lock:
+                        self._finished[batch_id] = results
+                        while len(self._finished) > _FINISHED_BATCHES:
+                            self._finished.popitem(last=False)
+            if results is not None:
                 if index < len(results):
                     return {"status": states.SUCCESS, "result": results[index]}
                 return {"status": states.FAILURE, "result": None}
-            if meta.get("status") in states.READY_STATES:
-                return meta
         own: dict[str, Any] = backend.get_task_meta(job_id, cache=False)
         return own
 
@@ -279,6 +296,21 @@ class JobQueue:
                 result=_internal_error(f"the job ended in state {state}"),
             )
         return JobStatus(jobId=job_id, status="pending")
+
+    def statuses(self, job_ids: Sequence[str]) -> list[JobStatus]:
+        """The status of each job; the jobs of one batch cost one read of the backend."""
+        return [self.status(job_id) for job_id in job_ids]
+
+    async def wait_many_async(self, job_ids: Sequence[str], timeout: float) -> list[JobStatus]:
+        """Poll until every job is done or ``timeout`` seconds passed; return the statuses."""
+        deadline = time.monotonic() + timeout
+        delays = _poll_delays()
+        while True:
+            found = await anyio.to_thread.run_sync(self.statuses, job_ids)
+            remaining = deadline - time.monotonic()
+            if all(status.done for status in found) or remaining <= 0:
+                return found
+            await anyio.sleep(min(next(delays), remaining))
 
     def wait(self, job_id: str, timeout: float) -> JobStatus:
         """Poll until the job is done or ``timeout`` seconds passed; return its last status."""

@@ -129,6 +129,22 @@ class BatchResponse(BaseModel):
     jobs: list[BatchJob]
 
 
+class StatusRequest(BaseModel):
+    """``{"jobIds": [...]}``: the jobs to report on, at most the batch limit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+
+    job_ids: list[str] = Field(alias="jobIds", min_length=1)
+
+
+class StatusResponse(BaseModel):
+    """One status per requested job, in the order asked."""
+
+    model_config = _Wire
+
+    jobs: list[JobStatus]
+
+
 class Liveness(BaseModel):
     """The process answers."""
 

@@ -1,0 +1,78 @@
+"""Collecting many verdicts at once: ``POST /v1/jobs/status`` and the clients' ``wait_many``."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from producer import AppAttestClient, AsyncAppAttestClient, create_app
+from tests.factory import Device, TestCA
+from tests.stack import Stack
+from tests.test_producer_api import KEY, serve
+
+
+@pytest.fixture(scope="module")
+def base_url(stack: Stack) -> Iterator[str]:
+    settings = stack.settings.model_copy(update={"api_keys": [SecretStr(KEY)]})
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+def test_wait_many_collects_a_bulk_submission(base_url: str, ca: TestCA) -> None:
+    with AppAttestClient(base_url, KEY) as client:
+        devices = [Device(ca=ca) for _ in range(30)]
+        jobs = []
+        for device in devices:
+            challenge = client.create_challenge("registration").challenge
+            jobs.append(("attestation", device.registration_body(challenge, now=datetime.now(UTC))))
+        jobs.append(
+            ("attestation", devices[0].registration_body("never issued", now=datetime.now(UTC)))
+        )
+        entries = client.submit_many(jobs)  # type: ignore[arg-type]
+        job_ids = [entry.job_id for entry in entries if entry.job_id]
+        assert len(job_ids) == 31
+        verdicts = client.wait_many(job_ids, timeout=60)
+        assert set(verdicts) == set(job_ids)
+        assert [verdicts[j].ok for j in job_ids] == [True] * 30 + [False]
+        assert verdicts[job_ids[-1]].reason == "challenge_unknown"
+        assert [verdicts[j].key_id for j in job_ids[:30]] == [d.key_id_b64 for d in devices]
+
+
+def test_status_endpoint_reports_pending_and_refuses_bad_input(base_url: str) -> None:
+    unknown = str(uuid.uuid4())
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=30) as http:
+        response = http.post("/v1/jobs/status", json={"jobIds": [unknown]})
+        assert response.status_code == 200
+        assert response.json()["jobs"] == [{"jobId": unknown, "status": "pending", "result": None}]
+        for body in ({"jobIds": []}, {"jobIds": ["not-a-uuid"]}, {"ids": [unknown]}, [1]):
+            refused = http.post("/v1/jobs/status", json=body)
+            assert refused.status_code == 422, body
+            assert refused.json()["error"]["code"] == "invalid_request"
+        too_many = http.post("/v1/jobs/status", json={"jobIds": [unknown] * 1001})
+        assert too_many.status_code == 413
+        assert (
+            httpx.post(f"{base_url}/v1/jobs/status", json={"jobIds": [unknown]}).status_code == 401
+        )
+
+
+def test_async_wait_many(base_url: str, ca: TestCA) -> None:
+    async def scenario() -> None:
+        async with AsyncAppAttestClient(base_url, KEY) as client:
+            device = Device(ca=ca)
+            challenge = (await client.create_challenge("registration")).challenge
+            entries = await client.submit_many(
+                [("attestation", device.registration_body(challenge, now=datetime.now(UTC)))]
+            )
+            job_id = entries[0].job_id
+            assert job_id is not None
+            verdicts = await client.wait_many([job_id], timeout=30)
+            assert verdicts[job_id].ok and verdicts[job_id].counter == 0
+
+    asyncio.run(scenario())
