@@ -146,10 +146,12 @@ def _insert_ignoring_conflicts(
     if not rows:
         return set()
     module = postgresql if _is_postgresql(session) else sqlite
-    statement = (
-        module.insert(model).values(list(rows)).on_conflict_do_nothing().returning(returning)
-    )
-    return set(session.scalars(statement))
+    # One statement executed with many parameter sets: SQLAlchemy sends it as multi-row
+    # INSERTs ("insertmanyvalues") from a compiled form it caches, where a statement with the
+    # rows inlined would be compiled anew for every batch.
+    statement = module.insert(model.__table__).on_conflict_do_nothing().returning(returning)
+    result = session.connection().execute(statement, list(rows))
+    return set(result.scalars())
 
 
 def insert_keys(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
