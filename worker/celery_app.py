@@ -45,8 +45,13 @@ def create_celery_app(settings: Settings) -> Celery:
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # Verdicts take milliseconds, so a message unacknowledged for this long belongs to a
         # worker that died; it is redelivered, and the verdicts table makes that idempotent.
+        timeout = settings.visibility_timeout_seconds
         app.conf.broker_transport_options = {
-            "visibility_timeout": settings.visibility_timeout_seconds
+            "visibility_timeout": timeout,
+            # Look for messages of dead workers often (kombu's default is every 100 s, or when
+            # a worker starts), so that they come back soon after the visibility timeout.
+            "unacked_restore_interval": max(1, min(10, timeout // 2)),
+            "unacked_restore_throttle": 1,
         }
     if settings.broker_url.startswith("sqla+"):
         # The embedded broker is a polled database table; poll often enough that a single job

@@ -324,6 +324,14 @@ def worker(
     """Run a Celery worker that verifies queued jobs (settings from APPATTEST_* variables)."""
     settings = _settings_with(app_ids, dev_app_ids, root_ca)
     app = create_celery_app(settings)
+    # A worker must not lose a verdict to a result backend that blinked: storing the result
+    # retries (the producer, which only reads, reports a down backend as 503 instead).
+    app.conf.update(
+        result_backend_always_retry=True,
+        result_backend_max_retries=10,
+        result_backend_base_sleep_between_retries_ms=100,
+        result_backend_max_sleep_between_retries_ms=5000,
+    )
     argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")

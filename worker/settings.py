@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_wait_seconds: float = Field(default=30.0, gt=0, le=120)
     max_body_bytes: int = Field(default=192 * 1024, ge=1024)
     max_batch_jobs: int = Field(default=1000, ge=1, le=10_000)
+    # Per API key, per producer process (each process enforces its own share).
+    rate_limit_per_second: float = Field(default=1000.0, gt=0, allow_inf_nan=False)
+    rate_limit_burst: int = Field(default=2000, ge=1)
 
     # How long a delivered but unacknowledged message waits before the Redis broker hands it
     # to another worker: what bounds the delay of a job whose worker was killed outright.
