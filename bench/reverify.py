@@ -30,7 +30,7 @@ Run it from the repository root, with PostgreSQL and Redis running (the Redis se
 ``APPATTEST_TEST_REDIS_URL``, by default ``redis://127.0.0.1:6379``, as for the tests)::
 
     python bench/reverify.py --quick          # 1,000 keys, about half a minute
-    python bench/reverify.py                  # 10,000 keys
+    python bench/reverify.py                  # 10,000 keys, about three minutes
     python bench/reverify.py --json out.json  # also write the results as JSON
 
 This is a benchmark, not a test: it asserts nothing about speed.
@@ -387,6 +387,9 @@ def results(
             "machine": platform.machine(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
+            # Other work on the machine skews every rate; the load averages tell when it did.
+            "load_average_at_start": args.load_at_start,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             **server_versions,
         },
         "rows": out_rows,
@@ -406,6 +409,8 @@ def table(data: dict[str, Any]) -> str:
         f"reverify benchmark ({data['mode']}): {data['keys']:,} keys, {data['rounds']} rounds, "
         f"batch size {data['batch_size']}, {env['cpus']} CPUs, Python {env['python']}, "
         f"PostgreSQL {env['postgresql']}, Redis {env['redis']}",
+        f"load average (1, 5, 15 min) at start {env['load_average_at_start']}, "
+        f"at end {env['load_average_at_end']}",
         "",
         f"{'mode':<38}{'keys/s':>8}{'min':>7}{'max':>7}{'x core':>8}{'run s':>8}"
         f"{'cmd s':>8}{'cmd keys/s':>11}",
@@ -477,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
+    args.load_at_start = [round(x, 2) for x in os.getloadavg()]
     args.keys = args.keys or (1000 if args.quick else 10_000)
     if args.keys < 1 or args.rounds < 1:
         parser.error("--keys and --rounds must be positive")
