@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
 # Bytes 10-11 of a batch job id; the last four bytes hold the job's index (0xFFFFFFFF names
-# the batch itself). A random UUID carries the mark by chance once in 65,536: lookups fall back
-# to the plain job id, so such a job is still found.
+# the batch itself). Ids of jobs sent on their own are drawn until they do not carry the mark.
 _MARK: Final = b"\xba\x7c"
 _BATCH_INDEX: Final = 0xFFFFFFFF
 

@@ -196,6 +196,8 @@ class JobQueue:
         # polled here instead, so the message is built and published with Celery's own
         # message layer, through the same routing, retry policy and publish signals.
         job_id = str(uuid.uuid4())
+        while batch_of(job_id) is not None:  # never mistaken for a batch job (1 in 65,536)
+            job_id = str(uuid.uuid4())
         args = ({"body": plugin_json(request)},)
         amqp = self.celery_app.amqp
         message = amqp.create_task_message(
@@ -262,6 +264,8 @@ class JobQueue:
                 if index < len(results):
                     return {"status": states.SUCCESS, "result": results[index]}
                 return {"status": states.FAILURE, "result": None}
+            # A pending batch: its jobs were never sent on their own (see ``submit_one``).
+            return {"status": states.PENDING, "result": None}
         own: dict[str, Any] = backend.get_task_meta(job_id, cache=False)
         return own
 
@@ -299,7 +303,18 @@ class JobQueue:
 
     def statuses(self, job_ids: Sequence[str]) -> list[JobStatus]:
         """The status of each job; the jobs of one batch cost one read of the backend."""
-        return [self.status(job_id) for job_id in job_ids]
+        pending_batches: set[str] = set()
+        found: list[JobStatus] = []
+        for job_id in job_ids:
+            located = batch_of(job_id)
+            if located is not None and located[0] in pending_batches:
+                found.append(JobStatus(jobId=job_id, status="pending"))
+                continue
+            status = self.status(job_id)
+            if located is not None and not status.done:
+                pending_batches.add(located[0])
+            found.append(status)
+        return found
 
     async def wait_many_async(self, job_ids: Sequence[str], timeout: float) -> list[JobStatus]:
         """Poll until every job is done or ``timeout`` seconds passed; return the statuses."""

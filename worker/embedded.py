@@ -8,6 +8,7 @@ variables; only the ones left unset are embedded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -87,14 +88,24 @@ def serve(
             "--loglevel=WARNING",
         ],
         env=worker_environment(settings),
+        # Its own process group, so that stopping it reaches its pool children too.
+        start_new_session=True,
     )
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        _stop_group(worker)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process and everything in its group: SIGTERM, then SIGKILL after a grace period
+    (a pool child stuck at exit must not outlive the service)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

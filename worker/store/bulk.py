@@ -3,8 +3,8 @@
 Each function takes a session and plain values and works inside the caller's transaction.
 The conditional updates keep the guarantees of their one-row counterparts: a challenge is
 claimed once, a counter only moves forward; ``RETURNING`` tells exactly which rows changed.
-PostgreSQL gets one statement per call (``UPDATE ... FROM (VALUES ...)``); SQLite, which has
-no column aliases for VALUES and no network round trip to save, runs one statement per row.
+PostgreSQL gets one statement per call (``UPDATE ... FROM unnest(arrays)``); SQLite, which has
+no arrays and no network round trip to save, runs one statement per row.
 """
 
 from __future__ import annotations
@@ -14,11 +14,38 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, LargeBinary, String, column, or_, select, update, values
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker.store.models import Challenge, DeviceKey, Verdict
+
+# PostgreSQL: one statement of fixed text over array parameters, whatever the batch size, so
+# neither SQLAlchemy nor the driver parses or compiles anything per batch.
+_CONSUME_PG = text(
+    """
+    UPDATE challenges SET used_at = :now, used_by_job = claims.job_id
+    FROM unnest(
+        CAST(:digests AS bytea[]), CAST(:purposes AS text[]),
+        CAST(:key_ids AS text[]), CAST(:job_ids AS text[])
+    ) AS claims(digest, purpose, key_id, job_id)
+    WHERE challenges.digest = claims.digest
+      AND challenges.used_at IS NULL
+      AND challenges.expires_at > :now
+      AND challenges.purpose = claims.purpose
+      AND (challenges.key_id IS NULL OR challenges.key_id = claims.key_id)
+    RETURNING challenges.digest
+    """
+)
+_ADVANCE_PG = text(
+    """
+    UPDATE device_keys SET counter = advances.counter
+    FROM unnest(CAST(:key_ids AS text[]), CAST(:counters AS bigint[]))
+        AS advances(key_id, counter)
+    WHERE device_keys.key_id = advances.key_id AND device_keys.counter < advances.counter
+    RETURNING device_keys.key_id
+    """
+)
 
 
 def _is_postgresql(session: Session) -> bool:
@@ -70,27 +97,17 @@ def consume_challenges(session: Session, claims: Sequence[Claim], now: datetime)
     if not claims:
         return set()
     if _is_postgresql(session):
-        rows = values(
-            column("digest", LargeBinary),
-            column("purpose", String),
-            column("key_id", String),
-            column("job_id", String),
-            name="claims",
-        ).data([(c.digest, c.purpose, c.key_id, c.job_id) for c in claims])
-        statement = (
-            update(Challenge)
-            .where(
-                Challenge.digest == rows.c.digest,
-                Challenge.used_at.is_(None),
-                Challenge.expires_at > now,
-                Challenge.purpose == rows.c.purpose,
-                or_(Challenge.key_id.is_(None), Challenge.key_id == rows.c.key_id),
-            )
-            .values(used_at=now, used_by_job=rows.c.job_id)
-            .returning(Challenge.digest)
-            .execution_options(synchronize_session=False)
+        rows = session.execute(
+            _CONSUME_PG,
+            {
+                "digests": [c.digest for c in claims],
+                "purposes": [c.purpose for c in claims],
+                "key_ids": [c.key_id for c in claims],
+                "job_ids": [c.job_id for c in claims],
+                "now": now,
+            },
         )
-        return set(session.scalars(statement))
+        return {bytes(digest) for (digest,) in rows}
     consumed: set[bytes] = set()
     for claim in claims:
         statement = (
@@ -116,17 +133,11 @@ def advance_counters(session: Session, updates: Sequence[tuple[str, int]]) -> se
     if not updates:
         return set()
     if _is_postgresql(session):
-        rows = values(
-            column("key_id", String), column("counter", BigInteger), name="advances"
-        ).data(list(updates))
-        statement = (
-            update(DeviceKey)
-            .where(DeviceKey.key_id == rows.c.key_id, DeviceKey.counter < rows.c.counter)
-            .values(counter=rows.c.counter)
-            .returning(DeviceKey.key_id)
-            .execution_options(synchronize_session=False)
+        rows = session.execute(
+            _ADVANCE_PG,
+            {"key_ids": [k for k, _ in updates], "counters": [c for _, c in updates]},
         )
-        return set(session.scalars(statement))
+        return {key_id for (key_id,) in rows}
     advanced: set[str] = set()
     for key_id, counter in updates:
         statement = (
