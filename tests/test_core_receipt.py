@@ -395,7 +395,10 @@ MUTATIONS = [
     ),
     Case(
         "wrong credCert expected",
-        lambda ca, cred: (make(ca, cred), {"expected_credential_certificate": cred[:-1] + b"x"}),
+        lambda ca, cred: (
+            make(ca, cred),
+            {"expected_credential_certificate": cred[:-1] + bytes([cred[-1] ^ 1])},
+        ),
     ),
     Case("wrong type expected", lambda ca, cred: (make(ca, cred), {"expected_type": "RECEIPT"})),
     Case(
