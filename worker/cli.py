@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import click
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.celery_app import QUEUE, create_celery_app
@@ -52,6 +54,24 @@ def _build_policy(
         if not app_ids and not dev_app_ids:
             raise click.UsageError("give at least one --app-id or --dev-app-id") from exc
         raise click.UsageError(str(exc)) from exc
+
+
+def _open_store(store_url: str) -> Engine:
+    """An engine on the key store, its schema brought up to date; a usage error otherwise."""
+    try:
+        engine = create_store_engine(store_url)
+        upgrade(engine)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise click.UsageError(f"cannot open the key store {_shown(store_url)}: {exc}") from exc
+    return engine
+
+
+def _shown(url: str) -> str:
+    """A URL fit for a message: without its password."""
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except (SQLAlchemyError, ValueError):
+        return "(unreadable URL)"
 
 
 def _verify_line(
@@ -164,11 +184,7 @@ def verify(
         raise click.UsageError("--run-id and --report-dir go with --queue")
     policy = _build_policy(app_ids, dev_app_ids, root_ca)
     at = _parse_instant(at_text) if at_text else None
-    try:
-        engine = create_store_engine(store_url)
-        upgrade(engine)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise click.UsageError(f"cannot open the key store {store_url!r}: {exc}") from exc
+    engine = _open_store(store_url)
     service = VerificationService(policy=policy, sessions=session_factory(engine))
     counts: Counter[str] = Counter()
     out = sys.stdout
@@ -246,11 +262,7 @@ def _verify_through_queue(
 @_store_option
 def migrate(store_url: str) -> None:
     """Create or upgrade the key store schema to the latest version."""
-    try:
-        engine = create_store_engine(store_url)
-        upgrade(engine)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise click.UsageError(f"cannot migrate the key store {store_url!r}: {exc}") from exc
+    engine = _open_store(store_url)
     click.echo(
         f"key store at {engine.url.render_as_string(hide_password=True)} is up to date", err=True
     )
@@ -535,11 +547,7 @@ def reverify(
         until=_parse_instant(until_text) if until_text else None,
     )
     run_id = run_id or uuid.uuid4().hex[:16]
-    try:
-        engine = create_store_engine(settings.store_url)
-        upgrade(engine)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise click.UsageError(f"cannot open the key store: {exc}") from exc
+    engine = _open_store(settings.store_url)
     sessions = session_factory(engine)
     try:
         with sessions() as session, session.begin():
