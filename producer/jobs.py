@@ -159,6 +159,29 @@ class JobQueue:
         extra = getattr(self.celery_app.backend, "connection_errors", ())
         return _UNREACHABLE + tuple(extra)
 
+    def _publish(self, producer: Any, task: str, task_id: str, job: dict[str, Any]) -> None:
+        # This is Celery's send_task without its one step that does not suit a producer: with
+        # the Redis result backend, send_task subscribes to every job's result channel (and,
+        # when the backend is down, retries that for about 20 s before failing). Verdicts are
+        # polled here instead, so the message is built and published with Celery's own
+        # message layer, through the same routing, retry policy and publish signals.
+        args = (job,)
+        amqp = self.celery_app.amqp
+        message = amqp.create_task_message(
+            task_id,
+            task,
+            args,
+            {},
+            reply_to=self.celery_app.thread_oid,
+            create_sent_event=self.celery_app.conf.task_send_sent_event,
+            # The message headers carry a printable copy of the arguments for monitoring tools
+            # and worker logs; tokens, challenges and payloads stay out of it.
+            argsrepr=_REDACTED,
+            kwargsrepr="{}",
+        )
+        options = amqp.router.route({}, task, args, {})
+        amqp.send_task_message(producer, task, message, **options)
+
     def _send_batch(self, requests: Sequence[PluginRequest], producer: Any) -> list[str]:
         """Publish one batch message for these requests; return their job ids."""
         batch_id, job_ids = new_batch(len(requests))
@@ -166,20 +189,7 @@ class JobQueue:
             {"jobId": job_id, "body": plugin_json(request)}
             for job_id, request in zip(job_ids, requests, strict=True)
         ]
-        args = ({"jobs": jobs},)
-        amqp = self.celery_app.amqp
-        message = amqp.create_task_message(
-            batch_id,
-            VERIFY_BATCH_TASK,
-            args,
-            {},
-            reply_to=self.celery_app.thread_oid,
-            create_sent_event=self.celery_app.conf.task_send_sent_event,
-            argsrepr=_REDACTED,
-            kwargsrepr="{}",
-        )
-        options = amqp.router.route({}, VERIFY_BATCH_TASK, args, {})
-        amqp.send_task_message(producer, VERIFY_BATCH_TASK, message, **options)
+        self._publish(producer, VERIFY_BATCH_TASK, batch_id, {"jobs": jobs})
         return job_ids
 
     def _submit_chunk(self, requests: Sequence[PluginRequest]) -> list[str]:
@@ -190,30 +200,10 @@ class JobQueue:
             raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
 
     def _send(self, request: PluginRequest, producer: Any) -> str:
-        # This is Celery's send_task without its one step that does not suit a producer: with
-        # the Redis result backend, send_task subscribes to every job's result channel (and,
-        # when the backend is down, retries that for about 20 s before failing). Verdicts are
-        # polled here instead, so the message is built and published with Celery's own
-        # message layer, through the same routing, retry policy and publish signals.
         job_id = str(uuid.uuid4())
         while batch_of(job_id) is not None:  # never mistaken for a batch job (1 in 65,536)
             job_id = str(uuid.uuid4())
-        args = ({"body": plugin_json(request)},)
-        amqp = self.celery_app.amqp
-        message = amqp.create_task_message(
-            job_id,
-            VERIFY_TASK,
-            args,
-            {},
-            reply_to=self.celery_app.thread_oid,
-            create_sent_event=self.celery_app.conf.task_send_sent_event,
-            # The message headers carry a printable copy of the arguments for monitoring tools
-            # and worker logs; tokens, challenges and payloads stay out of it.
-            argsrepr=_REDACTED,
-            kwargsrepr="{}",
-        )
-        options = amqp.router.route({}, VERIFY_TASK, args, {})
-        amqp.send_task_message(producer, VERIFY_TASK, message, **options)
+        self._publish(producer, VERIFY_TASK, job_id, {"body": plugin_json(request)})
         return job_id
 
     def submit(self, request: PluginRequest) -> str:
