@@ -78,7 +78,7 @@ def served(ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[htt
         client.close()
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)  # serve gives its worker 10 s, then kills its group
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

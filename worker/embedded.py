@@ -15,9 +15,10 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import uvicorn
 from pydantic import SecretStr
 
 from worker.settings import Settings
@@ -70,8 +71,6 @@ def serve(
     settings: Settings, *, host: str, port: int, worker_processes: int, data_dir: Path
 ) -> None:
     """Migrate the store, start a worker subprocess, and serve the HTTP API until stopped."""
-    import uvicorn
-
     from producer.app import create_app
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -92,20 +91,36 @@ def serve(
         start_new_session=True,
     )
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
+        _Server(config).run()
     finally:
         _stop_group(worker)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that SIGINT and SIGTERM make ``run`` return instead of being
+    raised again once it stopped, so that ``serve`` can still stop its worker."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Stop a process and everything in its group: SIGTERM, then SIGKILL after a grace period
-    (a pool child stuck at exit must not outlive the service)."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=30)
+    """Stop the worker: SIGTERM to its main process, which shuts its pool down in order, then
+    SIGKILL to its whole group after a grace period (a pool child stuck at exit must not
+    outlive the service)."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
