@@ -13,14 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 
-def summary_counts(rows: Iterable[Mapping[str, Any]]) -> Counter[tuple[str, str]]:
-    """Counts by (verdict, reason): ``("accepted", "-")`` or ``("rejected", <reason>)``."""
-    counts: Counter[tuple[str, str]] = Counter()
-    for row in rows:
-        counts[("accepted", "-") if row.get("ok") else ("rejected", str(row.get("reason")))] += 1
-    return counts
-
-
 def print_summary(counts: Counter[tuple[str, str]], stream: TextIO, *, title: str) -> None:
     """The summary as a table on a terminal, as plain aligned lines otherwise."""
     ordered = sorted(counts.items(), key=lambda item: (item[0][0] != "accepted", -item[1]))
