@@ -531,8 +531,10 @@ def reverify(
     settings = _settings_with(app_ids, dev_app_ids, root_ca, **extra)
     try:
         run_policy = RunPolicy(
-            app_ids=tuple(settings.app_ids),
-            dev_app_ids=tuple(settings.dev_app_ids),
+            # Sorted and without repeats: the same policy given in another order is the same
+            # run when it is resumed.
+            app_ids=tuple(sorted(set(settings.app_ids))),
+            dev_app_ids=tuple(sorted(set(settings.dev_app_ids))),
             root_pem=settings.root_ca.read_text() if settings.root_ca else None,
             distrusted_certificates=tuple(sorted(h.lower() for h in distrust_certs)),
             distrusted_key_ids=tuple(sorted(distrust_keys)),

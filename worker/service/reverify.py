@@ -328,7 +328,9 @@ class Reverifier:
                 if changed != 1:
                     continue
                 decided += 1
-                if apply and outcome.key_id in keys:
+                # A key that could not be judged (internal_error) is neither revoked nor
+                # restored: only a verdict changes what a key may do.
+                if apply and outcome.key_id in keys and outcome.reason != Reason.INTERNAL_ERROR:
                     self._apply(session, run_id, outcome, now)
         return decided
 
