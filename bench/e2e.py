@@ -106,7 +106,7 @@ from sqlalchemy import Engine, create_engine, func, insert, select, text  # noqa
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from tests.factory import APP_ID, Device, TestCA  # noqa: E402
-from tests.stack import REDIS_URL, Stack, flush_redis, service_stack  # noqa: E402
+from tests.stack import REDIS_URL, Stack, flush_redis, fresh_database, service_stack  # noqa: E402
 from worker.store.challenges import Purpose, challenge_digest, issue_challenge  # noqa: E402
 from worker.store.db import create_store_engine, session_factory, upgrade  # noqa: E402
 from worker.store.models import Challenge, Verdict  # noqa: E402
@@ -399,23 +399,6 @@ def serve_api(port: int) -> None:
         extra["rate_limiter"] = RateLimiter(rate=1e9, burst=10**9)
     app = create_app(load_settings(), **extra)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-@contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    """A new, empty database on the server of ``admin_url``; dropped on exit."""
-    name = f"appattest_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 # --- a lean HTTP/1.1 client --------------------------------------------------------------------
@@ -1325,7 +1308,7 @@ def run_e2e(
     started = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="appattest-e2e-") as tmp,
-        fresh_database(pg_url) as store_url,
+        fresh_database(pg_url, "appattest_bench") as store_url,
     ):
         workdir = Path(tmp)
         ca = TestCA.create()

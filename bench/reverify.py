@@ -61,11 +61,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import redis  # noqa: E402
-from sqlalchemy import Engine, create_engine, func, insert, select, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy import Engine, func, insert, select, text  # noqa: E402
 
 from tests.factory import APP_ID, Device, TestCA, client_data_hash  # noqa: E402
-from tests.stack import REDIS_URL, Stack, leased_redis_pair  # noqa: E402
+from tests.stack import REDIS_URL, Stack, fresh_database, leased_redis_pair  # noqa: E402
 from worker.core import IntermediateCache, Policy, TrustStore, verify_attestation  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
 from worker.store.db import create_store_engine, upgrade  # noqa: E402
@@ -107,23 +106,6 @@ class Measurement:
 
 
 # --- the store -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    """A new, empty database on the server of ``admin_url``; dropped on exit."""
-    name = f"appattest_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 def registration_policy(ca: TestCA) -> Policy:
@@ -491,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Measurement] = []
     with (
         tempfile.TemporaryDirectory(prefix="appattest-bench-") as tmp,
-        fresh_database(args.pg_url) as store_url,
+        fresh_database(args.pg_url, "appattest_bench") as store_url,
     ):
         workdir = Path(tmp)
         engine = create_store_engine(store_url)

@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from worker.celery_app import create_celery_app
 from worker.settings import Settings, load_settings
@@ -105,6 +108,23 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         self.workers.clear()
+
+
+@contextmanager
+def fresh_database(admin_url: str, prefix: str = "appattest_test") -> Iterator[str]:
+    """A new, empty database on the PostgreSQL server of ``admin_url``; dropped on exit."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 def flush_redis(*dbs: int) -> None:

@@ -8,7 +8,6 @@ real worker. Tests assert status codes and reason codes, never message text.
 from __future__ import annotations
 
 import base64
-import threading
 import time
 import uuid
 from collections import Counter
@@ -19,12 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from pydantic import SecretStr
 
 from producer import create_app
 from tests.factory import Device, TestCA, client_data_hash
+from tests.faults import serve_app as serve
 from tests.stack import Stack
 from worker.settings import Settings
 
@@ -38,28 +36,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def settings(stack: Stack) -> Settings:
     return stack.settings.model_copy(update={"api_keys": [SecretStr(KEY)]})
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` in a uvicorn server on a free local port; yield its base URL."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", log_config=None, ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @contextmanager
