@@ -546,6 +546,7 @@ def create_app(
         try:
             yield
         finally:
+            app.state.resources.queue.close()
             del app.state.resources
             engine.dispose()
             if owned:

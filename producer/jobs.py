@@ -8,13 +8,14 @@ about it at once instead of from a verdict.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import anyio.to_thread
 from celery import Celery, states
@@ -39,6 +40,7 @@ from worker.contract import (
     parse_request,
 )
 from worker.core import Reason, Rejected
+from worker.ledger import Ledger, ledger_for, publish_task
 
 log = logging.getLogger("appattest.producer")
 
@@ -46,8 +48,6 @@ PluginBody = str | bytes | Mapping[str, Any] | RegistrationRequest | AssertionRe
 
 # Polling the result backend: start fast (most verdicts take milliseconds), back off to a
 # modest ceiling so that a slow job costs a few reads per second, not hundreds.
-_REDACTED: Final = "(<job>,)"
-
 FIRST_POLL_DELAY: Final = 0.005
 # Finished batches kept decoded in memory (at most 200 verdicts each).
 _FINISHED_BATCHES: Final = 512
@@ -141,9 +141,17 @@ class JobQueue:
     """
 
     def __init__(
-        self, celery_app: Celery, *, batch_window: float = 0.002, max_batch: int = 200
+        self,
+        celery_app: Celery,
+        *,
+        batch_window: float = 0.002,
+        max_batch: int = 200,
+        ledger: Ledger | Literal["auto"] | None = "auto",
     ) -> None:
         self.celery_app = celery_app
+        # Every published job is entered in the ledger first when the broker is Redis, whose
+        # transport can lose a message taken off the queue as the server dies.
+        self.ledger = ledger_for(celery_app) if ledger == "auto" else ledger
         self.max_batch = max_batch
         # Single submissions arriving together (a burst of HTTP requests) share one message.
         self._batcher: MicroBatcher[PluginRequest] = MicroBatcher(
@@ -155,32 +163,14 @@ class JobQueue:
         self._finished: OrderedDict[str, list[Any]] = OrderedDict()
         self._finished_lock = threading.Lock()
 
+    def close(self) -> None:
+        """Release the ledger's connections."""
+        if self.ledger is not None:
+            self.ledger.close()
+
     def _unreachable(self) -> tuple[type[BaseException], ...]:
         extra = getattr(self.celery_app.backend, "connection_errors", ())
         return _UNREACHABLE + tuple(extra)
-
-    def _publish(self, producer: Any, task: str, task_id: str, job: dict[str, Any]) -> None:
-        # This is Celery's send_task without its one step that does not suit a producer: with
-        # the Redis result backend, send_task subscribes to every job's result channel (and,
-        # when the backend is down, retries that for about 20 s before failing). Verdicts are
-        # polled here instead, so the message is built and published with Celery's own
-        # message layer, through the same routing, retry policy and publish signals.
-        args = (job,)
-        amqp = self.celery_app.amqp
-        message = amqp.create_task_message(
-            task_id,
-            task,
-            args,
-            {},
-            reply_to=self.celery_app.thread_oid,
-            create_sent_event=self.celery_app.conf.task_send_sent_event,
-            # The message headers carry a printable copy of the arguments for monitoring tools
-            # and worker logs; tokens, challenges and payloads stay out of it.
-            argsrepr=_REDACTED,
-            kwargsrepr="{}",
-        )
-        options = amqp.router.route({}, task, args, {})
-        amqp.send_task_message(producer, task, message, **options)
 
     def _send_batch(self, requests: Sequence[PluginRequest], producer: Any) -> list[str]:
         """Publish one batch message for these requests; return their job ids."""
@@ -191,6 +181,20 @@ class JobQueue:
         ]
         self._publish(producer, VERIFY_BATCH_TASK, batch_id, {"jobs": jobs})
         return job_ids
+
+    def _publish(self, producer: Any, task: str, task_id: str, job: dict[str, Any]) -> None:
+        """Enter the job in the ledger, then publish it (see ``worker.ledger``)."""
+        if self.ledger is None:
+            publish_task(self.celery_app, producer, task, task_id, job)
+            return
+        self.ledger.record([(task_id, task, job)])
+        try:
+            publish_task(self.celery_app, producer, task, task_id, job)
+        except BaseException:
+            # Refused to the caller, so never to be sent again by the ledger.
+            with contextlib.suppress(*_UNREACHABLE):
+                self.ledger.forget([task_id])
+            raise
 
     def _submit_chunk(self, requests: Sequence[PluginRequest]) -> list[str]:
         try:

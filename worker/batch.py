@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from worker.celery_app import REVERIFY_TASK, VERIFY_TASK
 from worker.contract import VerificationResult, kind_of
 from worker.core import Reason
+from worker.ledger import ledger_for
 from worker.lines import parse_line
 from worker.progress import RunProgress
 from worker.service.reverify import Reverifier, iter_pending_batches, results, run_state
@@ -126,6 +127,8 @@ def verify_queued(
     id returns the verdicts already decided instead of deciding them again.
     """
     backend = app.backend
+    # Entered in the ledger before publishing, like the producer's jobs (see worker.ledger).
+    ledger = ledger_for(app)
     ready: dict[int, VerificationResult] = {}
     waiting_by_key: dict[str, deque[_Line]] = {}
     runnable: deque[_Line] = deque()
@@ -172,6 +175,8 @@ def verify_queued(
             job: dict[str, Any] = {"body": item.body, "challenges": "given"}
             if at is not None:
                 job["at"] = at.isoformat()
+            if ledger is not None:
+                ledger.record([(item.job_id, VERIFY_TASK, job)])
             app.send_task(VERIFY_TASK, args=[job], task_id=item.job_id)
             in_flight[item.job_id] = (item, time.monotonic())
         for job_id, (item, sent) in list(in_flight.items()):
@@ -197,3 +202,5 @@ def verify_queued(
             time.sleep(poll_seconds)
     flush()
     progress.update(done)
+    if ledger is not None:
+        ledger.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import click
+from celery import Celery, signals
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.celery_app import QUEUE, create_celery_app
 from worker.contract import VerificationResult
 from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
+from worker.ledger import Sweeper, ledger_for
 from worker.lines import parse_line, read_lines
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
@@ -337,19 +339,45 @@ def worker(
     settings = _settings_with(app_ids, dev_app_ids, root_ca)
     app = create_celery_app(settings)
     # A worker must not lose a verdict to a result backend that blinked: storing the result
-    # retries (the producer, which only reads, reports a down backend as 503 instead).
+    # retries, for a few minutes (randomised exponential backoff up to 5 s between attempts);
+    # a write that still fails ends the job in state FAILURE, reported as internal_error. The
+    # producer, which only reads, reports a down backend as 503 instead.
     app.conf.update(
         result_backend_always_retry=True,
-        result_backend_max_retries=10,
+        result_backend_max_retries=60,
         result_backend_base_sleep_between_retries_ms=100,
         result_backend_max_sleep_between_retries_ms=5000,
     )
+    _sweep_ledger_while_running(app, settings)
     argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)
+
+
+def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
+    """Run the ledger sweeper (``worker.ledger``) in this worker's main process once it is
+    ready, until it shuts down. Nothing to do for brokers that need no ledger."""
+    ledger = ledger_for(app)
+    if ledger is None:
+        return
+    sweeper = Sweeper(
+        app,
+        ledger,
+        interval=settings.ledger_sweep_seconds,
+        resend_after=settings.ledger_resend_seconds,
+    )
+
+    def start(**_: object) -> None:
+        sweeper.start()
+
+    def stop(**_: object) -> None:
+        sweeper.stop()
+
+    signals.worker_ready.connect(start, weak=False)
+    signals.worker_shutdown.connect(stop, weak=False)
 
 
 @main.command()

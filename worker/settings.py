@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # How long a delivered but unacknowledged message waits before the Redis broker hands it
     # to another worker: what bounds the delay of a job whose worker was killed outright.
     visibility_timeout_seconds: int = Field(default=120, ge=1, le=86_400)
+    # Redis broker only (see worker.ledger): how often a worker looks for accepted jobs whose
+    # message was lost, and how old such a job must be before it is published again.
+    ledger_sweep_seconds: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    ledger_resend_seconds: float = Field(default=60.0, gt=0, le=86_400, allow_inf_nan=False)
     task_max_retries: int = Field(default=5, ge=0, le=50)
     task_retry_backoff_max: int = Field(default=30, ge=1)
 

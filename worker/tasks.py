@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from celery import Celery, Task
+import redis
+from celery import Celery, Task, states
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from worker.contract import VerificationResult, kind_of, parse_request
 from worker.core import IntermediateCache, Reason, Rejected
+from worker.ledger import Ledger, ledger_for
 from worker.service import VerificationService
 from worker.service.reverify import Reverifier
 from worker.settings import Settings
@@ -194,18 +196,56 @@ def run_reverify(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
     return {"decided": decided}
 
 
+_ledger: tuple[int, Ledger | None] | None = None
+
+
+def process_ledger(app: Celery) -> Ledger | None:
+    """The ledger client of this worker process (None when the broker needs no ledger)."""
+    global _ledger
+    if _ledger is None or _ledger[0] != os.getpid():
+        _ledger = (os.getpid(), ledger_for(app))
+    return _ledger[1]
+
+
+class VerifyTask(Task):  # type: ignore[misc]
+    """A verification task: once its result is stored, its job leaves the ledger."""
+
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: Any,
+        kwargs: Any,
+        einfo: Any,
+    ) -> None:
+        if status != states.SUCCESS:
+            return  # retried, or failed: the ledger keeps it until a result is final
+        ledger = process_ledger(self.app)
+        if ledger is None:
+            return
+        try:
+            ledger.forget([task_id])
+        except redis.RedisError as exc:
+            # The sweeper drops entries whose result is stored; nothing is resent for this.
+            log.warning("task %s: ledger not updated (%s)", task_id, type(exc).__name__)
+
+
 def register(app: Celery, settings: Settings) -> None:
     """Register the tasks on ``app``."""
     from worker.celery_app import REVERIFY_TASK, VERIFY_BATCH_TASK, VERIFY_TASK
 
     @app.task(  # type: ignore[untyped-decorator]
-        name=VERIFY_TASK, bind=True, max_retries=settings.task_max_retries
+        name=VERIFY_TASK, bind=True, base=VerifyTask, max_retries=settings.task_max_retries
     )
     def verify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         return run_job(self, settings, job)
 
     @app.task(  # type: ignore[untyped-decorator]
-        name=VERIFY_BATCH_TASK, bind=True, max_retries=settings.task_max_retries
+        name=VERIFY_BATCH_TASK,
+        bind=True,
+        base=VerifyTask,
+        max_retries=settings.task_max_retries,
     )
     def verify_batch(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
         return run_batch(self, settings, batch)
