@@ -8,7 +8,6 @@ about it at once instead of from a verdict.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -183,18 +182,22 @@ class JobQueue:
         return job_ids
 
     def _publish(self, producer: Any, task: str, task_id: str, job: dict[str, Any]) -> None:
-        """Enter the job in the ledger, then publish it (see ``worker.ledger``)."""
+        """Enter the job in the ledger, then publish it (see ``worker.ledger``).
+
+        With a ledger, the entry is what accepts the job: a publish that fails after it leaves
+        the job to the ledger's sweep (it is sent within ``APPATTEST_LEDGER_RESEND_SECONDS``)
+        rather than refusing a job that may already be queued.
+        """
         if self.ledger is None:
             publish_task(self.celery_app, producer, task, task_id, job)
             return
         self.ledger.record([(task_id, task, job)])
         try:
             publish_task(self.celery_app, producer, task, task_id, job)
-        except BaseException:
-            # Refused to the caller, so never to be sent again by the ledger.
-            with contextlib.suppress(*_UNREACHABLE):
-                self.ledger.forget([task_id])
-            raise
+        except self._unreachable() as exc:
+            log.warning(
+                "task %s: publish failed (%s); the ledger will send it", task_id, type(exc).__name__
+            )
 
     def _submit_chunk(self, requests: Sequence[PluginRequest]) -> list[str]:
         try:

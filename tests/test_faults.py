@@ -45,6 +45,7 @@ import pytest
 from celery import states
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.routing import APIRoute
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, SecretStr
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -608,12 +609,13 @@ def test_the_ledger_resends_only_jobs_neither_queued_nor_held_nor_finished(
 
 
 def test_a_job_whose_message_was_lost_still_gets_its_verdict(
-    ca: TestCA, pg_url: str, tmp_path: Path
+    ca: TestCA, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Jobs entered in the ledger whose messages never reached the queue (as when Redis dies
     with the message taken off the queue but not yet held) are published again by a worker's
-    sweeper and decided, a single job and a batch alike; the ledger empties as results are
-    stored."""
+    sweeper and decided, a single job and a batch alike; so is a job whose publish failed
+    after its ledger entry was written (accepted, not refused: it may have been queued). The
+    ledger empties as results are stored."""
     env = {"APPATTEST_LEDGER_SWEEP_SECONDS": "0.5", "APPATTEST_LEDGER_RESEND_SECONDS": "1"}
     with ExitStack() as cleanup:
         stack = cleanup.enter_context(
@@ -629,8 +631,8 @@ def test_a_job_whose_message_was_lost_still_gets_its_verdict(
         sessions = cleanup.enter_context(sessions_for(pg_url))
         queue = cleanup.enter_context(job_queue(stack.settings))
         assert queue.ledger is not None
-        devices = [Device(ca=ca) for _ in range(4)]
-        challenges = issue(sessions, "registration", [None] * 4)
+        devices = [Device(ca=ca) for _ in range(5)]
+        challenges = issue(sessions, "registration", [None] * 5)
         bodies = [
             d.registration_body(c, now=now()) for d, c in zip(devices, challenges, strict=True)
         ]
@@ -645,14 +647,21 @@ def test_a_job_whose_message_was_lost_still_gets_its_verdict(
                     {
                         "jobs": [
                             {"jobId": j, "body": b}
-                            for j, b in zip(batch_jobs, bodies[1:], strict=True)
+                            for j, b in zip(batch_jobs, bodies[1:4], strict=True)
                         ]
                     },
                 ),
             ]
         )
-        results = collect(queue_status(queue), [single, *batch_jobs], 60)
-        assert len(results) == 4
+
+        def broker_refuses(*args: Any, **kwargs: Any) -> None:
+            raise KombuOperationalError("connection reset")
+
+        monkeypatch.setattr(queue.celery_app.amqp, "send_task_message", broker_refuses)
+        unpublished = queue.submit_one(check_request(bodies[4]))
+        monkeypatch.undo()
+        results = collect(queue_status(queue), [single, *batch_jobs, unpublished], 60)
+        assert len(results) == 5
         assert all(r["ok"] and r["kind"] == "registration" for r in results.values())
         assert {r["keyId"] for r in results.values()} == {d.key_id_b64 for d in devices}
         wait_until(lambda: queue.ledger.pending() == 0, 30, "ledger emptied")  # type: ignore[union-attr]
