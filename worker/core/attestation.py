@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from worker.core.authdata import AttestedAuthData, AuthDataExtensions, parse_attested_auth_data
-from worker.core.chain import IntermediateCache, parse_chain, verify_chain
+from worker.core.chain import IntermediateCache, parse_credential_chain, verify_chain
 from worker.core.decoding import MAX_TOKEN_BYTES, decode_cbor_exact
 from worker.core.policy import AppConfig, Environment, Policy
 from worker.core.reasons import Reason, Rejected
@@ -200,8 +200,7 @@ def verify_attestation(
     if len(key_id) != _HASH_LEN:
         raise ValueError("key_id must be 32 bytes")
     parsed = parse_attestation_object(attestation_object)
-    leaf, intermediate = parse_chain(parsed.x5c)
-    point = _uncompressed_point(leaf)
+    leaf, intermediate, point = parse_credential_chain(parsed.x5c)
     _check_nonce(leaf, parsed.raw_auth_data, client_data_hash)
     _check_key_id(point, key_id)
     app = _check_app_id(parsed.auth_data, policy)

@@ -21,6 +21,12 @@ _MAX_CREDENTIAL_ID_LEN: Final = 1023
 # COSE_Key labels (RFC 9053): kty=EC2 (2), alg=ES256 (-7), crv=P-256 (1), x, y.
 _COSE_KTY, _COSE_ALG, _COSE_CRV, _COSE_X, _COSE_Y = 1, 3, -1, -2, -3
 _P256_COORD_LEN: Final = 32
+# The deterministic CBOR encoding of an ES256 P-256 COSE key is fixed but for its coordinates:
+# {1: 2, 3: -7, -1: 1, -2: x, -3: y} with keys in canonical order. A key that starts like this
+# is read in place; anything else goes through the decoder, which says what is wrong with it.
+_COSE_P256_HEAD: Final = bytes.fromhex("a501020326200121") + b"\x58\x20"
+_COSE_P256_MID: Final = b"\x22\x58\x20"
+_COSE_P256_LEN: Final = len(_COSE_P256_HEAD) + len(_COSE_P256_MID) + 2 * _P256_COORD_LEN
 
 _EXT_VALIDATION_CATEGORY: Final = "apple_validation_category_01"
 _EXT_BUNDLE_VERSION: Final = "apple_bundle_version_01"
@@ -105,6 +111,22 @@ def _parse_cose_p256(item: object) -> tuple[bytes, bytes]:
     return x, y
 
 
+def _read_cose_p256(raw: bytes, offset: int) -> tuple[bytes, bytes, int]:
+    """The coordinates of the COSE key at ``offset`` and the offset just past it."""
+    x_at = offset + len(_COSE_P256_HEAD)
+    y_at = x_at + _P256_COORD_LEN + len(_COSE_P256_MID)
+    end = offset + _COSE_P256_LEN
+    if (
+        len(raw) >= end
+        and raw.startswith(_COSE_P256_HEAD, offset)
+        and raw.startswith(_COSE_P256_MID, x_at + _P256_COORD_LEN)
+    ):
+        return raw[x_at : x_at + _P256_COORD_LEN], raw[y_at:end], end
+    cose, end = decode_cbor_prefix(raw, offset)
+    x, y = _parse_cose_p256(cose)
+    return x, y, end
+
+
 def _parse_extensions(raw: bytes, offset: int) -> AuthDataExtensions | None:
     """Parse the optional trailing extensions map; it must end the data exactly."""
     if offset == len(raw):
@@ -158,8 +180,7 @@ def parse_attested_auth_data(raw: bytes) -> AttestedAuthData:
         raise _malformed("authData credentialId length exceeds the data")
     credential_id = raw[offset : offset + cred_len]
     offset += cred_len
-    cose, offset = decode_cbor_prefix(raw, offset)
-    x, y = _parse_cose_p256(cose)
+    x, y, offset = _read_cose_p256(raw, offset)
     return AttestedAuthData(
         rp_id_hash=rp_id_hash,
         flags=flags,

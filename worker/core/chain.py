@@ -12,6 +12,8 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.verification import (
     ClientVerifier,
@@ -142,27 +144,36 @@ def _load(der: bytes, name: str) -> x509.Certificate:
         ) from exc
 
 
-def _touch(cert: x509.Certificate, name: str) -> x509.Certificate:
-    """Parse the key, names, validity and extensions of a loaded certificate.
+def _touch(cert: x509.Certificate, name: str, *, names: bool = True) -> PublicKeyTypes:
+    """Parse the key, validity, extensions and (with ``names``) names of a loaded certificate;
+    return its public key.
 
     pyca/cryptography parses fields lazily, so a corrupt name, key or extension would only
     raise when first touched, deep inside a check; touching them here turns every such
-    corruption into one clear rejection. An intermediate found in the cache is never read
-    beyond its fingerprint, so it is only touched when it must be verified.
+    corruption into one clear rejection. The credCert's names are left to the chain verifier,
+    which parses them itself and refuses a corrupt one (building them as Python objects costs
+    more than all other fields together), and nothing else reads them. An intermediate found in
+    the cache is never read beyond its fingerprint, so it is only touched when it must be
+    verified.
     """
     try:
-        cert.public_key()
-        _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+        key = cert.public_key()
+        if names:
+            _ = (cert.subject, cert.issuer)
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
         _ = cert.extensions
     except _CERTIFICATE_ERRORS as exc:
         raise Rejected(
             Reason.CERTIFICATE_CHAIN_INVALID, f"{name} is not a valid certificate"
         ) from exc
-    return cert
+    return key
 
 
-def parse_chain(x5c: Sequence[bytes]) -> tuple[x509.Certificate, x509.Certificate]:
-    """Parse x5c into (credCert, intermediate) without verifying anything.
+def parse_credential_chain(
+    x5c: Sequence[bytes],
+) -> tuple[x509.Certificate, x509.Certificate, bytes]:
+    """Parse x5c into (credCert, intermediate, the credCert's uncompressed P-256 point)
+    without verifying anything.
 
     Raises ``Rejected(certificate_chain_invalid)`` when x5c does not hold exactly two
     certificates, one does not parse, or the credCert key is not a P-256 key.
@@ -175,11 +186,17 @@ def parse_chain(x5c: Sequence[bytes]) -> tuple[x509.Certificate, x509.Certificat
     with warnings.catch_warnings():
         # A deprecated encoding (a negative serial number, say) is refused, not warned of.
         warnings.simplefilter("error", CryptographyDeprecationWarning)
-        leaf = _touch(_load(x5c[0], "credCert"), "credCert")
+        leaf = _load(x5c[0], "credCert")
+        key = _touch(leaf, "credCert", names=False)
         intermediate = _load(x5c[1], "intermediate")
-    key = leaf.public_key()
     if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
         raise Rejected(Reason.CERTIFICATE_CHAIN_INVALID, "credCert key is not a P-256 key")
+    return leaf, intermediate, key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+
+
+def parse_chain(x5c: Sequence[bytes]) -> tuple[x509.Certificate, x509.Certificate]:
+    """Parse x5c into (credCert, intermediate), as ``parse_credential_chain`` does."""
+    leaf, intermediate, _ = parse_credential_chain(x5c)
     return leaf, intermediate
 
 

@@ -79,6 +79,30 @@ _DECODE_ERRORS = (
 )
 
 
+def _decoder(stream: io.BytesIO, read_size: int) -> cbor2.CBORDecoder:
+    return cbor2.CBORDecoder(
+        stream,
+        semantic_decoders=_NO_TAGS,
+        tag_hook=_reject_tag,
+        max_depth=_MAX_CBOR_DEPTH,
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+        read_size=read_size,
+    )
+
+
+def _decode_canonical(stream: io.BytesIO, read_size: int) -> tuple[object, bytes]:
+    """Decode one item with the strict settings; return it and its deterministic encoding."""
+    try:
+        item = _decoder(stream, read_size).decode()
+        # Devices emit deterministic (canonical) CBOR. Requiring it leaves exactly one encoding
+        # per object, so no byte of an accepted object can change without a rejection, even in
+        # framing that no signature covers.
+        return item, cbor2.dumps(item, canonical=True)
+    except _DECODE_ERRORS as exc:
+        raise Rejected(Reason.MALFORMED_TOKEN, f"invalid CBOR: {exc}") from exc
+
+
 def decode_cbor_prefix(data: bytes, offset: int = 0) -> tuple[object, int]:
     """Decode one CBOR item starting at ``offset`` with the strict settings.
 
@@ -89,23 +113,8 @@ def decode_cbor_prefix(data: bytes, offset: int = 0) -> tuple[object, int]:
     if offset >= len(data):
         raise Rejected(Reason.MALFORMED_TOKEN, "CBOR item expected but the data ended")
     stream = io.BytesIO(memoryview(data)[offset:])
-    decoder = cbor2.CBORDecoder(
-        stream,
-        semantic_decoders=_NO_TAGS,
-        tag_hook=_reject_tag,
-        max_depth=_MAX_CBOR_DEPTH,
-        allow_indefinite=False,
-        allow_duplicate_keys=False,
-        read_size=1,
-    )
-    try:
-        item = decoder.decode()
-        # Devices emit deterministic (canonical) CBOR. Requiring it leaves exactly one encoding
-        # per object, so no byte of an accepted object can change without a rejection, even in
-        # framing that no signature covers.
-        canonical = cbor2.dumps(item, canonical=True)
-    except _DECODE_ERRORS as exc:
-        raise Rejected(Reason.MALFORMED_TOKEN, f"invalid CBOR: {exc}") from exc
+    # Read byte by byte: the stream position must be exactly the item's end.
+    item, canonical = _decode_canonical(stream, read_size=1)
     end = offset + stream.tell()
     if canonical != data[offset:end]:
         raise Rejected(Reason.MALFORMED_TOKEN, "CBOR is not in deterministic encoding")
@@ -118,7 +127,15 @@ def decode_cbor_exact(data: bytes) -> object:
     Returns the item; raises ``Rejected(malformed_token)`` as ``decode_cbor_prefix`` does and
     also when bytes trail the item.
     """
-    item, end = decode_cbor_prefix(data)
-    if end != len(data):
-        raise Rejected(Reason.MALFORMED_TOKEN, f"{len(data) - end} bytes trail the CBOR object")
+    if not data:
+        raise Rejected(Reason.MALFORMED_TOKEN, "CBOR item expected but the data ended")
+    # Buffered reads: comparing the deterministic encoding with all of ``data`` also catches
+    # trailing bytes, so the stream position is not needed.
+    item, canonical = _decode_canonical(io.BytesIO(data), read_size=4096)
+    if canonical != data:
+        if data.startswith(canonical):
+            raise Rejected(
+                Reason.MALFORMED_TOKEN, f"{len(data) - len(canonical)} bytes trail the CBOR object"
+            )
+        raise Rejected(Reason.MALFORMED_TOKEN, "CBOR is not in deterministic encoding")
     return item
