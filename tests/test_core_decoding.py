@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -13,6 +14,14 @@ import cbor2
 import pytest
 
 from tests import factory
+from tests.fuzzing import (
+    append_bytes,
+    delete_range,
+    flip_bits,
+    insert_bytes,
+    set_byte,
+    truncate,
+)
 from worker.core import (
     Policy,
     Reason,
@@ -22,9 +31,11 @@ from worker.core import (
     verify_assertion,
     verify_attestation,
 )
+from worker.core.assertion import _read_canonical_layout
 from worker.core.attestation import parse_attestation_object
 from worker.core.authdata import (
     AuthDataExtensions,
+    _read_cose_p256,
     parse_assertion_auth_data,
     parse_attested_auth_data,
 )
@@ -642,3 +653,38 @@ def test_reordered_attestation_map_is_rejected(device: factory.Device) -> None:
     with pytest.raises(Rejected) as info:
         parse_attestation_object(reordered)
     assert info.value.reason is Reason.MALFORMED_TOKEN
+
+
+def test_fixed_layout_readers_agree_with_the_decoder() -> None:
+    """The in-place readers of the two fixed layouts (an assertion object, a COSE P-256 key)
+    never accept what the strict decoder refuses, and read the same values when they accept:
+    over thousands of seeded mutations of real-shaped objects, including every length edge."""
+    rng = random.Random(20261128)
+    device = factory.Device(ca=factory.default_ca())
+    assertion = device.assertion_object(CDH)
+    cose = cbor2.dumps(device.cose_key(), canonical=True)
+    edges = [
+        cbor2.dumps({"signature": b"s" * s, "authenticatorData": b"a" * a}, canonical=True)
+        for s in (0, 23, 24, 255, 256)
+        for a in (23, 24, 37, 255, 256)
+    ]
+    mutators = [flip_bits, set_byte, truncate, append_bytes, insert_bytes, delete_range]
+    fast_reads = 0
+    for n in range(4000):
+        base = [assertion, *edges][n % (1 + len(edges))]
+        data = base if n < 40 else rng.choice(mutators)(rng, base)
+        fields = _read_canonical_layout(data)
+        if fields is not None:
+            fast_reads += 1
+            item, end = decode_cbor_prefix(data)
+            assert end == len(data)
+            assert item == {"signature": fields[0], "authenticatorData": fields[1]}
+        key = cose if n % 2 else rng.choice(mutators)(rng, cose)
+        framed = b"\x00" * 3 + key + b"\x00"
+        try:
+            x, y, end = _read_cose_p256(framed, 3)
+        except Rejected:
+            continue
+        item, library_end = decode_cbor_prefix(framed, 3)
+        assert (item, end) == ({1: 2, 3: -7, -1: 1, -2: x, -3: y}, library_end)
+    assert fast_reads > 40

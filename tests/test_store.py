@@ -12,9 +12,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import StatementError
 
 from tests.conftest import NOW
-from worker.store import keys
+from worker.store import bulk, keys
 from worker.store.db import create_store_engine, session_factory, upgrade
-from worker.store.models import Base
+from worker.store.models import Base, DeviceKey, Verdict
 
 
 @pytest.fixture
@@ -136,3 +136,63 @@ def test_parallel_compare_and_set_accepts_each_counter_once(engine: Engine) -> N
     with sessions() as session:
         stored = keys.get_key(session, "k" * 44)
         assert stored is not None and stored.counter == 40 == max(accepted)
+
+
+def test_batch_inserts_and_reads_keep_every_value(engine: Engine) -> None:
+    """The set-at-a-time statements (one JSON document of rows on PostgreSQL, many parameter
+    sets on SQLite) store bytes of every value, aware instants, NULLs and nested JSON exactly,
+    insert once, and read back what deciding a job needs."""
+    every_byte = bytes(range(256))
+    rows = [
+        {
+            "key_id": key_id,
+            "app_id": "TEAMID1234.com.example.app",
+            "environment": "production",
+            "public_key": b"\x04" + bytes([n]) * 64,
+            "counter": 0,
+            "receipt": every_byte,
+            "attestation": b"\\x00'\"" + every_byte,
+            "client_data_hash": None if n else b"\x05" * 32,
+            "verified_at": NOW,
+            "leaf_fingerprint": b"\x00" * 32,
+            "intermediate_fingerprint": b"\xff" * 32,
+        }
+        for n, key_id in enumerate(["a" * 44, "b/+=" * 11])
+    ]
+    result = {
+        "ok": False,
+        "reason": "nonce_mismatch",
+        "detail": 'quote " back\\slash é ✓',
+        "n": [1, None],
+    }
+    verdicts = [
+        {
+            "job_id": job_id,
+            "kind": "registration",
+            "key_id": None,
+            "app_id": None,
+            "ok": False,
+            "reason": "nonce_mismatch",
+            "result": result,
+            "decided_at": NOW,
+        }
+        for job_id in ["job-1", "job-2"]
+    ]
+    sessions = session_factory(engine)
+    with sessions() as session, session.begin():
+        assert bulk.insert_keys(session, rows) == {"a" * 44, "b/+=" * 11}
+        assert bulk.record_verdicts(session, verdicts) == {"job-1", "job-2"}
+    with sessions() as session, session.begin():
+        assert bulk.insert_keys(session, rows[:1]) == set()
+        assert bulk.record_verdicts(session, verdicts[1:]) == set()
+    with sessions() as session:
+        for row in rows:
+            stored = session.get(DeviceKey, row["key_id"])
+            assert stored is not None
+            assert {name: getattr(stored, name) for name in row} == row
+        found = bulk.get_keys(session, ["a" * 44, "b/+=" * 11, "unknown"])
+        assert set(found) == {"a" * 44, "b/+=" * 11}
+        key = found["a" * 44]
+        assert (key.public_key, key.counter, key.revoked_at) == (rows[0]["public_key"], 0, None)
+        assert bulk.get_verdicts(session, ["job-1", "job-3"]) == {"job-1": result}
+        assert session.get(Verdict, "job-2").decided_at == NOW  # type: ignore[union-attr]

@@ -16,6 +16,15 @@ from worker.core.decoding import MAX_TOKEN_BYTES, decode_cbor_exact
 from worker.core.reasons import Reason, Rejected
 
 _MAX_COUNTER: Final = 2**32 - 1
+# The deterministic CBOR encoding of an assertion whose two byte strings are 24 to 255 bytes
+# long (every real one: a DER ECDSA signature and 37 bytes of authenticatorData, more with
+# extensions) is fixed but for those strings: a map of "signature" then "authenticatorData"
+# (canonical key order), each string with a one-byte length. An object laid out exactly so is
+# read in place; anything else goes through the decoder, which accepts or refuses it by the
+# same rules.
+_SIGNATURE_HEAD: Final = b"\xa2\x69signature\x58"
+_AUTH_DATA_HEAD: Final = b"\x71authenticatorData\x58"
+_ONE_BYTE_LENGTHS: Final = range(24, 256)
 _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 
 
@@ -43,6 +52,14 @@ def parse_assertion_object(raw: bytes) -> AssertionObject:
     """
     if len(raw) > MAX_TOKEN_BYTES:
         raise Rejected(Reason.MALFORMED_TOKEN, "assertion object is too large")
+    fields = _read_canonical_layout(raw)
+    if fields is not None:
+        signature, auth_data = fields
+        return AssertionObject(
+            signature=signature,
+            raw_auth_data=auth_data,
+            auth_data=parse_assertion_auth_data(auth_data),
+        )
     obj = decode_cbor_exact(raw)
     if not isinstance(obj, dict) or set(obj) != {"signature", "authenticatorData"}:
         raise Rejected(
@@ -56,6 +73,26 @@ def parse_assertion_object(raw: bytes) -> AssertionObject:
         raw_auth_data=auth_data,
         auth_data=parse_assertion_auth_data(auth_data),
     )
+
+
+def _read_canonical_layout(raw: bytes) -> tuple[bytes, bytes] | None:
+    """(signature, authenticatorData) of an object in the fixed layout, else None."""
+    head = len(_SIGNATURE_HEAD)
+    if not raw.startswith(_SIGNATURE_HEAD) or len(raw) <= head:
+        return None
+    signature_len = raw[head]
+    signature_end = head + 1 + signature_len
+    auth_data_at = signature_end + len(_AUTH_DATA_HEAD) + 1
+    if (
+        signature_len not in _ONE_BYTE_LENGTHS
+        or len(raw) < auth_data_at
+        or not raw.startswith(_AUTH_DATA_HEAD, signature_end)
+    ):
+        return None
+    auth_data_len = raw[auth_data_at - 1]
+    if auth_data_len not in _ONE_BYTE_LENGTHS or len(raw) != auth_data_at + auth_data_len:
+        return None
+    return raw[head + 1 : signature_end], raw[auth_data_at:]
 
 
 def load_public_key(point: bytes) -> ec.EllipticCurvePublicKey:

@@ -41,8 +41,8 @@ from worker.core import (
 from worker.core.assertion import load_public_key
 from worker.service.plugin import DecodedRequest, decode_plugin_fields
 from worker.store import bulk
+from worker.store.bulk import IssuedChallenge, StoredKey
 from worker.store.challenges import Purpose, challenge_digest
-from worker.store.models import Challenge, DeviceKey
 
 # A batch whose verdicts conflict with a concurrent delivery of the same jobs is decided again;
 # the second attempt finds the recorded verdicts. More attempts would mean a bug.
@@ -200,7 +200,7 @@ class VerificationService:
                 return None
         return [job.result for job in jobs if job.result is not None]
 
-    def _read(self, jobs: list[_Job]) -> tuple[dict[bytes, Challenge], dict[str, DeviceKey]]:
+    def _read(self, jobs: list[_Job]) -> tuple[dict[bytes, IssuedChallenge], dict[str, StoredKey]]:
         """Recorded verdicts, decoded fields, and the challenges and keys the batch needs."""
         with self.sessions() as session:
             recorded = bulk.get_verdicts(session, [j.job_id for j in jobs if j.job_id])
@@ -238,8 +238,8 @@ class VerificationService:
     def _check(
         self,
         job: _Job,
-        challenges: dict[bytes, Challenge],
-        keys: dict[str, DeviceKey],
+        challenges: dict[bytes, IssuedChallenge],
+        keys: dict[str, StoredKey],
         at: datetime,
     ) -> None:
         """Everything that decides a job before the transaction: challenge, stored key and the
@@ -256,7 +256,7 @@ class VerificationService:
         except Rejected as exc:
             job.reject(exc.reason, exc.detail)
 
-    def _check_challenge(self, job: _Job, row: Challenge | None, at: datetime) -> None:
+    def _check_challenge(self, job: _Job, row: IssuedChallenge | None, at: datetime) -> None:
         purpose = Purpose.REGISTRATION if job.kind == "registration" else Purpose.ASSERTION
         if row is None or row.purpose != purpose or row.key_id not in (None, job.key_id):
             raise Rejected(Reason.CHALLENGE_UNKNOWN, "the challenge was not issued for this")
@@ -266,7 +266,7 @@ class VerificationService:
             raise Rejected(Reason.CHALLENGE_EXPIRED, "the challenge expired")
 
     def _check_registration(
-        self, job: _Job, request: RegistrationRequest, stored: DeviceKey | None, at: datetime
+        self, job: _Job, request: RegistrationRequest, stored: StoredKey | None, at: datetime
     ) -> None:
         if stored is not None:
             raise Rejected(Reason.KEY_ALREADY_REGISTERED, "keyId is already registered")
@@ -292,7 +292,7 @@ class VerificationService:
         )
 
     def _check_assertion(
-        self, job: _Job, request: AssertionRequest, stored: DeviceKey | None, at: datetime
+        self, job: _Job, request: AssertionRequest, stored: StoredKey | None, at: datetime
     ) -> None:
         if stored is None:
             raise Rejected(Reason.KEY_UNKNOWN, "keyId is not registered")

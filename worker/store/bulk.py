@@ -9,13 +9,25 @@ no arrays and no network round trip to save, runs one statement per row.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import (
+    Table,
+    TextClause,
+    any_,
+    bindparam,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from worker.store.models import Challenge, DeviceKey, Verdict
@@ -52,33 +64,72 @@ def _is_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+def _matching(session: Session, column: Any, values: list[Any]) -> Any:
+    """``column IN values``; on PostgreSQL ``column = ANY(:array)``, one statement text (parsed
+    once by the driver) whatever the number of values."""
+    if _is_postgresql(session):
+        return column == any_(bindparam(f"{column.key}_list", values, type_=ARRAY(column.type)))
+    return column.in_(values)
+
+
 def get_verdicts(session: Session, job_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Recorded results of the given jobs that were decided before."""
     ids = list(job_ids)
     if not ids:
         return {}
-    rows = session.execute(select(Verdict.job_id, Verdict.result).where(Verdict.job_id.in_(ids)))
-    return {job_id: dict(result) for job_id, result in rows}
+    statement = select(Verdict.job_id, Verdict.result).where(
+        _matching(session, Verdict.job_id, ids)
+    )
+    return {job_id: dict(result) for job_id, result in session.execute(statement)}
 
 
-def get_challenges(session: Session, digests: Iterable[bytes]) -> dict[bytes, Challenge]:
+@dataclass(frozen=True, slots=True)
+class IssuedChallenge:
+    """What deciding a job needs of an issued challenge."""
+
+    digest: bytes
+    purpose: str
+    key_id: str | None
+    expires_at: datetime
+    used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """What deciding a job needs of a registered key (not its receipt or attestation)."""
+
+    key_id: str
+    app_id: str
+    environment: str
+    public_key: bytes
+    counter: int
+    revoked_at: datetime | None
+    revoked_reason: str | None
+    revoked_by_run: str | None
+
+
+_CHALLENGE_COLUMNS = [getattr(Challenge, f) for f in IssuedChallenge.__dataclass_fields__]
+_KEY_COLUMNS = [getattr(DeviceKey, f) for f in StoredKey.__dataclass_fields__]
+
+
+def get_challenges(session: Session, digests: Iterable[bytes]) -> dict[bytes, IssuedChallenge]:
     """Issued challenges by digest."""
     wanted = list(set(digests))
     if not wanted:
         return {}
-    return {
-        c.digest: c for c in session.scalars(select(Challenge).where(Challenge.digest.in_(wanted)))
-    }
+    statement = select(*_CHALLENGE_COLUMNS).where(_matching(session, Challenge.digest, wanted))
+    found = (IssuedChallenge(*row) for row in session.execute(statement))
+    return {c.digest: c for c in found}
 
 
-def get_keys(session: Session, key_ids: Iterable[str]) -> dict[str, DeviceKey]:
+def get_keys(session: Session, key_ids: Iterable[str]) -> dict[str, StoredKey]:
     """Stored keys by keyId."""
     wanted = list(set(key_ids))
     if not wanted:
         return {}
-    return {
-        k.key_id: k for k in session.scalars(select(DeviceKey).where(DeviceKey.key_id.in_(wanted)))
-    }
+    statement = select(*_KEY_COLUMNS).where(_matching(session, DeviceKey.key_id, wanted))
+    found = (StoredKey(*row) for row in session.execute(statement))
+    return {k.key_id: k for k in found}
 
 
 @dataclass(frozen=True)
@@ -151,18 +202,46 @@ def advance_counters(session: Session, updates: Sequence[tuple[str, int]]) -> se
     return advanced
 
 
+@functools.cache
+def _recordset_insert(table: Table, columns: tuple[str, ...], returning: str) -> TextClause:
+    """``INSERT ... SELECT FROM json_populate_recordset(rows) ON CONFLICT DO NOTHING
+    RETURNING``: the rows travel as one JSON document, typed by the table's own row type, so a
+    batch of any size is one parameter, one statement text and one round trip."""
+    names = ", ".join(columns)
+    return text(
+        f"INSERT INTO {table.name} ({names}) "  # noqa: S608 - names from the model
+        f"SELECT {names} FROM json_populate_recordset(NULL::{table.name}, CAST(:rows AS json)) "
+        f"ON CONFLICT DO NOTHING RETURNING {returning}"
+    )
+
+
+def _json_value(value: Any) -> Any:
+    """A column value as PostgreSQL reads it from JSON into the column's type."""
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
 def _insert_ignoring_conflicts(
     session: Session, model: type[Any], rows: Sequence[dict[str, Any]], returning: Any
 ) -> set[Any]:
     if not rows:
         return set()
-    module = postgresql if _is_postgresql(session) else sqlite
-    # One statement executed with many parameter sets: SQLAlchemy sends it as multi-row
-    # INSERTs ("insertmanyvalues") from a compiled form it caches, where a statement with the
-    # rows inlined would be compiled anew for every batch.
-    statement = module.insert(model.__table__).on_conflict_do_nothing().returning(returning)
-    result = session.connection().execute(statement, list(rows))
-    return set(result.scalars())
+    table: Table = model.__table__
+    if _is_postgresql(session):
+        columns = tuple(rows[0])
+        document = json.dumps(
+            [{name: _json_value(row[name]) for name in columns} for row in rows],
+            separators=(",", ":"),
+        )
+        insert = _recordset_insert(table, columns, returning.key)
+        return set(session.execute(insert, {"rows": document}).scalars())
+    # SQLite: one statement executed with many parameter sets (multi-row INSERTs from a
+    # compiled form SQLAlchemy caches).
+    statement = sqlite.insert(table).on_conflict_do_nothing().returning(returning)
+    return set(session.connection().execute(statement, list(rows)).scalars())
 
 
 def insert_keys(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
