@@ -8,7 +8,7 @@ from datetime import datetime
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import StatementError
 
 from tests.conftest import NOW
@@ -196,3 +196,22 @@ def test_batch_inserts_and_reads_keep_every_value(engine: Engine) -> None:
         assert (key.public_key, key.counter, key.revoked_at) == (rows[0]["public_key"], 0, None)
         assert bulk.get_verdicts(session, ["job-1", "job-3"]) == {"job-1": result}
         assert session.get(Verdict, "job-2").decided_at == NOW  # type: ignore[union-attr]
+
+
+def test_tables_updated_per_job_leave_room_for_same_page_updates(pg_url: str) -> None:
+    """PostgreSQL only (SQLite has no fillfactor): counters and challenges are updated per job,
+    so their tables keep free space for same-page updates."""
+    engine = create_store_engine(pg_url)
+    upgrade(engine)
+    with engine.connect() as conn:
+        options = dict(
+            conn.execute(
+                text(
+                    "SELECT relname, reloptions FROM pg_class "
+                    "WHERE relname IN ('device_keys', 'challenges', 'verdicts')"
+                )
+            ).all()
+        )
+    assert options["device_keys"] == options["challenges"] == ["fillfactor=70"]
+    engine.dispose()
+    assert options["verdicts"] is None  # insert-only: full pages are right
