@@ -26,6 +26,7 @@ from worker.lines import parse_line, read_lines
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
+from worker.tasks import warm_up_process
 
 log = logging.getLogger("appattest")
 
@@ -349,6 +350,10 @@ def worker(
         result_backend_max_sleep_between_retries_ms=5000,
     )
     _sweep_ledger_while_running(app, settings)
+    # The database driver is imported once here, before the pool forks its processes, and
+    # each process connects as it starts rather than inside its first batch.
+    create_store_engine(settings.store_url).dispose()
+    signals.worker_process_init.connect(lambda **_: warm_up_process(settings), weak=False)
     argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 from celery import Celery, Task, states
+from sqlalchemy import text
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -65,6 +66,18 @@ def process_resources(settings: Settings) -> _ProcessResources:
             cache=cache,
         )
     return _resources
+
+
+def warm_up_process(settings: Settings) -> None:
+    """Create this process's resources and open one database connection now, so that the
+    first batch a fresh worker process takes does not also pay for them. A store that cannot
+    be reached is left to the first task, which retries."""
+    try:
+        resources = process_resources(settings)
+        with resources.service.sessions() as session:
+            session.execute(text("SELECT 1"))
+    except (*INFRASTRUCTURE_ERRORS, OSError) as exc:
+        log.warning("warm-up: the store is not reachable yet (%s)", type(exc).__name__)
 
 
 def process_service(settings: Settings) -> VerificationService:
