@@ -48,7 +48,8 @@ class RunProgress:
         self.stream = stream or sys.stderr
         self.interval = interval
         self.started = time.monotonic()
-        self._last_line = 0.0
+        self._last_line = float("-inf")  # the first update is shown at once
+        self._last_shown: int | None = None
         self._bar: Progress | None = None
         self._task: TaskID | None = None
         if self.stream.isatty() and not force_plain:
@@ -89,12 +90,13 @@ class RunProgress:
             f"{rate:,.1f}/s, ETA {eta}\n"
         )
         self.stream.flush()
+        self._last_shown = self.completed
 
     def close(self) -> None:
-        """Stop the bar, or write the final plain line."""
+        """Stop the bar, or write the final plain line (unless the last one already said it)."""
         if self._bar is not None:
             self._bar.stop()
-        else:
+        elif self._last_shown != self.completed:
             self._line()
 
     def __enter__(self) -> RunProgress:
