@@ -8,10 +8,12 @@ about it at once instead of from a verdict.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, Literal
@@ -161,6 +163,9 @@ class JobQueue:
         # the producer far more than the verification cost the worker.
         self._finished: OrderedDict[str, list[Any]] = OrderedDict()
         self._finished_lock = threading.Lock()
+        self._watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def close(self) -> None:
         """Release the ledger's connections."""
@@ -239,48 +244,59 @@ class JobQueue:
         except self._unreachable() as exc:
             raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
 
-    def _meta(self, job_id: str) -> dict[str, Any]:
-        """The task state of a job: its batch's, narrowed to the job, or its own."""
+    def _read_metas(self, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored task states of these tasks: one read (MGET) on a key-value backend such
+        as Redis, one read per task on any other."""
         backend = self.celery_app.backend
+        if not task_ids:
+            return {}
+        if hasattr(backend, "mget") and hasattr(backend, "get_key_for_task"):
+            keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
+            try:
+                values = backend.mget(keys)
+            except NotImplementedError:  # a key-value backend without bulk reads
+                values = None
+        else:
+            values = None
+        if values is not None:
+            return {
+                task_id: backend.decode_result(value)
+                if value
+                else {"status": states.PENDING, "result": None}
+                for task_id, value in zip(task_ids, values, strict=True)
+            }
+        return {task_id: backend.get_task_meta(task_id, cache=False) for task_id in task_ids}
+
+    def _finished_batch(self, batch_id: str) -> list[Any] | None:
+        with self._finished_lock:
+            return self._finished.get(batch_id)
+
+    def _job_meta(self, job_id: str, metas: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+        """The task state of a job: its batch's, narrowed to the job, or its own; ``metas``
+        holds the stored states read for it (none for a batch already known finished)."""
         located = batch_of(job_id)
-        if located is not None:
-            batch_id, index = located
-            with self._finished_lock:
-                results = self._finished.get(batch_id)
-            if results is None:
-                meta: dict[str, Any] = backend.get_task_meta(batch_id, cache=False)
-                if meta.get("status") in states.READY_STATES - {states.SUCCESS}:
-                    return meta
-                if meta.get("status") == states.SUCCESS:
-                    results = list((meta.get("result") or {}).get("results") or [])
-                    with self._finished_lock:
-                        self._finished[batch_id] = results
-                        while len(self._finished) > _FINISHED_BATCHES:
-                            self._finished.popitem(last=False)
-            if results is not None:
-                if index < len(results):
-                    return {"status": states.SUCCESS, "result": results[index]}
-                return {"status": states.FAILURE, "result": None}
-            # A pending batch: its jobs were never sent on their own (see ``submit_one``).
-            return {"status": states.PENDING, "result": None}
-        own: dict[str, Any] = backend.get_task_meta(job_id, cache=False)
-        return own
+        if located is None:
+            return metas[job_id]
+        batch_id, index = located
+        results = self._finished_batch(batch_id)
+        if results is None:
+            meta = metas[batch_id]
+            if meta.get("status") in states.READY_STATES - {states.SUCCESS}:
+                return meta
+            if meta.get("status") == states.SUCCESS:
+                results = list((meta.get("result") or {}).get("results") or [])
+                with self._finished_lock:
+                    self._finished[batch_id] = results
+                    while len(self._finished) > _FINISHED_BATCHES:
+                        self._finished.popitem(last=False)
+        if results is not None:
+            if index < len(results):
+                return {"status": states.SUCCESS, "result": results[index]}
+            return {"status": states.FAILURE, "result": None}
+        # A pending batch: its jobs were never sent on their own (see ``submit_one``).
+        return {"status": states.PENDING, "result": None}
 
-    def status(self, job_id: str) -> JobStatus:
-        """Where the job stands now. An unknown job id is indistinguishable from a pending one.
-
-        A job that failed in the worker (which the verify task never lets happen: it turns
-        every error into a verdict) is reported as done with an ``internal_error`` verdict.
-        """
-        try:
-            meta = self._meta(job_id)
-        except NotImplementedError as exc:
-            # Celery's DisabledBackend: the app was configured without a result backend.
-            raise QueueUnavailable("no result backend is configured") from exc
-        except self._unreachable() as exc:
-            raise QueueUnavailable(
-                f"the result backend is unavailable ({type(exc).__name__})"
-            ) from exc
+    def _status_of(self, job_id: str, meta: dict[str, Any]) -> JobStatus:
         state = meta.get("status")
         if state == states.SUCCESS:
             try:
@@ -298,31 +314,53 @@ class JobQueue:
             )
         return JobStatus(jobId=job_id, status="pending")
 
+    def status(self, job_id: str) -> JobStatus:
+        """Where the job stands now. An unknown job id is indistinguishable from a pending one.
+
+        A job that failed in the worker (which the verify task never lets happen: it turns
+        every error into a verdict) is reported as done with an ``internal_error`` verdict.
+        """
+        [status] = self.statuses([job_id])
+        return status
+
     def statuses(self, job_ids: Sequence[str]) -> list[JobStatus]:
-        """The status of each job; the jobs of one batch cost one read of the backend."""
-        pending_batches: set[str] = set()
-        found: list[JobStatus] = []
+        """The status of each job, as ``status`` tells it, from one read of the result
+        backend for all of them (a batch's jobs share its one stored result)."""
+        wanted: dict[str, None] = {}
         for job_id in job_ids:
             located = batch_of(job_id)
-            if located is not None and located[0] in pending_batches:
-                found.append(JobStatus(jobId=job_id, status="pending"))
-                continue
-            status = self.status(job_id)
-            if located is not None and not status.done:
-                pending_batches.add(located[0])
-            found.append(status)
-        return found
+            if located is None:
+                wanted[job_id] = None
+            elif self._finished_batch(located[0]) is None:
+                wanted[located[0]] = None
+        try:
+            metas = self._read_metas(list(wanted))
+            return [self._status_of(j, self._job_meta(j, metas)) for j in job_ids]
+        except NotImplementedError as exc:
+            # Celery's DisabledBackend: the app was configured without a result backend.
+            raise QueueUnavailable("no result backend is configured") from exc
+        except self._unreachable() as exc:
+            raise QueueUnavailable(
+                f"the result backend is unavailable ({type(exc).__name__})"
+            ) from exc
 
     async def wait_many_async(self, job_ids: Sequence[str], timeout: float) -> list[JobStatus]:
-        """Poll until every job is done or ``timeout`` seconds passed; return the statuses."""
-        deadline = time.monotonic() + timeout
-        delays = _poll_delays()
-        while True:
-            found = await anyio.to_thread.run_sync(self.statuses, job_ids)
-            remaining = deadline - time.monotonic()
-            if all(status.done for status in found) or remaining <= 0:
-                return found
-            await anyio.sleep(min(next(delays), remaining))
+        """Wait until every job is done or ``timeout`` seconds passed; return the statuses.
+
+        Every request waiting in this process is served by one watcher per event loop, which
+        reads the statuses of all awaited jobs together (one backend read per tick), so a
+        thousand waiting requests cost what one does; a long wait holds no thread."""
+        loop = asyncio.get_running_loop()
+        with self._finished_lock:
+            watcher = self._watchers.get(loop)
+            if watcher is None:
+                watcher = self._watchers[loop] = _Watcher(self)
+        return await watcher.wait(list(job_ids), timeout)
+
+    async def wait_async(self, job_id: str, timeout: float) -> JobStatus:
+        """Like ``wait``, for an event loop (see ``wait_many_async``)."""
+        [status] = await self.wait_many_async([job_id], timeout)
+        return status
 
     def wait(self, job_id: str, timeout: float) -> JobStatus:
         """Poll until the job is done or ``timeout`` seconds passed; return its last status."""
@@ -335,14 +373,69 @@ class JobQueue:
                 return status
             time.sleep(min(next(delays), remaining))
 
-    async def wait_async(self, job_id: str, timeout: float) -> JobStatus:
-        """Like ``wait``, for an event loop: each read runs in a worker thread, and the pauses
-        between reads sleep on the loop, so a long wait holds no thread."""
-        deadline = time.monotonic() + timeout
+
+class _Watcher:
+    """Waits for the verdicts of the jobs awaited on one event loop: while any job is awaited,
+    a single task reads all their statuses together (in a worker thread), then sleeps a short
+    poll interval that grows while nothing changes, and resolves each waiter as its jobs
+    finish. A backend that cannot be reached fails every waiter of that read with
+    ``QueueUnavailable``."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self._waiters: dict[str, list[asyncio.Future[JobStatus]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def wait(self, job_ids: list[str], timeout: float) -> list[JobStatus]:
+        loop = asyncio.get_running_loop()
+        futures = {job_id: loop.create_future() for job_id in dict.fromkeys(job_ids)}
+        for job_id, future in futures.items():
+            self._waiters.setdefault(job_id, []).append(future)
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
+        try:
+            await asyncio.wait(futures.values(), timeout=timeout)
+        finally:
+            for job_id, future in futures.items():
+                waiting = self._waiters.get(job_id)
+                if waiting is not None and future in waiting:
+                    waiting.remove(future)
+                    if not waiting:
+                        del self._waiters[job_id]
+                future.cancel()
+        found: dict[str, JobStatus] = {}
+        error: BaseException | None = None
+        for job_id, future in futures.items():
+            if future.cancelled():
+                found[job_id] = JobStatus(jobId=job_id, status="pending")
+            elif future.exception() is not None:
+                error = future.exception()
+            else:
+                found[job_id] = future.result()
+        if error is not None:
+            raise error
+        return [found[job_id] for job_id in job_ids]
+
+    async def _run(self) -> None:
         delays = _poll_delays()
-        while True:
-            status = await anyio.to_thread.run_sync(self.status, job_id)
-            remaining = deadline - time.monotonic()
-            if status.done or remaining <= 0:
-                return status
-            await anyio.sleep(min(next(delays), remaining))
+        while self._waiters:
+            job_ids = list(self._waiters)
+            try:
+                found = await anyio.to_thread.run_sync(self.queue.statuses, job_ids)
+            except QueueUnavailable as exc:
+                for waiting in self._waiters.values():
+                    for future in waiting:
+                        if not future.done():
+                            future.set_exception(exc)
+                self._waiters.clear()
+                return
+            progressed = False
+            for status in found:
+                if status.done:
+                    for future in self._waiters.pop(status.job_id, []):
+                        if not future.done():
+                            future.set_result(status)
+                    progressed = True
+            if progressed or len(job_ids) != len(self._waiters):
+                delays = _poll_delays()  # verdicts are flowing: keep reading often
+            await asyncio.sleep(next(delays))

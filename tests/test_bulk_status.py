@@ -76,3 +76,66 @@ def test_async_wait_many(base_url: str, ca: TestCA) -> None:
             assert verdicts[job_id].ok and verdicts[job_id].counter == 0
 
     asyncio.run(scenario())
+
+
+def test_waiting_requests_share_one_watcher(stack: Stack, ca: TestCA) -> None:
+    """Fifty requests waiting at once on one event loop are served by one watcher: each read
+    of the result backend covers every job still awaited (not one read per waiter), every
+    waiter gets its own verdict, a waiter whose time runs out gets "pending" and leaves no
+    trace, and a backend that cannot be reached fails the waiters with QueueUnavailable."""
+    from producer.errors import QueueUnavailable
+    from producer.jobs import JobQueue, check_request
+    from tests.test_faults import issue, sessions_for
+    from worker.celery_app import create_celery_app
+
+    app = create_celery_app(stack.settings)
+    queue = JobQueue(app)
+    reads: list[int] = []
+    real_statuses = queue.statuses
+
+    def counting_statuses(job_ids: list[str]) -> list[object]:
+        reads.append(len(job_ids))
+        return real_statuses(job_ids)  # type: ignore[return-value]
+
+    queue.statuses = counting_statuses  # type: ignore[method-assign, assignment]
+    try:
+        with sessions_for(stack.settings.store_url) as sessions:
+            devices = [Device(ca=ca) for _ in range(50)]
+            challenges = issue(sessions, "registration", [None] * 50)
+        job_ids = [
+            queue.submit(check_request(d.registration_body(c, now=datetime.now(UTC))))
+            for d, c in zip(devices, challenges, strict=True)
+        ]
+
+        async def wait_all() -> list[object]:
+            return list(await asyncio.gather(*(queue.wait_async(job_id, 60) for job_id in job_ids)))
+
+        statuses = asyncio.run(wait_all())
+        assert [s.result.key_id for s in statuses] == [d.key_id_b64 for d in devices]  # type: ignore[attr-defined]
+        assert all(s.result.ok for s in statuses)  # type: ignore[attr-defined]
+        assert reads[0] == 50 and len(reads) < 50
+
+        unknown = str(uuid.uuid4())
+        [late] = asyncio.run(queue.wait_many_async([unknown], 0.2))
+        assert late.status == "pending" and late.job_id == unknown
+        assert all(not w._waiters for w in queue._watchers.values())
+    finally:
+        app.close()
+
+    down = stack.settings.model_copy(update={"result_backend": "redis://127.0.0.1:1/0"})
+    dead_app = create_celery_app(down)
+    dead_queue = JobQueue(dead_app, ledger=None)
+
+    async def wait_dead() -> list[BaseException | object]:
+        return list(
+            await asyncio.gather(
+                *(dead_queue.wait_async(str(uuid.uuid4()), 5) for _ in range(3)),
+                return_exceptions=True,
+            )
+        )
+
+    try:
+        outcomes = asyncio.run(wait_dead())
+    finally:
+        dead_app.close()
+    assert all(isinstance(o, QueueUnavailable) for o in outcomes), outcomes
