@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # message was lost, and how old such a job must be before it is published again.
     ledger_sweep_seconds: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
     ledger_resend_seconds: float = Field(default=60.0, gt=0, le=86_400, allow_inf_nan=False)
+    # Loaded device public keys kept per worker process (about 2 KiB each; 0 turns it off):
+    # a device asserting again skips loading its key, about a fifth of an assertion's cost.
+    public_key_cache_size: int = Field(default=50_000, ge=0, le=10_000_000)
     task_max_retries: int = Field(default=5, ge=0, le=50)
     task_retry_backoff_max: int = Field(default=30, ge=1)
 

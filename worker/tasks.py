@@ -55,12 +55,20 @@ def process_resources(settings: Settings) -> _ProcessResources:
         _resources = _ProcessResources(
             pid=pid,
             service=VerificationService(
-                policy=policy, sessions=sessions, cache=cache, issued_challenges=True
+                policy=policy,
+                sessions=sessions,
+                cache=cache,
+                issued_challenges=True,
+                public_key_cache_size=settings.public_key_cache_size,
             ),
             # Bulk imports of registrations made elsewhere: their challenges were checked by
             # the system that issued them, so they are taken as given, as in `appattest verify`.
             offline=VerificationService(
-                policy=policy, sessions=sessions, cache=cache, issued_challenges=False
+                policy=policy,
+                sessions=sessions,
+                cache=cache,
+                issued_challenges=False,
+                public_key_cache_size=settings.public_key_cache_size,
             ),
             reverifier=Reverifier(sessions=sessions, cache=cache),
             cache=cache,

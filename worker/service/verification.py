@@ -47,8 +47,10 @@ from worker.store.challenges import Purpose, challenge_digest
 # A batch whose verdicts conflict with a concurrent delivery of the same jobs is decided again;
 # the second attempt finds the recorded verdicts. More attempts would mean a bug.
 _ATTEMPTS = 3
-# Loaded public keys kept per process, by their stored point (a few hundred bytes each).
-_PUBLIC_KEY_CACHE_SIZE = 50_000
+# Loaded public keys kept per service, by their stored point: about 2 KiB each (OpenSSL's key
+# structures), so the default bound is about 100 MiB per worker process once that many
+# distinct devices have asserted.
+PUBLIC_KEY_CACHE_SIZE = 50_000
 
 
 def utc_now() -> datetime:
@@ -128,12 +130,16 @@ class VerificationService:
         cache: IntermediateCache | None = None,
         clock: Callable[[], datetime] = utc_now,
         issued_challenges: bool = False,
+        public_key_cache_size: int = PUBLIC_KEY_CACHE_SIZE,
     ) -> None:
+        if public_key_cache_size < 0:
+            raise ValueError("public_key_cache_size must not be negative")
         self.policy = policy
         self.sessions = sessions
         self.cache = cache if cache is not None else IntermediateCache()
         self.clock = clock
         self.issued_challenges = issued_challenges
+        self._public_key_cache_size = public_key_cache_size
         self._public_keys: OrderedDict[bytes, ec.EllipticCurvePublicKey] = OrderedDict()
         self._public_keys_lock = threading.Lock()
 
@@ -148,7 +154,7 @@ class VerificationService:
         key = load_public_key(point)
         with self._public_keys_lock:
             self._public_keys[point] = key
-            while len(self._public_keys) > _PUBLIC_KEY_CACHE_SIZE:
+            while len(self._public_keys) > self._public_key_cache_size:
                 self._public_keys.popitem(last=False)
         return key
 
