@@ -11,8 +11,9 @@ What it measures, in one process and one run:
   warmed by a single call, and once with ``cache=None`` (then the intermediate's signature by
   the root is checked on every call, so two P-384 verifications are the floor);
 * ``verify_assertion`` per second on pre-minted assertions with increasing counters, with the
-  public key passed as the stored 65-byte point (as the service does, so the point is loaded on
-  every call) and as a pre-loaded key object;
+  public key passed as the stored 65-byte point (loaded on every call: a device the worker
+  process has not seen yet) and as a pre-loaded key object (what the service's cache of loaded
+  keys gives for a device seen before, and how the floor row holds its key);
 * the ratios of the core rates to their floor rates and the time per operation in microseconds.
 
 Method: every row is measured for a fixed time slice in each of several rounds, the rows are
