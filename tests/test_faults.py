@@ -132,6 +132,18 @@ def fault_stack(
         yield stack
 
 
+def enter_stack(
+    cleanup: ExitStack, ca: TestCA, store_url: str, workdir: Path, **options: Any
+) -> Stack:
+    """A service stack for ``APP_ID`` on this store, stopped with ``cleanup``; ``options`` go
+    to ``service_stack`` (broker and backend URLs, extra environment)."""
+    return cleanup.enter_context(
+        service_stack(
+            store_url=store_url, root_pem=ca.root_pem, workdir=workdir, app_ids=APP_ID, **options
+        )
+    )
+
+
 @contextmanager
 def sessions_for(url: str) -> Iterator[sessionmaker[Session]]:
     engine = create_store_engine(url)
@@ -570,9 +582,7 @@ def test_the_ledger_resends_only_jobs_neither_queued_nor_held_nor_finished(
     (in the broker's unacknowledged hash) neither; one whose result is stored leaves the ledger;
     one taken off the queue and then lost is published again, under its job id, once."""
     with ExitStack() as cleanup:
-        stack = cleanup.enter_context(
-            service_stack(store_url=pg_url, root_pem=ca.root_pem, workdir=tmp_path, app_ids=APP_ID)
-        )
+        stack = enter_stack(cleanup, ca, pg_url, tmp_path)
         queue = cleanup.enter_context(job_queue(stack.settings))
         ledger = queue.ledger
         assert ledger is not None
@@ -618,15 +628,7 @@ def test_a_job_whose_message_was_lost_still_gets_its_verdict(
     ledger empties as results are stored."""
     env = {"APPATTEST_LEDGER_SWEEP_SECONDS": "0.5", "APPATTEST_LEDGER_RESEND_SECONDS": "1"}
     with ExitStack() as cleanup:
-        stack = cleanup.enter_context(
-            service_stack(
-                store_url=pg_url,
-                root_pem=ca.root_pem,
-                workdir=tmp_path,
-                app_ids=APP_ID,
-                extra_env=env,
-            )
-        )
+        stack = enter_stack(cleanup, ca, pg_url, tmp_path, extra_env=env)
         stack.start_worker(name="a")
         sessions = cleanup.enter_context(sessions_for(pg_url))
         queue = cleanup.enter_context(job_queue(stack.settings))

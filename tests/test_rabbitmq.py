@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import _unavailable
-from tests.factory import APP_ID, Device, TestCA
-from tests.stack import service_stack
+from tests.factory import Device, TestCA
 from tests.test_faults import (
     collect,
+    enter_stack,
     issue,
     job_queue,
     kill_holding_a_job,
@@ -66,15 +66,7 @@ def test_a_worker_killed_on_rabbitmq_loses_no_job(
     gets what it held at once (no visibility timeout to wait for), and every job ends with
     exactly one recorded verdict, the right one. Jobs need no ledger on this broker."""
     with ExitStack() as cleanup:
-        stack = cleanup.enter_context(
-            service_stack(
-                store_url=pg_url,
-                root_pem=ca.root_pem,
-                workdir=tmp_path,
-                app_ids=APP_ID,
-                broker_url=amqp_url,
-            )
-        )
+        stack = enter_stack(cleanup, ca, pg_url, tmp_path, broker_url=amqp_url)
         victim = stack.start_worker(name="victim")
         stack.start_worker(name="survivor")
         queue = cleanup.enter_context(job_queue(stack.settings, max_batch=5))
