@@ -239,7 +239,7 @@ def verdicts(data: dict[str, Any]) -> list[dict[str, Any]]:
         both = [rows[k] for k in rows if k.startswith("workers_2_") and k.endswith(kind)]
         if both:
             add(
-                f"e2e bulk submit, 2 workers {kind}s / in-process (mean of rounds)",
+                f"e2e bulk, 2 workers, {kind}s / in-process",
                 sum(r["over_in_process"] for r in both) / len(both),
                 target,
                 cpu=sum(r["over_in_process_cpu"] for r in both) / len(both),
