@@ -8,13 +8,13 @@ from datetime import datetime
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import StatementError
 
 from tests.conftest import NOW
 from worker.store import bulk, keys
 from worker.store.db import create_store_engine, session_factory, upgrade
-from worker.store.models import Base, DeviceKey, Verdict
+from worker.store.models import Base, DeviceKey, ReverifyResult, ReverifyRun, Verdict
 
 
 @pytest.fixture
@@ -215,3 +215,70 @@ def test_tables_updated_per_job_leave_room_for_same_page_updates(pg_url: str) ->
     assert options["device_keys"] == options["challenges"] == ["fillfactor=70"]
     engine.dispose()
     assert options["verdicts"] is None  # insert-only: full pages are right
+
+
+def test_reverify_results_and_revocations_are_set_at_a_time_and_once(engine: Engine) -> None:
+    """A batch's re-verification results are recorded only where still pending (a redelivered
+    batch records nothing twice), and revocations and restorations touch exactly the keys
+    named, on both backends."""
+    for key_id in ("a" * 44, "b" * 44, "c" * 44):
+        _insert(engine, key_id)
+    sessions = session_factory(engine)
+    with sessions() as session, session.begin():
+        session.add(
+            ReverifyRun(run_id="run-1", created_at=NOW, apply=True, policy={}, filters={}, total=3)
+        )
+        session.add_all(
+            ReverifyResult(run_id="run-1", key_id=k, status="pending")
+            for k in ("a" * 44, "b" * 44, "c" * 44)
+        )
+    outcomes = [
+        {
+            "key_id": "a" * 44,
+            "ok": True,
+            "reason": None,
+            "detail": None,
+            "app_id": "TEAMID1234.com.example.app",
+            "environment": "production",
+        },
+        {
+            "key_id": "b" * 44,
+            "ok": False,
+            "reason": "certificate_expired",
+            "detail": 'leaf "expired" \\ before',
+            "app_id": None,
+            "environment": None,
+        },
+    ]
+    with sessions() as session, session.begin():
+        finished = bulk.finish_reverify_results(
+            session, "run-1", outcomes, NOW, pending="pending", done="done"
+        )
+        assert finished == {"a" * 44, "b" * 44}
+        bulk.revoke_keys(session, [("b" * 44, "certificate_expired")], "run-1", NOW)
+    with sessions() as session, session.begin():
+        again = bulk.finish_reverify_results(
+            session, "run-1", outcomes, NOW, pending="pending", done="done"
+        )
+        assert again == set()
+    with sessions() as session:
+        results = {r.key_id: r for r in session.scalars(select(ReverifyResult))}
+        assert results["b" * 44].status == "done" and results["b" * 44].ok is False
+        assert results["b" * 44].detail == 'leaf "expired" \\ before'
+        assert results["b" * 44].decided_at == NOW
+        assert results["c" * 44].status == "pending"
+        revoked = {k.key_id: k for k in session.scalars(select(DeviceKey))}
+        assert revoked["b" * 44].revoked_at == NOW
+        assert revoked["b" * 44].revoked_reason == "certificate_expired"
+        assert revoked["b" * 44].revoked_by_run == "run-1"
+        assert revoked["a" * 44].revoked_at is None and revoked["c" * 44].revoked_at is None
+    with sessions() as session, session.begin():
+        bulk.restore_keys(session, ["b" * 44, "c" * 44])
+    with sessions() as session:
+        restored = session.get(DeviceKey, "b" * 44)
+        assert restored is not None
+        assert (restored.revoked_at, restored.revoked_reason, restored.revoked_by_run) == (
+            None,
+            None,
+            None,
+        )

@@ -29,6 +29,7 @@ from worker.core import (
     verify_attestation,
 )
 from worker.service.verification import utc_now
+from worker.store import bulk
 from worker.store.models import DeviceKey, ReverifyResult, ReverifyRun
 
 PENDING, DONE = "pending", "done"
@@ -304,49 +305,33 @@ class Reverifier:
             }
         outcomes = [self._decide(keys.get(k), k, policy) for k in key_ids]
         now = self.clock()
-        decided = 0
+        rows = [
+            {
+                "key_id": o.key_id,
+                "ok": o.ok,
+                "reason": o.reason,
+                "detail": (o.detail or "")[:500] or None,
+                "app_id": o.app_id,
+                "environment": o.environment,
+            }
+            for o in outcomes
+        ]
         with self.sessions() as session, session.begin():
-            for outcome in outcomes:
-                changed = session.execute(
-                    update(ReverifyResult)
-                    .where(
-                        ReverifyResult.run_id == run_id,
-                        ReverifyResult.key_id == outcome.key_id,
-                        ReverifyResult.status == PENDING,
-                    )
-                    .values(
-                        status=DONE,
-                        ok=outcome.ok,
-                        reason=outcome.reason,
-                        detail=(outcome.detail or "")[:500] or None,
-                        app_id=outcome.app_id,
-                        environment=outcome.environment,
-                        decided_at=now,
-                    )
-                    .execution_options(synchronize_session=False)
-                ).rowcount  # type: ignore[attr-defined]
-                if changed != 1:
-                    continue
-                decided += 1
-                # A key that could not be judged (internal_error) is neither revoked nor
-                # restored: only a verdict changes what a key may do.
-                if apply and outcome.key_id in keys and outcome.reason != Reason.INTERNAL_ERROR:
-                    self._apply(session, run_id, outcome, now)
-        return decided
-
-    @staticmethod
-    def _apply(session: Session, run_id: str, outcome: _Outcome, now: datetime) -> None:
-        if outcome.ok:
-            session.execute(
-                update(DeviceKey)
-                .where(DeviceKey.key_id == outcome.key_id, DeviceKey.revoked_at.is_not(None))
-                .values(revoked_at=None, revoked_reason=None, revoked_by_run=None)
-                .execution_options(synchronize_session=False)
+            finished = bulk.finish_reverify_results(
+                session, run_id, rows, now, pending=PENDING, done=DONE
             )
-        else:
-            session.execute(
-                update(DeviceKey)
-                .where(DeviceKey.key_id == outcome.key_id)
-                .values(revoked_at=now, revoked_reason=outcome.reason, revoked_by_run=run_id)
-                .execution_options(synchronize_session=False)
-            )
+            if apply:
+                # Only keys decided now, and by a verdict: a key that could not be judged
+                # (internal_error) is neither revoked nor restored.
+                judged = [
+                    o
+                    for o in outcomes
+                    if o.key_id in finished
+                    and o.key_id in keys
+                    and o.reason != Reason.INTERNAL_ERROR
+                ]
+                bulk.restore_keys(session, [o.key_id for o in judged if o.ok])
+                bulk.revoke_keys(
+                    session, [(o.key_id, o.reason) for o in judged if not o.ok], run_id, now
+                )
+        return len(finished)

@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
-from worker.store.models import Challenge, DeviceKey, Verdict
+from worker.store.models import Challenge, DeviceKey, ReverifyResult, Verdict
 
 # PostgreSQL: one statement of fixed text whatever the batch size, its rows in one JSON
 # parameter, so neither SQLAlchemy nor the driver parses, compiles or escapes anything per row
@@ -261,3 +261,111 @@ def insert_keys(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
 def record_verdicts(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
     """Insert verdict rows unless their job already has one; return the job ids recorded."""
     return _insert_ignoring_conflicts(session, Verdict, rows, Verdict.job_id)
+
+
+# Re-verification: a batch's results and the revocations they apply, one statement each.
+_FINISH_RESULTS_PG = text(
+    """
+    UPDATE reverify_results SET status = :done, ok = o.ok, reason = o.reason,
+        detail = o.detail, app_id = o.app_id, environment = o.environment, decided_at = :now
+    FROM json_to_recordset(CAST(:outcomes AS json)) AS o(
+        key_id text, ok boolean, reason text, detail text, app_id text, environment text
+    )
+    WHERE reverify_results.run_id = :run_id AND reverify_results.key_id = o.key_id
+      AND reverify_results.status = :pending
+    RETURNING reverify_results.key_id
+    """
+)
+_RESTORE_KEYS_PG = text(
+    """
+    UPDATE device_keys SET revoked_at = NULL, revoked_reason = NULL, revoked_by_run = NULL
+    WHERE key_id IN (SELECT json_array_elements_text(CAST(:key_ids AS json)))
+      AND revoked_at IS NOT NULL
+    """
+)
+_REVOKE_KEYS_PG = text(
+    """
+    UPDATE device_keys SET revoked_at = :now, revoked_reason = r.reason, revoked_by_run = :run_id
+    FROM json_to_recordset(CAST(:revocations AS json)) AS r(key_id text, reason text)
+    WHERE device_keys.key_id = r.key_id
+    """
+)
+
+
+def finish_reverify_results(
+    session: Session,
+    run_id: str,
+    outcomes: Sequence[dict[str, Any]],
+    now: datetime,
+    *,
+    pending: str,
+    done: str,
+) -> set[str]:
+    """Record each outcome (``key_id, ok, reason, detail, app_id, environment``) as the run's
+    result for its key, only where that result is still ``pending``; return the keys
+    recorded now (a key decided before, by a redelivered batch, is not)."""
+    if not outcomes:
+        return set()
+    if _is_postgresql(session):
+        rows = session.execute(
+            _FINISH_RESULTS_PG,
+            {
+                "outcomes": _json(list(outcomes)),
+                "run_id": run_id,
+                "now": now,
+                "pending": pending,
+                "done": done,
+            },
+        )
+        return {key_id for (key_id,) in rows}
+    finished: set[str] = set()
+    for outcome in outcomes:
+        values = {k: v for k, v in outcome.items() if k != "key_id"}
+        changed = session.execute(
+            update(ReverifyResult)
+            .where(
+                ReverifyResult.run_id == run_id,
+                ReverifyResult.key_id == outcome["key_id"],
+                ReverifyResult.status == pending,
+            )
+            .values(status=done, decided_at=now, **values)
+            .returning(ReverifyResult.key_id)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if changed is not None:
+            finished.add(changed)
+    return finished
+
+
+def restore_keys(session: Session, key_ids: Sequence[str]) -> None:
+    """Lift the revocation of these keys (those revoked)."""
+    if not key_ids:
+        return
+    if _is_postgresql(session):
+        session.execute(_RESTORE_KEYS_PG, {"key_ids": _json(list(key_ids))})
+        return
+    session.execute(
+        update(DeviceKey)
+        .where(DeviceKey.key_id.in_(key_ids), DeviceKey.revoked_at.is_not(None))
+        .values(revoked_at=None, revoked_reason=None, revoked_by_run=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def revoke_keys(
+    session: Session, revocations: Sequence[tuple[str, str | None]], run_id: str, now: datetime
+) -> None:
+    """Revoke each key with its reason, by this run, as of ``now``."""
+    if not revocations:
+        return
+    if _is_postgresql(session):
+        document = _json([{"key_id": k, "reason": r} for k, r in revocations])
+        session.execute(_REVOKE_KEYS_PG, {"revocations": document, "run_id": run_id, "now": now})
+        return
+    for key_id, reason in revocations:
+        session.execute(
+            update(DeviceKey)
+            .where(DeviceKey.key_id == key_id)
+            .values(revoked_at=now, revoked_reason=reason, revoked_by_run=run_id)
+            .execution_options(synchronize_session=False)
+        )
