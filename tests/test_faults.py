@@ -699,12 +699,11 @@ def test_redis_crash_mid_burst(ca: TestCA, pg_url: str, tmp_path: Path) -> None:
                 },
             )
         )
-        stack.start_worker(name="a")
-        stack.start_worker(name="b")
+        workers = [stack.start_worker(name="a"), stack.start_worker(name="b")]
         sessions = cleanup.enter_context(sessions_for(pg_url))
         api = cleanup.enter_context(http_api(producer_settings(stack.settings)))
 
-        devices = [Device(ca=ca) for _ in range(120)]
+        devices = [Device(ca=ca) for _ in range(260)]
         bodies = [d.registration_body(issue_http(api, "registration"), now=now()) for d in devices]
         expected: dict[str, Expected] = {}
         index_of: dict[str, int] = {}
@@ -714,9 +713,17 @@ def test_redis_crash_mid_burst(ca: TestCA, pg_url: str, tmp_path: Path) -> None:
             expected[job_id] = Expected("registration", devices[index].key_id_b64, 0)
             index_of[job_id] = index
 
-        before = 60
-        for index in range(before):
-            submit(index)
+        # The burst before the crash queues up behind paused workers, so that the crash lands
+        # while most of it is still undecided however fast the workers are.
+        before = 200
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGSTOP)
+        try:
+            for index in range(before):
+                submit(index)
+        finally:
+            for worker in workers:
+                os.killpg(worker.pid, signal.SIGCONT)
         wait_until(lambda: verdict_count(sessions, list(expected)) >= 5, 60, "first verdicts")
         server.stop(kill=True)
         crashed_at = time.monotonic()
@@ -751,7 +758,10 @@ def test_redis_crash_mid_burst(ca: TestCA, pg_url: str, tmp_path: Path) -> None:
         assert 0 < decided_at_crash < before, "the crash did not land mid-burst"
 
         resent = worker_log(stack, "").count("published again")
-        print(f"redis-crash: {resent} lost message(s) published again from the ledger")
+        print(
+            f"redis-crash: {decided_at_crash} of {before} decided when Redis died; "
+            f"{resent} lost message(s) published again from the ledger"
+        )
         assert wrong == [] and lost == [], (wrong, lost)
 
 

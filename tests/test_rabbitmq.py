@@ -73,7 +73,7 @@ def test_a_worker_killed_on_rabbitmq_loses_no_job(
         assert queue.ledger is None
         sessions = cleanup.enter_context(sessions_for(pg_url))
 
-        devices = [Device(ca=ca) for _ in range(120)]
+        devices = [Device(ca=ca) for _ in range(240)]
         burst = [
             registration(device, challenge)
             for device, challenge in zip(
