@@ -101,12 +101,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import redis  # noqa: E402
 from sqlalchemy import Engine, create_engine, func, insert, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from tests.factory import APP_ID, Device, TestCA  # noqa: E402
-from tests.stack import REDIS_URL, Stack, flush_redis, fresh_database, service_stack  # noqa: E402
+from tests.stack import (  # noqa: E402
+    Stack,
+    flush_redis,
+    fresh_database,
+    server_versions,
+    service_stack,
+)
 from worker.store.challenges import Purpose, challenge_digest, issue_challenge  # noqa: E402
 from worker.store.db import create_store_engine, session_factory, upgrade  # noqa: E402
 from worker.store.models import Challenge, Verdict  # noqa: E402
@@ -1276,17 +1281,6 @@ async def _embedded_burst(
     finally:
         raw.close()
     return raw.rate_limited
-
-
-def server_versions(engine: Engine) -> dict[str, str]:
-    with engine.connect() as conn:
-        pg = str(conn.scalar(text("SHOW server_version")))
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        info: Any = client.info("server")
-    finally:
-        client.close()
-    return {"postgresql": pg.split()[0], "redis": str(info.get("redis_version", "?"))}
 
 
 def run_e2e(

@@ -60,11 +60,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import redis  # noqa: E402
-from sqlalchemy import Engine, func, insert, select, text  # noqa: E402
+from sqlalchemy import Engine, func, insert, select  # noqa: E402
 
 from tests.factory import APP_ID, Device, TestCA, client_data_hash  # noqa: E402
-from tests.stack import REDIS_URL, Stack, fresh_database, leased_redis_pair  # noqa: E402
+from tests.stack import (  # noqa: E402
+    REDIS_URL,
+    Stack,
+    flush_redis,
+    fresh_database,
+    leased_redis_pair,
+    server_versions,
+)
 from worker.core import IntermediateCache, Policy, TrustStore, verify_attestation  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
 from worker.store.db import create_store_engine, upgrade  # noqa: E402
@@ -263,12 +269,7 @@ def redis_pair(dbs: tuple[int, int] | None, *, flush: bool) -> Iterator[tuple[in
             yield pair
         return
     if flush:
-        for db in dbs:
-            client = redis.Redis.from_url(f"{REDIS_URL}/{db}")
-            try:
-                client.flushdb()
-            finally:
-                client.close()
+        flush_redis(*dbs)
     yield dbs
 
 
@@ -417,17 +418,6 @@ def table(data: dict[str, Any]) -> str:
         "setup: " + ", ".join(f"{k} {v} s" for k, v in data["setup_seconds"].items()),
     ]
     return "\n".join(lines)
-
-
-def server_versions(engine: Engine) -> dict[str, str]:
-    with engine.connect() as conn:
-        pg = str(conn.scalar(text("SHOW server_version")))
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        info: Any = client.info("server")
-    finally:
-        client.close()
-    return {"postgresql": pg.split()[0], "redis": str(info.get("redis_version", "?"))}
 
 
 def _db_pair(value: str) -> tuple[int, int]:

@@ -166,6 +166,7 @@ class JobQueue:
         self._watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = (
             weakref.WeakKeyDictionary()
         )
+        self._watchers_lock = threading.Lock()
 
     def close(self) -> None:
         """Release the ledger's connections."""
@@ -351,7 +352,7 @@ class JobQueue:
         reads the statuses of all awaited jobs together (one backend read per tick), so a
         thousand waiting requests cost what one does; a long wait holds no thread."""
         loop = asyncio.get_running_loop()
-        with self._finished_lock:
+        with self._watchers_lock:
             watcher = self._watchers.get(loop)
             if watcher is None:
                 watcher = self._watchers[loop] = _Watcher(self)

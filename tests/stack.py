@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from worker.celery_app import create_celery_app
@@ -125,6 +126,18 @@ def fresh_database(admin_url: str, prefix: str = "appattest_test") -> Iterator[s
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+def server_versions(engine: Engine) -> dict[str, str]:
+    """The versions of the PostgreSQL server of ``engine`` and of the Redis server."""
+    with engine.connect() as conn:
+        pg = str(conn.scalar(text("SHOW server_version")))
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        info: Any = client.info("server")
+    finally:
+        client.close()
+    return {"postgresql": pg.split()[0], "redis": str(info.get("redis_version", "?"))}
 
 
 def flush_redis(*dbs: int) -> None:

@@ -67,6 +67,7 @@ from tests.faults import (
 from tests.stack import Stack, service_stack
 from worker.celery_app import QUEUE, VERIFY_BATCH_TASK, VERIFY_TASK, create_celery_app
 from worker.contract import PluginRequest
+from worker.ledger import publish_task
 from worker.settings import Settings
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory
@@ -481,18 +482,10 @@ def kill_holding_a_job(stack: Stack, worker: subprocess.Popen[bytes], name: str)
 
 
 def _send(queue: JobQueue, task: str, task_id: str, argument: dict[str, Any]) -> None:
-    """Put a message on the queue under a chosen task id, as a redelivery of the broker would.
-
-    Built like ``JobQueue`` builds its messages (``send_task`` would also subscribe to the
-    result channel, which this test does not need)."""
-    app = queue.celery_app
-    args = (argument,)
-    message = app.amqp.create_task_message(
-        task_id, task, args, {}, argsrepr="(<job>,)", kwargsrepr="{}"
-    )
-    options = app.amqp.router.route({}, task, args, {})
-    with app.producer_or_acquire() as producer:
-        app.amqp.send_task_message(producer, task, message, **options)
+    """Put a message on the queue under a chosen task id, as a redelivery of the broker would
+    (built and published as the producer publishes, without a ledger entry)."""
+    with queue.celery_app.producer_or_acquire() as producer:
+        publish_task(queue.celery_app, producer, task, task_id, argument)
 
 
 def _send_job(queue: JobQueue, job_id: str, body: dict[str, Any]) -> None:

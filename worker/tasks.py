@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import redis
@@ -52,24 +53,19 @@ def process_resources(settings: Settings) -> _ProcessResources:
         sessions = session_factory(create_store_engine(settings.store_url))
         cache = IntermediateCache()
         policy = settings.policy()
+        service = partial(
+            VerificationService,
+            policy=policy,
+            sessions=sessions,
+            cache=cache,
+            public_key_cache_size=settings.public_key_cache_size,
+        )
         _resources = _ProcessResources(
             pid=pid,
-            service=VerificationService(
-                policy=policy,
-                sessions=sessions,
-                cache=cache,
-                issued_challenges=True,
-                public_key_cache_size=settings.public_key_cache_size,
-            ),
+            service=service(issued_challenges=True),
             # Bulk imports of registrations made elsewhere: their challenges were checked by
             # the system that issued them, so they are taken as given, as in `appattest verify`.
-            offline=VerificationService(
-                policy=policy,
-                sessions=sessions,
-                cache=cache,
-                issued_challenges=False,
-                public_key_cache_size=settings.public_key_cache_size,
-            ),
+            offline=service(issued_challenges=False),
             reverifier=Reverifier(sessions=sessions, cache=cache),
             cache=cache,
         )
