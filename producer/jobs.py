@@ -29,7 +29,7 @@ from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from producer.batching import MicroBatcher, batch_of, new_batch
 from producer.errors import QueueUnavailable, validation_summary
 from producer.schemas import BatchItem, JobStatus, JobType
-from worker.celery_app import VERIFY_BATCH_TASK, VERIFY_TASK
+from worker.celery_app import VERIFY_BATCH_TASK, VERIFY_TASK, read_task_metas
 from worker.contract import (
     FORMAT_APPLE_APP_ATTEST,
     PLATFORM_IOS,
@@ -245,29 +245,6 @@ class JobQueue:
         except self._unreachable() as exc:
             raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
 
-    def _read_metas(self, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The stored task states of these tasks: one read (MGET) on a key-value backend such
-        as Redis, one read per task on any other."""
-        backend = self.celery_app.backend
-        if not task_ids:
-            return {}
-        if hasattr(backend, "mget") and hasattr(backend, "get_key_for_task"):
-            keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
-            try:
-                values = backend.mget(keys)
-            except NotImplementedError:  # a key-value backend without bulk reads
-                values = None
-        else:
-            values = None
-        if values is not None:
-            return {
-                task_id: backend.decode_result(value)
-                if value
-                else {"status": states.PENDING, "result": None}
-                for task_id, value in zip(task_ids, values, strict=True)
-            }
-        return {task_id: backend.get_task_meta(task_id, cache=False) for task_id in task_ids}
-
     def _finished_batch(self, batch_id: str) -> list[Any] | None:
         with self._finished_lock:
             return self._finished.get(batch_id)
@@ -335,7 +312,7 @@ class JobQueue:
             elif self._finished_batch(located[0]) is None:
                 wanted[located[0]] = None
         try:
-            metas = self._read_metas(list(wanted))
+            metas = read_task_metas(self.celery_app.backend, list(wanted))
             return [self._status_of(j, self._job_meta(j, metas)) for j in job_ids]
         except NotImplementedError as exc:
             # Celery's DisabledBackend: the app was configured without a result backend.

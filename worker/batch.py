@@ -16,10 +16,10 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.celery_app import REVERIFY_TASK, VERIFY_TASK
+from worker.celery_app import REVERIFY_TASK, VERIFY_TASK, read_task_metas
 from worker.contract import VerificationResult, kind_of
 from worker.core import Reason
-from worker.ledger import ledger_for
+from worker.ledger import ledger_for, publish_task
 from worker.lines import parse_line
 from worker.progress import RunProgress
 from worker.service.reverify import Reverifier, iter_pending_batches, results, run_state
@@ -177,10 +177,12 @@ def verify_queued(
                 job["at"] = at.isoformat()
             if ledger is not None:
                 ledger.record([(item.job_id, VERIFY_TASK, job)])
-            app.send_task(VERIFY_TASK, args=[job], task_id=item.job_id)
+            with app.producer_or_acquire() as producer:
+                publish_task(app, producer, VERIFY_TASK, item.job_id, job)
             in_flight[item.job_id] = (item, time.monotonic())
+        metas = read_task_metas(backend, list(in_flight))
         for job_id, (item, sent) in list(in_flight.items()):
-            meta = backend.get_task_meta(job_id)
+            meta = metas[job_id]
             status = meta.get("status")
             if status == "SUCCESS":
                 del in_flight[job_id]

@@ -39,6 +39,8 @@ from typing import Any, Final
 import redis
 from celery import Celery, states
 
+from worker.celery_app import read_task_metas
+
 log = logging.getLogger("appattest.ledger")
 
 LEDGER_KEY: Final = "appattest:ledger"
@@ -174,13 +176,12 @@ class Ledger:
         )
         if not stale:
             return SweepReport(0, 0, [])
-        backend = celery_app.backend
+        metas = read_task_metas(celery_app.backend, [raw_id.decode() for raw_id, _ in stale])
         finished: list[str] = []
         open_entries: list[tuple[str, float]] = []
         for raw_id, score in stale:
             task_id = raw_id.decode()
-            meta = backend.get_task_meta(task_id, cache=False)
-            if meta.get("status") in states.READY_STATES:
+            if metas[task_id].get("status") in states.READY_STATES:
                 finished.append(task_id)
             else:
                 open_entries.append((task_id, score))
