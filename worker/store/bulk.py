@@ -276,13 +276,6 @@ _FINISH_RESULTS_PG = text(
     RETURNING reverify_results.key_id
     """
 )
-_RESTORE_KEYS_PG = text(
-    """
-    UPDATE device_keys SET revoked_at = NULL, revoked_reason = NULL, revoked_by_run = NULL
-    WHERE key_id IN (SELECT json_array_elements_text(CAST(:key_ids AS json)))
-      AND revoked_at IS NOT NULL
-    """
-)
 _REVOKE_KEYS_PG = text(
     """
     UPDATE device_keys SET revoked_at = :now, revoked_reason = r.reason, revoked_by_run = :run_id
@@ -341,12 +334,12 @@ def restore_keys(session: Session, key_ids: Sequence[str]) -> None:
     """Lift the revocation of these keys (those revoked)."""
     if not key_ids:
         return
-    if _is_postgresql(session):
-        session.execute(_RESTORE_KEYS_PG, {"key_ids": _json(list(key_ids))})
-        return
     session.execute(
         update(DeviceKey)
-        .where(DeviceKey.key_id.in_(key_ids), DeviceKey.revoked_at.is_not(None))
+        .where(
+            _matching(session, DeviceKey.key_id, list(key_ids)),
+            DeviceKey.revoked_at.is_not(None),
+        )
         .values(revoked_at=None, revoked_reason=None, revoked_by_run=None)
         .execution_options(synchronize_session=False)
     )
