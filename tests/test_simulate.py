@@ -32,7 +32,11 @@ API_KEY = "simulate-test-key"
 
 
 def _invoke(*args: str) -> Any:
-    return CliRunner().invoke(main, ["simulate", *args])
+    return _invoke_main("simulate", *args)
+
+
+def _invoke_main(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args))
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +54,28 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _serve(workdir: Path, *, root_ca: Path | None) -> Iterator[str]:
-    """``appattest serve`` in its own process group; yields its base URL once it is ready."""
+def _serve(
+    workdir: Path,
+    *,
+    root_ca: Path | None,
+    command: str = "serve",
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """``appattest serve`` (or another command that serves the API) in its own process group;
+    yields its base URL once it is ready."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
-    env["APPATTEST_API_KEYS"] = API_KEY
-    command = [sys.executable, "-m", "worker.cli", "serve", "--app-id", APP_ID]
-    command += ["--port", str(port), "--data-dir", str(workdir / "data")]
-    command += [] if root_ca is None else ["--root-ca", str(root_ca)]
-    log_path = workdir / "serve.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
+    environ |= {"APPATTEST_API_KEYS": API_KEY, **(env or {})}
+    arguments = [sys.executable, "-m", "worker.cli", command, "--app-id", APP_ID]
+    arguments += ["--port", str(port)]
+    arguments += ["--data-dir", str(workdir / "data")] if command == "serve" else []
+    arguments += [] if root_ca is None else ["--root-ca", str(root_ca)]
+    log_path = workdir / f"{command}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            command,
+            arguments,
             cwd=workdir,
-            env=env,
+            env=environ,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -76,7 +88,7 @@ def _serve(workdir: Path, *, root_ca: Path | None) -> Iterator[str]:
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/readyz").status_code == 200:
                     break
-            assert time.monotonic() < deadline, "serve is not ready: " + log_path.read_text()
+            assert time.monotonic() < deadline, "not ready: " + log_path.read_text()
             time.sleep(0.2)
         yield url
     finally:
@@ -244,6 +256,28 @@ def test_a_refused_api_key_exits_3(served: str, ca_dir: Path) -> None:
     result = _simulate("--url", served, "--api-key", "not-the-key", "--ca", str(ca_dir))
     assert result.returncode == 3
     assert "refused the API key (401)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_service_without_workers_exits_3_when_no_verdict_comes(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    # The API alone, on SQLite files: jobs are queued and never decided.
+    store = f"sqlite:///{tmp_path / 'keys.db'}"
+    assert _invoke_main("migrate", "--store", store).exit_code == 0
+    env = {
+        "APPATTEST_STORE_URL": store,
+        "APPATTEST_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        "APPATTEST_RESULT_BACKEND": f"db+sqlite:///{tmp_path / 'results.db'}",
+    }
+    root = ca_dir / "root.pem"
+    with _serve(tmp_path, root_ca=root, command="api", env=env) as url:
+        result = _simulate(
+            *("--url", url, "--api-key", API_KEY, "--ca", str(ca_dir), "--devices", "1"),
+            *("--wait", "0.5", "--timeout", "1"),
+        )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "within 1 s; are the workers running?" in result.stderr
     assert "Traceback" not in result.stderr
 
 
