@@ -274,7 +274,9 @@ def test_a_service_without_workers_exits_3_when_no_verdict_comes(
     with _serve(tmp_path, root_ca=root, command="api", env=env) as url:
         result = _simulate(
             *("--url", url, "--api-key", API_KEY, "--ca", str(ca_dir), "--devices", "1"),
-            *("--wait", "0.5", "--timeout", "1"),
+            # --wait (10 s by default) is held to what is left of --timeout.
+            "--timeout",
+            "1",
         )
     assert result.returncode == 3, result.stdout + result.stderr
     assert "within 1 s; are the workers running?" in result.stderr

@@ -243,7 +243,9 @@ class _Service:
         """Submit one plugin body, wait for its verdict and time it."""
         path = "/v1/attestations" if case.kind == "registration" else "/v1/assertions"
         started = time.perf_counter()
-        response = await self._call("POST", path, json_body=body, wait=self.plan.wait_seconds)
+        deadline = started + self.plan.job_timeout_seconds
+        wait = min(self.plan.wait_seconds, self.plan.job_timeout_seconds)
+        response = await self._call("POST", path, json_body=body, wait=wait)
         answer = _json(response)
         if response.status_code in _DOOR_STATUSES:
             error = answer.get("error")
@@ -256,19 +258,20 @@ class _Service:
                 body["keyId"],
                 str(error.get("detail")),
             )
-        deadline = started + self.plan.job_timeout_seconds
         while answer.get("status") != "done":
             job_id = answer.get("jobId")
             if response.status_code not in (200, 202) or not isinstance(job_id, str):
                 raise ServiceError(
                     f"POST {path} answered {response.status_code}: {_error_text(response)}"
                 )
-            if time.perf_counter() > deadline:
+            left = deadline - time.perf_counter()
+            if left <= 0:
                 raise ServiceError(
                     f"no verdict for job {job_id} within {self.plan.job_timeout_seconds:g} s;"
                     " are the workers running?"
                 )
-            response = await self._call("GET", f"/v1/jobs/{job_id}", wait=self.plan.wait_seconds)
+            wait = max(min(self.plan.wait_seconds, left), 0.1)
+            response = await self._call("GET", f"/v1/jobs/{job_id}", wait=wait)
             answer = _json(response)
         seconds = time.perf_counter() - started
         result = answer.get("result")
