@@ -37,6 +37,8 @@ JobKind = Literal["registration", "assertion"]
 # validation); the error code is then the verdict. 401 and 429 are not verdicts.
 _DOOR_STATUSES: Final = frozenset({400, 413, 422})
 _MAX_RATE_LIMITED_RETRIES: Final = 50
+# Answers that mean the URL is not the service's API root: no such route, or not our server.
+_NO_SUCH_ROUTE: Final = frozenset({"not_found", "method_not_allowed", None})
 
 
 @dataclass(frozen=True)
@@ -216,12 +218,12 @@ class _Service:
             raise ServiceError(f"{method} {path}: still rate limited after many retries")
         if response.status_code == 401:
             raise ServiceError(f"the service refused the API key (401): {_error_text(response)}")
-        if response.status_code in (403, 404, 405):
+        if response.status_code in (404, 405) and _error_code(response) in _NO_SUCH_ROUTE:
             raise ServiceError(
                 f"{method} {path} answered {response.status_code} ({_error_text(response)});"
                 " is --url the service's base URL?"
             )
-        if response.status_code >= 500:
+        if response.status_code >= 500 or response.status_code in (403, 404, 405):
             raise ServiceError(
                 f"{method} {path} answered {response.status_code}: {_error_text(response)}"
             )
@@ -260,6 +262,10 @@ class _Service:
             )
         while answer.get("status") != "done":
             job_id = answer.get("jobId")
+            if answer.get("status") != "pending" and isinstance(answer.get("error"), dict):
+                # A job the service gave up on (its message was lost, say): not a verdict.
+                state = answer.get("status")
+                raise ServiceError(f"job {job_id} of {path} is {state}: {_error_text(response)}")
             if response.status_code not in (200, 202) or not isinstance(job_id, str):
                 raise ServiceError(
                     f"POST {path} answered {response.status_code}: {_error_text(response)}"
@@ -299,6 +305,16 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise ServiceError(f"{response.request.url.path} answered a JSON {type(answer).__name__}")
     return answer
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    """The API's error code, or None when the answer is not the API's error JSON (a server
+    that is not this service, say)."""
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _error_text(response: httpx.Response) -> str:
