@@ -25,6 +25,7 @@ from worker.ledger import Sweeper, ledger_for
 from worker.lines import parse_line, read_lines
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
+from worker.simulator.command import simulate_command
 from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
 from worker.tasks import warm_up_process
 
@@ -627,6 +628,8 @@ def reverify(
     print_summary(summary, sys.stderr, title=f"reverify {run_id}")
     click.echo(f"results: {jsonl} {csv_path}", err=True)
 
+
+main.add_command(simulate_command)
 
 if __name__ == "__main__":
     main()
