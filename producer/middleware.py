@@ -21,7 +21,7 @@ log = logging.getLogger("appattest.producer")
 
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 # Bodies larger than this are checked for JSON syntax in a worker thread, off the event loop.
-_THREAD_PARSE_BYTES: Final = 1024 * 1024
+_THREAD_PARSE_BYTES: Final = 256 * 1024
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
