@@ -22,6 +22,7 @@ from uuid import UUID
 from celery import Celery
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
@@ -617,9 +618,16 @@ def create_app(
         settings.max_body_bytes,
         min(settings.max_body_bytes * settings.max_batch_jobs, MAX_BATCH_BODY_BYTES),
     )
+    # Every POST route takes a JSON body (none has a path parameter, so paths match exactly).
+    json_routes = {
+        route.path
+        for route in app.routes
+        if isinstance(route, APIRoute) and "POST" in (route.methods or ())
+    }
     app.add_middleware(
         RequestGuard,
         authorized=api_keys.accepts,
+        json_routes=json_routes,
         limit=settings.max_body_bytes,
         per_path={"/v1/jobs": batch_limit},
         body_timeout=settings.body_timeout_seconds,

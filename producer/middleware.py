@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Final
 
 import anyio
@@ -19,7 +19,6 @@ from producer.errors import ErrorCode, error_body
 log = logging.getLogger("appattest.producer")
 
 
-_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 # Bodies larger than this are checked for JSON syntax in a worker thread, off the event loop.
 _THREAD_PARSE_BYTES: Final = 256 * 1024
 
@@ -105,16 +104,17 @@ class RequestGuard:
     2. Under ``protected`` (the ``/v1`` routes), the ``Authorization: Bearer`` key is checked
        with ``authorized`` from the headers alone: 401 ``unauthorized`` before a byte of the
        body is read, and the connection is closed instead of draining the body.
-    3. Under ``protected``, a request with a body (POST, PUT, PATCH) must declare
-       ``Content-Type: application/json`` (415 ``unsupported_media_type``).
+    3. A POST to one of ``json_routes`` (the paths whose POST takes a body) must declare
+       ``Content-Type: application/json`` (415 ``unsupported_media_type``). Other methods
+       and paths are left to the router (405, 404).
     4. The body may not be larger than ``limit`` bytes (``per_path`` gives other limits for
        exact paths): a larger ``Content-Length`` is refused at once, and a body without one
        (chunked) is read only up to the limit (413 ``payload_too_large``).
     5. The whole body must arrive within ``body_timeout`` seconds of the request's head
        (408 ``request_timeout``), so that a slow sender holds a connection for that long at
        most.
-    6. Under ``protected``, a JSON body must parse as JSON (400 ``invalid_json``); what is
-       JSON but not the route's schema is the route's 422.
+    6. The body of a POST to one of ``json_routes`` must parse as JSON (400
+       ``invalid_json``); what is JSON but not the route's schema is the route's 422.
 
     The accepted body is then handed on whole, so nothing downstream reads past it. The key
     check is repeated by the routes (``producer.app``), which also learn which key it was.
@@ -128,6 +128,7 @@ class RequestGuard:
         limit: int,
         body_timeout: float,
         max_in_flight_per_client: int,
+        json_routes: Collection[str] = (),
         per_path: Mapping[str, int] | None = None,
         protected: str = "/v1/",
     ) -> None:
@@ -136,6 +137,7 @@ class RequestGuard:
         self.limit = limit
         self.body_timeout = body_timeout
         self.max_in_flight_per_client = max_in_flight_per_client
+        self.json_routes = frozenset(json_routes)
         self.per_path = dict(per_path or {})
         self.protected = protected
         # client address -> requests in progress. Only the event loop of the server touches
@@ -174,7 +176,7 @@ class RequestGuard:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         protected = path.startswith(self.protected) or path == self.protected.rstrip("/")
-        wants_json = protected and scope["method"] in _BODY_METHODS
+        wants_json = scope["method"] == "POST" and path in self.json_routes
         refusal: JSONResponse | None = None
         if protected and not self.authorized(_bearer_token(scope)):
             refusal = _refusal(

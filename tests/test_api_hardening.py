@@ -414,6 +414,15 @@ def test_json_that_is_not_the_schema_is_invalid_request(
     assert response.json()["error"]["code"] == "invalid_request"
 
 
+def test_other_methods_are_left_to_the_router(api_url: str) -> None:
+    """The media-type rule is for the routes' POST bodies: another method is still 405."""
+    for path in BODY_ROUTES:
+        for method in ("PUT", "PATCH", "DELETE"):
+            response = httpx.request(method, f"{api_url}{path}", content=b"x", headers=_auth(KEY_A))
+            assert response.status_code == 405, (method, path)
+            assert response.json()["error"]["code"] == "method_not_allowed"
+
+
 def test_a_key_is_checked_before_the_media_type(api_url: str) -> None:
     for path in BODY_ROUTES:
         response = httpx.post(
