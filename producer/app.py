@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -22,6 +22,7 @@ from uuid import UUID
 from celery import Celery
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
@@ -42,8 +43,8 @@ from producer.jobs import (
     check_batch_item,
     check_request,
 )
-from producer.middleware import BodySizeLimit, InternalErrors
-from producer.ratelimit import RateLimiter, retry_after_seconds
+from producer.middleware import InternalErrors, RequestGuard
+from producer.ratelimit import RateLimiter, WaitBudget, retry_after_seconds
 from producer.schemas import (
     BatchJob,
     BatchRequest,
@@ -146,6 +147,37 @@ async def _rate_limit_check(request: Request) -> None:
     """Refuse a request whose key has no token left, taking none: for the batch route, which
     charges once it knows how many jobs the batch carries."""
     _charge(request, 1, take=False)
+
+
+@contextmanager
+def _waiting_on(request: Request, count: int) -> Iterator[None]:
+    """Hold ``count`` ids of the wait budget of the request's key while the block runs; 429
+    ``too_many_waits`` when the key is already waiting on its share."""
+    budget: WaitBudget = request.app.state.wait_budget
+    key = request.state.api_key
+    if not budget.take(key, count):
+        log.info("refused a wait on %d jobs: %d held by its key", count, budget.held(key))
+        raise ApiError(
+            429,
+            ErrorCode.TOO_MANY_WAITS,
+            f"this API key is already waiting on {budget.held(key)} jobs (at most "
+            f"{budget.limit} at once); retry later or ask without wait",
+            headers={"Retry-After": "1"},
+        )
+    try:
+        yield
+    finally:
+        budget.release(key, count)
+
+
+async def _wait_budget(request: Request) -> AsyncIterator[None]:
+    """A request for one job with ``?wait`` holds one id of its key's wait budget (after
+    ``_authenticate``)."""
+    if "wait" not in request.query_params:
+        yield
+        return
+    with _waiting_on(request, 1):
+        yield
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -399,41 +431,51 @@ async def get_jobs(request: Request, resources: Resources, wait: Wait = None) ->
     """The statuses of up to ``max_batch_jobs`` jobs at once; with ``wait``, hold on until all
     are done or that many seconds passed. Collecting the verdicts of a bulk submission this
     way costs one request per batch instead of one per job."""
-    wait = _checked_wait(wait, resources.settings)
     try:
-        asked = StatusRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False, include_context=False)
-        raise ApiError(422, ErrorCode.INVALID_REQUEST, validation_summary(errors)) from exc
-    if len(asked.job_ids) > resources.settings.max_batch_jobs:
-        raise ApiError(
-            413,
-            ErrorCode.PAYLOAD_TOO_LARGE,
-            f"at most {resources.settings.max_batch_jobs} jobs per request",
-        )
-    for job_id in asked.job_ids:
-        try:
-            UUID(job_id)
-        except ValueError as exc:
-            raise ApiError(422, ErrorCode.INVALID_REQUEST, "jobIds must be UUIDs") from exc
+        wait = _checked_wait(wait, resources.settings)
+        asked = _status_request(await request.body(), resources.settings.max_batch_jobs)
+    except ApiError:
+        _charge(request, 1)  # a refused request costs one token, like any other
+        raise
+    # One token per id read, like a batch: polling many ids costs what polling each would.
+    _charge(request, len(asked.job_ids))
     owner = _caller(request).owner
     if wait is None:
         found = await run_in_threadpool(
             partial(resources.queue.statuses, asked.job_ids, owner=owner)
         )
     else:
-        found = await resources.queue.wait_many_async(asked.job_ids, wait, owner=owner)
+        with _waiting_on(request, len(asked.job_ids)):
+            found = await resources.queue.wait_many_async(asked.job_ids, wait, owner=owner)
     return StatusResponse(jobs=found)
+
+
+def _status_request(raw: bytes, max_jobs: int) -> StatusRequest:
+    try:
+        asked = StatusRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, validation_summary(errors)) from exc
+    if len(asked.job_ids) > max_jobs:
+        raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"at most {max_jobs} jobs per request")
+    for job_id in asked.job_ids:
+        try:
+            UUID(job_id)
+        except ValueError as exc:
+            raise ApiError(422, ErrorCode.INVALID_REQUEST, "jobIds must be UUIDs") from exc
+    return asked
 
 
 def _add_routes(app: FastAPI) -> None:
     """Register the routes on ``app`` itself (not through an included router), so that
     ``app.routes`` lists every path."""
     auth = [Depends(_authenticate), Depends(_rate_limit)]
-    # The batch route charges the rate limit itself, once it knows how many jobs it carries;
-    # before reading the batch, it only checks that the key has a token left.
+    waiting = [*auth, Depends(_wait_budget)]
+    # The batch and status routes charge the rate limit themselves, once they know how many
+    # jobs they carry; before reading the body, they only check that the key has a token left.
     batch_auth = [Depends(_authenticate), Depends(_rate_limit_check)]
-    refusals = _errors(401, 413, 422, 429, 500, 503)
+    # Every route with a body answers these (see producer.middleware.RequestGuard).
+    refusals = _errors(400, 401, 408, 413, 415, 422, 429, 500, 503)
     job_answers: dict[int | str, dict[str, Any]] = {
         202: {"model": JobAccepted, "description": "Queued; the verdict is not in yet."},
         200: {"model": JobStatus, "description": "Done within `wait`: the verdict."},
@@ -475,7 +517,7 @@ def _add_routes(app: FastAPI) -> None:
         status_code=202,
         response_model=None,
         responses=job_answers,
-        dependencies=auth,
+        dependencies=waiting,
         openapi_extra=_request_body(RegistrationRequest, "The plugin's registration body."),
         tags=["jobs"],
     )
@@ -487,7 +529,7 @@ def _add_routes(app: FastAPI) -> None:
         status_code=202,
         response_model=None,
         responses=job_answers,
-        dependencies=auth,
+        dependencies=waiting,
         openapi_extra=_request_body(
             AssertionRequest,
             "The plugin's assertion body. With `challenge`, the payload must contain it.",
@@ -512,8 +554,8 @@ def _add_routes(app: FastAPI) -> None:
         methods=["GET"],
         summary="A job's status and, once done, its verdict",
         response_model=JobStatus,
-        responses=refusals,
-        dependencies=auth,
+        responses=_errors(401, 422, 429, 500, 503),
+        dependencies=waiting,
         tags=["jobs"],
     )
     app.add_api_route(
@@ -523,7 +565,7 @@ def _add_routes(app: FastAPI) -> None:
         summary="The statuses of many jobs at once",
         response_model=StatusResponse,
         responses=refusals,
-        dependencies=auth,
+        dependencies=batch_auth,
         tags=["jobs"],
         openapi_extra={
             "requestBody": {
@@ -646,6 +688,7 @@ def create_app(
     )
     app.state.api_keys = api_keys
     app.state.rate_limiter = limiter
+    app.state.wait_budget = WaitBudget(settings.max_waits_per_key)
     _add_routes(app)
 
     app.add_exception_handler(ApiError, _on_api_error)
@@ -660,10 +703,22 @@ def create_app(
         settings.max_body_bytes,
         min(settings.max_body_bytes * settings.max_batch_jobs, MAX_BATCH_BODY_BYTES),
     )
+    # Every POST route takes a JSON body (none has a path parameter, so paths match exactly).
+    json_routes = {
+        route.path
+        for route in app.routes
+        if isinstance(route, APIRoute) and "POST" in (route.methods or ())
+    }
     app.add_middleware(
-        BodySizeLimit, limit=settings.max_body_bytes, per_path={"/v1/jobs": batch_limit}
+        RequestGuard,
+        authorized=api_keys.accepts,
+        json_routes=json_routes,
+        limit=settings.max_body_bytes,
+        per_path={"/v1/jobs": batch_limit},
+        body_timeout=settings.body_timeout_seconds,
+        max_in_flight_per_client=settings.max_connections_per_client,
     )
-    # Added last, so outermost: it also catches what the body limit might raise.
+    # Added last, so outermost: it also catches what the guard might raise.
     app.add_middleware(InternalErrors)
     return app
 

@@ -33,6 +33,11 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     SERVICE_UNAVAILABLE = "service_unavailable"
     INTERNAL_ERROR = Reason.INTERNAL_ERROR.value
+    INVALID_JSON = "invalid_json"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    REQUEST_TIMEOUT = "request_timeout"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    TOO_MANY_WAITS = "too_many_waits"
 
 
 class ApiError(Exception):

@@ -1,11 +1,16 @@
-"""Pure ASGI middlewares: the request body limit and the last-resort 500 answer."""
+"""Pure ASGI middlewares: the guard every request passes (per-address bound, key, media
+type, body size, body deadline, JSON syntax) and the last-resort 500 answer."""
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import Final
 
+import anyio
+import anyio.to_thread
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,64 +19,222 @@ from producer.errors import ErrorCode, error_body
 log = logging.getLogger("appattest.producer")
 
 
-def _declared_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None  # the server refuses such requests; counting still applies
+# Bodies larger than this are checked for JSON syntax in a worker thread, off the event loop.
+_THREAD_PARSE_BYTES: Final = 256 * 1024
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
     return None
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(
-        error_body(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is larger than {limit} bytes"),
-        status_code=413,
-        # The rest of the body was not read; the connection cannot carry another request.
-        headers={"Connection": "close"},
+def _declared_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None  # the server refuses such requests; counting still applies
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    """The credentials of ``Authorization: Bearer <key>`` (the scheme in any case), as
+    FastAPI's ``HTTPBearer`` reads them, or None."""
+    value = _header(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, credentials = value.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials
+
+
+def _is_json(scope: Scope) -> bool:
+    """Whether the declared Content-Type is ``application/json``, with no parameter but an
+    optional ``charset=utf-8`` (JSON is UTF-8: RFC 8259, section 8.1)."""
+    value = _header(scope, b"content-type")
+    if value is None:
+        return False
+    media_type, *parameters = (part.strip().lower() for part in value.split(b";"))
+    if media_type != b"application/json":
+        return False
+    return all(
+        parameter.replace(b" ", b"") in (b"charset=utf-8", b'charset="utf-8"', b"")
+        for parameter in parameters
     )
 
 
-class BodySizeLimit:
-    """Refuse HTTP request bodies larger than ``limit`` bytes with 413 ``payload_too_large``.
+def _is_valid_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
-    Enforced before anything parses the body: a declared ``Content-Length`` above the limit is
-    refused without reading a byte, and a body without one (chunked) is read only up to the
-    limit. The accepted body is then handed on whole, so nothing downstream reads past it.
 
-    ``per_path`` gives other limits for exact paths (the batch route takes more than one body).
+def _refusal(
+    status: int, code: ErrorCode, detail: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    # The rest of the body, if any, is not read: the connection cannot carry another request.
+    return JSONResponse(
+        error_body(code, detail),
+        status_code=status,
+        headers={**(headers or {}), "Connection": "close"},
+    )
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _refusal(
+        413, ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is larger than {limit} bytes"
+    )
+
+
+class _TooLarge(Exception):
+    """The body grew past the limit while it was read."""
+
+
+class RequestGuard:
+    """What every HTTP request passes before the app reads it, in this order:
+
+    1. At most ``max_in_flight_per_client`` requests of one client address are in progress
+       at once; another is refused with 429 ``too_many_connections``.
+    2. Under ``protected`` (the ``/v1`` routes), the ``Authorization: Bearer`` key is checked
+       with ``authorized`` from the headers alone: 401 ``unauthorized`` before a byte of the
+       body is read, and the connection is closed instead of draining the body.
+    3. A POST to one of ``json_routes`` (the paths whose POST takes a body) must declare
+       ``Content-Type: application/json`` (415 ``unsupported_media_type``). Other methods
+       and paths are left to the router (405, 404).
+    4. The body may not be larger than ``limit`` bytes (``per_path`` gives other limits for
+       exact paths): a larger ``Content-Length`` is refused at once, and a body without one
+       (chunked) is read only up to the limit (413 ``payload_too_large``).
+    5. The whole body must arrive within ``body_timeout`` seconds of the request's head
+       (408 ``request_timeout``), so that a slow sender holds a connection for that long at
+       most.
+    6. The body of a POST to one of ``json_routes`` must parse as JSON (400
+       ``invalid_json``); what is JSON but not the route's schema is the route's 422.
+
+    The accepted body is then handed on whole, so nothing downstream reads past it. The key
+    check is repeated by the routes (``producer.app``), which also learn which key it was.
     """
 
-    def __init__(self, app: ASGIApp, *, limit: int, per_path: Mapping[str, int] | None = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        authorized: Callable[[str | None], bool],
+        limit: int,
+        body_timeout: float,
+        max_in_flight_per_client: int,
+        json_routes: Collection[str] = (),
+        per_path: Mapping[str, int] | None = None,
+        protected: str = "/v1/",
+    ) -> None:
         self.app = app
+        self.authorized = authorized
         self.limit = limit
+        self.body_timeout = body_timeout
+        self.max_in_flight_per_client = max_in_flight_per_client
+        self.json_routes = frozenset(json_routes)
         self.per_path = dict(per_path or {})
+        self.protected = protected
+        # client address -> requests in progress. Only the event loop of the server touches
+        # it, and an address leaves it when its last request ends, so its size is bounded by
+        # the open connections.
+        self._in_flight: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.per_path.get(scope["path"], self.limit)
+        client = scope.get("client")
+        address = str(client[0]) if client else ""
+        held = self._in_flight.get(address, 0)
+        if held >= self.max_in_flight_per_client:
+            log.info("refused a request from %s: %d requests in progress", address, held)
+            response = _refusal(
+                429,
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"at most {self.max_in_flight_per_client} requests of one client address "
+                "may be in progress at once",
+                {"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+        self._in_flight[address] = held + 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            remaining = self._in_flight[address] - 1
+            if remaining:
+                self._in_flight[address] = remaining
+            else:
+                del self._in_flight[address]
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        protected = path.startswith(self.protected) or path == self.protected.rstrip("/")
+        wants_json = scope["method"] == "POST" and path in self.json_routes
+        refusal: JSONResponse | None = None
+        if protected and not self.authorized(_bearer_token(scope)):
+            refusal = _refusal(
+                401,
+                ErrorCode.UNAUTHORIZED,
+                "a valid API key is required: Authorization: Bearer <key>",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        elif wants_json and not _is_json(scope):
+            refusal = _refusal(
+                415,
+                ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                "the body must be JSON, sent as Content-Type: application/json",
+            )
+        limit = self.per_path.get(path, self.limit)
         declared = _declared_length(scope)
-        if declared is not None and declared > limit:
+        if refusal is None and declared is not None and declared > limit:
+            refusal = _too_large(limit)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        try:
+            with anyio.fail_after(self.body_timeout):
+                body = await self._read_body(receive, limit)
+        except _TooLarge:
             await _too_large(limit)(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client is gone; there is no one to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _too_large(limit)(scope, receive, send)
+        except TimeoutError:
+            log.info(
+                "%s %s: the body did not arrive within %s s",
+                scope["method"],
+                path,
+                self.body_timeout,
+            )
+            response = _refusal(
+                408,
+                ErrorCode.REQUEST_TIMEOUT,
+                f"the request body did not arrive within {self.body_timeout} s",
+            )
+            await response(scope, receive, send)
+            return
+        if body is None:
+            return  # the client is gone; there is no one to answer
+        if wants_json:
+            # Parsed twice (here, then by the route) so that one rule holds on every route: a
+            # body that is not JSON is 400. For an ordinary body that costs microseconds.
+            valid = (
+                await anyio.to_thread.run_sync(_is_valid_json, body)
+                if len(body) > _THREAD_PARSE_BYTES
+                else _is_valid_json(body)
+            )
+            if not valid:
+                response = JSONResponse(
+                    error_body(ErrorCode.INVALID_JSON, "the body is not valid JSON"),
+                    status_code=400,
+                )
+                await response(scope, receive, send)
                 return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
         delivered = False
 
         async def replay() -> Message:
@@ -82,6 +245,24 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _read_body(receive: Receive, limit: int) -> bytes | None:
+        """The whole body, or None when the client disconnected; raises ``_TooLarge`` past
+        ``limit`` bytes."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 class InternalErrors:

@@ -89,3 +89,47 @@ class RateLimiter:
 def retry_after_seconds(wait: float) -> int:
     """The ``Retry-After`` value for a wait: whole seconds, rounded up, at least 1."""
     return max(1, math.ceil(wait))
+
+
+class WaitBudget:
+    """How many job ids each API key may be waiting on (``?wait``) at once, in this process.
+
+    A waiting request costs the producer a read of each of its ids every poll tick for as long
+    as it waits, which its one charge to the rate limit does not cover; this bounds what one
+    key's waits can add to every tick, so that a key flooding waits cannot slow down the
+    others. ``limit`` is the budget per key; a request for more ids than that is admitted
+    when the key has no other wait in progress (so that a full status batch is always
+    possible). Keys with nothing held take no memory. Safe to use from several threads.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the wait budget must be at least 1: {limit}")
+        self.limit = int(limit)
+        self._lock = threading.Lock()
+        self._held: dict[Hashable, int] = {}
+
+    def take(self, key: Hashable, count: int) -> bool:
+        """Hold ``count`` ids for ``key``; False (holding nothing) when over its budget."""
+        if count < 1:
+            raise ValueError(f"a wait holds at least one id, not {count}")
+        with self._lock:
+            held = self._held.get(key, 0)
+            if held and held + count > self.limit:
+                return False
+            self._held[key] = held + count
+            return True
+
+    def release(self, key: Hashable, count: int) -> None:
+        """Give back ``count`` ids that ``take`` held for ``key``."""
+        with self._lock:
+            remaining = self._held.get(key, 0) - count
+            if remaining > 0:
+                self._held[key] = remaining
+            else:
+                self._held.pop(key, None)
+
+    def held(self, key: Hashable) -> int:
+        """How many ids ``key`` is waiting on now."""
+        with self._lock:
+            return self._held.get(key, 0)

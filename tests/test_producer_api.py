@@ -33,6 +33,7 @@ DEV_APP_ID = "TEAMID1234.com.example.devapp"
 DEAD_REDIS = "redis://127.0.0.1:1/0"
 DEAD_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +293,8 @@ def test_batch_bounds(settings: Settings, api: httpx.Client, ca: TestCA) -> None
     assert_error(api.post("/v1/jobs", json={"jobs": {}}), 422, "invalid_request")
     assert_error(api.post("/v1/jobs", json=[]), 422, "invalid_request")
     assert_error(api.post("/v1/jobs", json={"jobs": [], "more": 1}), 422, "invalid_request")
-    assert_error(api.post("/v1/jobs", content=b'{"jobs": ['), 422, "invalid_request")
+    response = api.post("/v1/jobs", content=b'{"jobs": [', headers=JSON)
+    assert_error(response, 400, "invalid_json")
     small = settings.model_copy(update={"max_batch_jobs": 2})
     body = Device(ca=ca).registration_body("x", now=_now())
     with _client(small) as client:
@@ -387,19 +389,17 @@ def test_any_configured_key_is_accepted(settings: Settings) -> None:
 def test_oversized_bodies_are_refused_before_parsing(api: httpx.Client, settings: Settings) -> None:
     limit = settings.max_body_bytes
     for path in ("/v1/attestations", "/v1/assertions", "/v1/challenges"):
-        response = api.post(
-            path, content=b"{" * (limit + 1), headers={"Content-Type": "application/json"}
-        )
+        response = api.post(path, content=b"{" * (limit + 1), headers=JSON)
         assert_error(response, 413, "payload_too_large")
 
     def chunks() -> Iterator[bytes]:
         for _ in range(limit // 4096 + 2):
             yield b" " * 4096
 
-    response = api.post("/v1/attestations", content=chunks())
+    response = api.post("/v1/attestations", content=chunks(), headers=JSON)
     assert_error(response, 413, "payload_too_large")
     # Just within the limit, the body is parsed (and refused for what it is, not for its size).
-    response = api.post("/v1/attestations", content=b" " * (limit - 2) + b"{}")
+    response = api.post("/v1/attestations", content=b" " * (limit - 2) + b"{}", headers=JSON)
     assert_error(response, 422, "invalid_request")
 
 
@@ -410,10 +410,7 @@ def _good_registration(ca: TestCA) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("path", "mutate"),
     [
-        ("/v1/attestations", lambda b: b"{not json"),
-        ("/v1/attestations", lambda b: b""),
         ("/v1/attestations", lambda b: b"[1, 2]"),
-        ("/v1/attestations", lambda b: b"\xff\xfe"),
         ("/v1/attestations", lambda b: {**b, "token": 12}),
         ("/v1/attestations", lambda b: {**b, "keyId": None}),
         ("/v1/attestations", lambda b: {k: v for k, v in b.items() if k != "challenge"}),
@@ -425,8 +422,7 @@ def _good_registration(ca: TestCA) -> dict[str, str]:
         ("/v1/challenges", lambda b: {"purpose": "signing"}),
         ("/v1/challenges", lambda b: {"purpose": "assertion", "keyId": "k" * 45}),
         ("/v1/challenges", lambda b: {"purpose": "assertion", "other": 1}),
-        ("/v1/challenges", lambda b: b"{oops"),
-        ("/v1/challenges", lambda b: b""),
+        ("/v1/challenges", lambda b: b"[]"),
     ],
 )
 def test_malformed_requests_are_invalid_request(
@@ -434,10 +430,11 @@ def test_malformed_requests_are_invalid_request(
 ) -> None:
     body = mutate(_good_registration(ca))
     if isinstance(body, bytes):
-        response = api.post(path, content=body, headers={"Content-Type": "application/json"})
+        response = api.post(path, content=body, headers=JSON)
     else:
         response = api.post(path, json=body)
     assert_error(response, 422, "invalid_request")
+    # (Bodies that are not JSON at all are 400 invalid_json: tests/test_api_hardening.py.)
 
 
 @pytest.mark.parametrize(

@@ -452,11 +452,12 @@ def api(
     import uvicorn
 
     from producer.app import create_app
+    from producer.server import server_config
 
     settings = _settings_with(app_ids, dev_app_ids, root_ca)
     if not settings.api_keys:
         raise click.UsageError("set APPATTEST_API_KEYS: the API refuses every call without keys")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.Server(server_config(create_app(settings), settings, host=host, port=port)).run()
 
 
 @main.command()

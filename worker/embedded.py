@@ -72,6 +72,7 @@ def serve(
 ) -> None:
     """Migrate the store, start a worker subprocess, and serve the HTTP API until stopped."""
     from producer.app import create_app
+    from producer.server import server_config
 
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_store_engine(settings.store_url)
@@ -91,7 +92,7 @@ def serve(
         start_new_session=True,
     )
     try:
-        config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
+        config = server_config(create_app(settings), settings, host=host, port=port)
         _Server(config).run()
     finally:
         _stop_group(worker)

@@ -61,6 +61,20 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(default=5, ge=0, le=50)
     task_retry_backoff_max: int = Field(default=30, ge=1)
 
+    # The producer's defences against callers that hold its memory, time or connections (see
+    # producer.middleware and producer.server). A request's whole body must arrive within
+    # body_timeout_seconds, and its head (request line and headers) within
+    # header_timeout_seconds of the connection opening or of the previous answer.
+    body_timeout_seconds: float = Field(default=10.0, gt=0, le=300, allow_inf_nan=False)
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300, allow_inf_nan=False)
+    # Per client address, per producer process: open connections (under `appattest api` and
+    # `appattest serve`) and requests in progress (under any server).
+    max_connections_per_client: int = Field(default=128, ge=1, le=100_000)
+    # Per API key, per producer process: how many job ids the key's requests may be waiting
+    # on (?wait) at once. One request asking for more is admitted only when the key has no
+    # other wait in progress.
+    max_waits_per_key: int = Field(default=5000, ge=1, le=1_000_000)
+
     @field_validator("app_ids", "dev_app_ids", "api_keys", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:

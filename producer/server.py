@@ -1,0 +1,175 @@
+"""The producer's HTTP server: uvicorn, with bounds on what one connection may hold.
+
+uvicorn alone waits forever for a request's head (its keep-alive timer is disarmed by the first
+byte of the next request and is not armed at all on a new connection), and lets one address
+open as many connections as it likes. The protocol built here adds both bounds, below the app:
+
+- the head of each request (request line and headers) must arrive within
+  ``header_timeout_seconds`` of the connection opening or of the previous answer; otherwise
+  the connection is answered 408 ``request_timeout`` and closed;
+- one client address may hold at most ``max_connections_per_client`` open connections; one
+  more is answered 429 ``too_many_connections`` and closed at once.
+
+The app's own guard (``producer.middleware.RequestGuard``) bounds what follows the head: the
+key, the body's size and the time its body takes. ``appattest api`` and ``appattest serve``
+run the app with ``server_config``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, ClassVar, Final
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from producer.errors import ErrorCode, error_body
+from worker.settings import Settings
+
+log = logging.getLogger("appattest.producer")
+
+# Seconds an idle connection stays open after an answer (uvicorn's default, stated here).
+KEEP_ALIVE_SECONDS: Final = 5
+# The largest request head h11 buffers before refusing it (uvicorn's default, stated here).
+MAX_HEAD_BYTES: Final = 16 * 1024
+
+
+def _raw_answer(status: int, reason: str, code: ErrorCode, detail: str) -> bytes:
+    """A whole HTTP/1.1 error answer that closes the connection, for when no request (or no
+    whole request head) was read, so that the app cannot answer."""
+    body = json.dumps(error_body(code, detail), separators=(",", ":")).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class _BoundedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request head and a bound on the
+    connections of one client address (the class attributes are set by ``bounded_protocol``,
+    one subclass per server)."""
+
+    header_timeout: ClassVar[float]
+    max_per_client: ClassVar[int]
+    # client address -> open connections, of this server (one event loop touches it).
+    open_per_client: ClassVar[dict[str, int]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._address: str | None = None
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._head_bytes = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        address = self.client[0] if self.client else ""
+        held = self.open_per_client.get(address, 0)
+        if held >= self.max_per_client:
+            log.info("refused a connection from %s: %d connections open", address, held)
+            transport.write(
+                _raw_answer(
+                    429,
+                    "Too Many Requests",
+                    ErrorCode.TOO_MANY_CONNECTIONS,
+                    f"at most {self.max_per_client} connections of one client address",
+                )
+            )
+            transport.close()
+            return
+        self._address = address
+        self.open_per_client[address] = held + 1
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        if self._address is not None:
+            remaining = self.open_per_client.get(self._address, 0) - 1
+            if remaining > 0:
+                self.open_per_client[self._address] = remaining
+            else:
+                self.open_per_client.pop(self._address, None)
+            self._address = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and data:
+            self._head_bytes = True
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm_head_deadline()  # the head is in; the app's guard takes over
+        elif self._head_deadline is None and (self.cycle is None or self.cycle.response_complete):
+            # Between requests with no deadline armed (the previous body was still coming in
+            # when its answer completed): the next head gets one too.
+            self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._head_bytes = False
+            self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        self._disarm_head_deadline()
+        self._head_deadline = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self._head_bytes:
+            # Part of a head came, too slowly: say why before closing.
+            log.info("closed a connection from %s: no request head in time", self._address)
+            self.transport.write(
+                _raw_answer(
+                    408,
+                    "Request Timeout",
+                    ErrorCode.REQUEST_TIMEOUT,
+                    f"the request head did not arrive within {self.header_timeout} s",
+                )
+            )
+        self.transport.close()
+
+
+def bounded_protocol(settings: Settings) -> type[asyncio.Protocol]:
+    """An HTTP protocol class for one uvicorn server, with the head deadline and the
+    per-address connection bound of ``settings``."""
+    return type(
+        "BoundedH11Protocol",
+        (_BoundedH11Protocol,),
+        {
+            "header_timeout": settings.header_timeout_seconds,
+            "max_per_client": settings.max_connections_per_client,
+            "open_per_client": {},
+        },
+    )
+
+
+def server_config(
+    app: Any, settings: Settings, *, host: str, port: int, log_level: str = "info"
+) -> uvicorn.Config:
+    """The uvicorn configuration the producer runs with: the bounded h11 protocol, a short
+    keep-alive, a bounded request head, no WebSocket upgrades."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=bounded_protocol(settings),
+        ws="none",
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+    )
