@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +25,15 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from pydantic import SecretStr
 
 from producer import create_app
+from producer.auth import ApiKeys
+from producer.batching import new_batch_id, seal_job_id
 from tests.faults import HOST, free_port, serve_app
 from tests.stack import Stack
+from worker.ledger import LEDGER_KEY
 from worker.settings import Settings
 
 KEY_A = "key-a"
@@ -304,8 +307,22 @@ def test_requests_in_progress_per_client_address_are_bounded(settings: Settings)
 # 6: status polling is charged for what it costs -------------------------------------------------
 
 
-def _status_wait(url: str, key: str, ids: int, wait: float) -> httpx.Response:
-    body = {"jobIds": [str(uuid.uuid4()) for _ in range(ids)]}
+def _pending_ids(settings: Settings, key: str, count: int) -> list[str]:
+    """Ids of jobs accepted for ``key`` and still on their way (their batch is in the ledger
+    and no worker has it), so that a wait on them lasts its whole time."""
+    caller = ApiKeys([SecretStr(key)]).match(key)
+    assert caller is not None
+    batch_id = new_batch_id()
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        client.zadd(LEDGER_KEY, {batch_id: time.time()})
+    finally:
+        client.close()
+    return [seal_job_id(caller.owner, batch_id, i) for i in range(count)]
+
+
+def _status_wait(settings: Settings, url: str, key: str, ids: int, wait: float) -> httpx.Response:
+    body = {"jobIds": _pending_ids(settings, key, ids)}
     return httpx.post(
         f"{url}/v1/jobs/status",
         params={"wait": wait},
@@ -322,8 +339,8 @@ def test_status_reads_cost_one_token_per_id(settings: Settings) -> None:
     tokens.)"""
     with _served(settings, rate_limit_per_second=10, rate_limit_burst=2000) as url:
         with ThreadPoolExecutor(16) as pool:
-            flood = [pool.submit(_status_wait, url, KEY_B, 1000, 2) for _ in range(30)]
-            polls = [pool.submit(_status_wait, url, KEY_A, 10, 0.5) for _ in range(20)]
+            flood = [pool.submit(_status_wait, settings, url, KEY_B, 1000, 2) for _ in range(30)]
+            polls = [pool.submit(_status_wait, settings, url, KEY_A, 10, 0.5) for _ in range(20)]
             b = Counter(f.result().status_code for f in flood)
             a = Counter(f.result().status_code for f in polls)
         refused = [f.result() for f in flood if f.result().status_code == 429]
@@ -344,20 +361,17 @@ def test_waits_per_key_are_bounded(settings: Settings) -> None:
         "max_waits_per_key": 1000,
     }
     with _served(settings, **changes) as url, ThreadPoolExecutor(12) as pool:
-        flood = [pool.submit(_status_wait, url, KEY_B, 1000, 8) for _ in range(6)]
+        flood = [pool.submit(_status_wait, settings, url, KEY_B, 1000, 8) for _ in range(6)]
         # B's admitted wait lasts 8 s (its ids never finish); these come while it waits.
         time.sleep(1)
-        single = httpx.get(
-            f"{url}/v1/jobs/{uuid.uuid4()}", params={"wait": 1}, headers=_auth(KEY_B)
-        )
-        polls = [pool.submit(_status_wait, url, KEY_A, 300, 1) for _ in range(3)]
+        [b_job] = _pending_ids(settings, KEY_B, 1)
+        single = httpx.get(f"{url}/v1/jobs/{b_job}", params={"wait": 1}, headers=_auth(KEY_B))
+        polls = [pool.submit(_status_wait, settings, url, KEY_A, 300, 1) for _ in range(3)]
         b = Counter(f.result().status_code for f in flood)
         a = Counter(f.result().status_code for f in polls)
         refused = [f.result() for f in flood if f.result().status_code == 429]
         # Once B's wait is over, its budget is free again.
-        after = httpx.get(
-            f"{url}/v1/jobs/{uuid.uuid4()}", params={"wait": 0.1}, headers=_auth(KEY_B)
-        )
+        after = httpx.get(f"{url}/v1/jobs/{b_job}", params={"wait": 0.1}, headers=_auth(KEY_B))
     assert b == {200: 1, 429: 5}, b
     assert {r.json()["error"]["code"] for r in refused} == {"too_many_waits"}
     assert single.status_code == 429 and single.json()["error"]["code"] == "too_many_waits"
