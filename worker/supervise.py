@@ -94,7 +94,6 @@ class Supervisor:
         self.backoff = backoff
         self.env = env
         self.stop_timeout = stop_timeout
-        self.restarts = 0
         self._child: subprocess.Popen[bytes] | None = None
         self._relay_thread: threading.Thread | None = None
         self._stop_signal: int | None = None
@@ -144,7 +143,6 @@ class Supervisor:
             if self._sleep(delay):
                 log.info("stop signal during the restart delay; not restarting")
                 return _status(returncode)
-            self.restarts += 1
 
     def _start(self) -> subprocess.Popen[bytes]:
         self._last_critical = None
@@ -182,6 +180,7 @@ class Supervisor:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     return child.wait(timeout=0.5)
                 continue
+            log.info("%s received: stopping the worker", signal.Signals(self._stop_signal).name)
             # A signal that came while the child was being started has not reached it yet.
             self._forward()
             try:
@@ -193,11 +192,10 @@ class Supervisor:
                     self.stop_timeout,
                 )
                 self._kill_group(child)
-                return child.wait()
+                return child.wait()  # already reaped: returns its status
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._stop_signal is None:
-            log.info("%s received: stopping the worker", signal.Signals(signum).name)
+        # No logging here: the handler may interrupt the main thread inside a log call.
         self._stop_signal = signum
         self._signalled = None  # a second signal is forwarded too (Celery: a cold shutdown)
         self._forward()
@@ -221,9 +219,20 @@ class Supervisor:
 
     def _kill_group(self, child: subprocess.Popen[bytes]) -> None:
         """SIGKILL whatever is left of the child's process group (a pool process that
-        outlived its worker), then let the relay of its output finish."""
+        outlived its worker) and reap it, then let the relay of its output finish."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGKILL)
+        # The child itself first, through Popen, which must see its status.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+        # Pool processes of a worker that was killed are re-parented to init, or to this
+        # process when it is init (PID 1 in a container) or a subreaper: reap those, which
+        # would otherwise stay zombies. For anyone else this returns at once.
+        deadline = time.monotonic() + 5
+        with contextlib.suppress(ChildProcessError):
+            while time.monotonic() < deadline:
+                if os.waitpid(-child.pid, os.WNOHANG)[0] == 0:
+                    time.sleep(0.05)
         if self._relay_thread is not None:
             self._relay_thread.join(timeout=5)
 
@@ -237,8 +246,6 @@ class Supervisor:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=self.stop_timeout)
         self._kill_group(child)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=5)
 
 
 def _exit(child: subprocess.Popen[bytes]) -> str:
