@@ -375,6 +375,44 @@ def test_a_stop_signal_reaches_the_worker_once_and_ends_supervision(
     assert not restarts(log_path) and log.count("child ready") == 1
 
 
+ORPHAN = """
+import os, sys, time
+from worker.supervise import stop_with_parent
+parent = int(sys.argv[1])
+print(os.getpid(), flush=True)
+while os.getppid() == parent:  # its parent exits meanwhile
+    time.sleep(0.05)
+stop_with_parent(parent, poll=0.1)
+time.sleep(60)
+"""
+
+
+def test_a_process_whose_parent_died_before_it_watched_it_stops(tmp_path: Path) -> None:
+    """The race the kernel's parent-death signal leaves open (the parent died before the
+    child asked for the signal) is closed by the parent watch, which is also the whole
+    mechanism where the kernel has no such signal: the process gets SIGTERM."""
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys; "
+            "subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())])",
+            ORPHAN,
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert starter.stdout is not None
+    with starter.stdout:
+        orphan = int(starter.stdout.readline())
+    starter.wait(timeout=30)
+    started = _stat(orphan)
+    try:
+        wait_until(lambda: _stat(orphan) is None, 30, "the orphan stopped")
+    finally:
+        if (stat := _stat(orphan)) is not None and started is not None and stat[1] == started[1]:
+            os.kill(orphan, signal.SIGKILL)
+
+
 # 3. Real workers: killed under load, Redis killed under load ----------------------------------
 
 
