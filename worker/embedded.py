@@ -137,7 +137,8 @@ def serve(
         ],
         env=worker_environment(settings),
         pass_fds=() if lock_fd is None else (lock_fd,),
-        # Its own process group, so that stopping it reaches its pool children too.
+        # A session of its own: signals meant for this server (a terminal's Ctrl+C) reach
+        # the worker once, through ``_stop_group``.
         start_new_session=True,
     )
     try:
@@ -164,9 +165,10 @@ class _Server(uvicorn.Server):
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Stop the worker: SIGTERM to its main process, which shuts its pool down in order, then
-    SIGKILL to its whole group after a grace period (a pool child stuck at exit must not
-    outlive the service)."""
+    """Stop the worker: SIGTERM to its supervisor, which stops the Celery worker and its pool
+    in order and kills what is left of them, then SIGKILL to the supervisor's group after a
+    grace period; a Celery worker still running then gets SIGTERM from the kernel as its
+    parent dies, and SIGKILL from itself 30 s later (``worker.supervise.stop_with_parent``)."""
     if process.poll() is None:
         process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
