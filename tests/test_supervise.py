@@ -356,7 +356,7 @@ def test_a_worker_that_exits_cleanly_is_not_restarted(tmp_path: Path) -> None:
     assert log.count(" started") == 1 and not restarts(log_path)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_reaches_the_worker_once_and_ends_supervision(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
