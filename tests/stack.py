@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +62,19 @@ class Stack:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start_worker(
-        self, *, concurrency: int = 1, pool: str = "prefork", name: str = "w"
+        self,
+        *,
+        concurrency: int = 1,
+        pool: str = "prefork",
+        name: str = "w",
+        supervise: bool = False,
+        args: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start ``appattest worker`` and wait until it answers a ping."""
+        """Start ``appattest worker`` and wait until it answers a ping.
+
+        Unless ``supervise``, the Celery worker runs without its supervisor
+        (``--no-supervise``), so that killing the process group kills the worker for good;
+        ``args`` are more options of the command."""
         log_path = self.workdir / f"worker-{name}-{len(self.workers)}.log"
         hostname = f"{name}{len(self.workers)}@%h"
         with log_path.open("wb") as log:
@@ -78,6 +88,8 @@ class Stack:
                     f"--pool={pool}",
                     f"--hostname={hostname}",
                     "--loglevel=INFO",
+                    "--supervise" if supervise else "--no-supervise",
+                    *args,
                 ],
                 env=self.env,
                 stdout=log,

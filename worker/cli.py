@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -328,6 +329,35 @@ _root_ca_option = click.option(
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", help="Celery node name (default: celery@HOST).")
+@click.option(
+    "--supervise/--no-supervise",
+    default=True,
+    show_default=True,
+    help="Run the Celery worker as a child process and start it again when it dies.",
+)
+@click.option(
+    "--restart-delay",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds before the first restart; doubled after each further failure in a row.",
+)
+@click.option(
+    "--restart-delay-max",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="The longest delay between restarts.",
+)
+@click.option(
+    "--healthy-after",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="A worker that ran this many seconds before it died is restarted after the first "
+    "delay again.",
+)
+@click.option("--parent-pid", type=int, hidden=True, help="Stop when this process is gone.")
 def worker(
     app_ids: tuple[str, ...],
     dev_app_ids: tuple[str, ...],
@@ -336,9 +366,40 @@ def worker(
     pool: str,
     loglevel: str,
     hostname: str | None,
+    supervise: bool,
+    restart_delay: float,
+    restart_delay_max: float,
+    healthy_after: float,
+    parent_pid: int | None,
 ) -> None:
-    """Run a Celery worker that verifies queued jobs (settings from APPATTEST_* variables)."""
+    """Run a Celery worker that verifies queued jobs (settings from APPATTEST_* variables).
+
+    By default the worker runs under a supervisor (this process), which starts it again when
+    it exits with an error or is killed, after 1, 2, 4, ... seconds (see --restart-delay);
+    SIGTERM or SIGINT stop both, and a worker that exits cleanly is not restarted.
+    """
+    from worker.supervise import Backoff, Supervisor, stop_with_parent
+
     settings = _settings_with(app_ids, dev_app_ids, root_ca)
+    if supervise:
+        try:
+            backoff = Backoff(
+                first=restart_delay, cap=restart_delay_max, healthy_after=healthy_after
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        supervisor = Supervisor(
+            _unsupervised_worker_command(
+                app_ids, dev_app_ids, root_ca, concurrency, pool, loglevel, hostname
+            ),
+            backoff=backoff,
+        )
+        logging.getLogger("appattest.supervise").setLevel(loglevel.upper())
+        if parent_pid is not None:
+            stop_with_parent(parent_pid, grace=supervisor.stop_timeout + 10)
+        sys.exit(supervisor.run())
+    if parent_pid is not None:
+        stop_with_parent(parent_pid)
     app = create_celery_app(settings)
     # A worker must not lose a verdict to a result backend that blinked: storing the result
     # retries, for a few minutes (randomised exponential backoff up to 5 s between attempts);
@@ -350,6 +411,10 @@ def worker(
         result_backend_base_sleep_between_retries_ms=100,
         result_backend_max_sleep_between_retries_ms=5000,
     )
+    if settings.broker_url.startswith("redis://"):
+        # kombu's Redis transport with a fix for a crash after Redis died (see the module);
+        # not for rediss://, whose defaults kombu picks by the transport's name.
+        app.conf.broker_transport = "worker.redis_transport:Transport"
     _sweep_ledger_while_running(app, settings)
     # The database driver is imported once here, before the pool forks its processes, and
     # each process connects as it starts rather than inside its first batch.
@@ -361,6 +426,30 @@ def worker(
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)
+
+
+def _unsupervised_worker_command(
+    app_ids: tuple[str, ...],
+    dev_app_ids: tuple[str, ...],
+    root_ca: Path | None,
+    concurrency: int | None,
+    pool: str,
+    loglevel: str,
+    hostname: str | None,
+) -> list[str]:
+    """The command line of the Celery worker that ``appattest worker`` supervises: the same
+    options, run in a child that stops when this process is gone."""
+    command = [sys.executable, "-m", "worker.cli", "worker", "--no-supervise"]
+    command += [f"--parent-pid={os.getpid()}", f"--pool={pool}", f"--loglevel={loglevel}"]
+    command += [f"--app-id={app_id}" for app_id in app_ids]
+    command += [f"--dev-app-id={app_id}" for app_id in dev_app_ids]
+    if root_ca is not None:
+        command.append(f"--root-ca={root_ca.resolve()}")
+    if concurrency:
+        command.append(f"--concurrency={concurrency}")
+    if hostname:
+        command.append(f"--hostname={hostname}")
+    return command
 
 
 def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
@@ -423,16 +512,32 @@ def serve(
     servers. API keys come from APPATTEST_API_KEYS; without one, a key is generated and
     printed once.
     """
-    from worker.embedded import embedded_overrides, ensure_api_key
+    from worker.embedded import DataDirInUse, data_dir_lock, embedded_overrides, ensure_api_key
     from worker.embedded import serve as run_serve
 
-    settings = _settings_with(
-        app_ids, dev_app_ids, root_ca, **embedded_overrides(data_dir, os.environ)
-    )
-    settings, generated = ensure_api_key(settings)
-    if generated:
-        click.echo(f"APPATTEST_API_KEYS was not set; this run's API key is: {generated}", err=True)
-    run_serve(settings, host=host, port=port, worker_processes=worker_processes, data_dir=data_dir)
+    with contextlib.ExitStack() as held:
+        try:
+            lock_fd = held.enter_context(data_dir_lock(data_dir))
+        except DataDirInUse as exc:
+            raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            raise click.UsageError(f"cannot use --data-dir: {exc}") from exc
+        settings = _settings_with(
+            app_ids, dev_app_ids, root_ca, **embedded_overrides(data_dir, os.environ)
+        )
+        settings, generated = ensure_api_key(settings)
+        if generated:
+            click.echo(
+                f"APPATTEST_API_KEYS was not set; this run's API key is: {generated}", err=True
+            )
+        run_serve(
+            settings,
+            host=host,
+            port=port,
+            worker_processes=worker_processes,
+            data_dir=data_dir,
+            lock_fd=lock_fd,
+        )
 
 
 @main.command()

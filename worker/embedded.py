@@ -9,6 +9,7 @@ variables; only the ones left unset are embedded.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -25,6 +26,43 @@ from worker.settings import Settings
 from worker.store.db import create_store_engine, upgrade
 
 log = logging.getLogger("appattest.serve")
+
+LOCK_FILE = "serve.lock"
+
+
+class DataDirInUse(RuntimeError):
+    """Another ``appattest serve`` holds the data directory."""
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[int]:
+    """Hold ``data_dir`` for the length of the block: an exclusive ``flock`` on its lock file;
+    yields the file descriptor. The kernel releases the lock once every process holding the
+    descriptor exited, however it exited (``serve`` passes it to its worker, so that the lock
+    lasts until the worker is gone too). Raises DataDirInUse when another process holds it.
+
+    Two servers on one data directory would share its queue while each ran a worker with
+    its own settings (App IDs, root): one server's jobs would be decided by the other's
+    worker.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DataDirInUse(
+                f"the data directory {str(data_dir.resolve())!r} is in use by another "
+                f"appattest serve (pid {holder}) or its worker; stop it, or give another "
+                "--data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def embedded_overrides(data_dir: Path, environ: Mapping[str, str]) -> dict[str, object]:
@@ -68,13 +106,21 @@ def worker_environment(settings: Settings) -> dict[str, str]:
 
 
 def serve(
-    settings: Settings, *, host: str, port: int, worker_processes: int, data_dir: Path
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    worker_processes: int,
+    data_dir: Path,
+    lock_fd: int | None = None,
 ) -> None:
-    """Migrate the store, start a worker subprocess, and serve the HTTP API until stopped."""
+    """Migrate the store, start a worker subprocess, and serve the HTTP API until stopped.
+
+    The caller holds ``data_dir``; the worker inherits ``lock_fd``, the descriptor of that
+    lock (``data_dir_lock``), and holds it as long as it runs."""
     from producer.app import create_app
     from producer.server import server_config
 
-    data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_store_engine(settings.store_url)
     upgrade(engine)
     engine.dispose()
@@ -86,9 +132,14 @@ def serve(
             "worker",
             f"--concurrency={worker_processes}",
             "--loglevel=WARNING",
+            # The worker stops when this process is gone, even killed (SIGKILL): a worker left
+            # running would go on deciding jobs with this server's settings.
+            f"--parent-pid={os.getpid()}",
         ],
         env=worker_environment(settings),
-        # Its own process group, so that stopping it reaches its pool children too.
+        pass_fds=() if lock_fd is None else (lock_fd,),
+        # A session of its own: signals meant for this server (a terminal's Ctrl+C) reach
+        # the worker once, through ``_stop_group``.
         start_new_session=True,
     )
     try:
@@ -115,9 +166,10 @@ class _Server(uvicorn.Server):
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Stop the worker: SIGTERM to its main process, which shuts its pool down in order, then
-    SIGKILL to its whole group after a grace period (a pool child stuck at exit must not
-    outlive the service)."""
+    """Stop the worker: SIGTERM to its supervisor, which stops the Celery worker and its pool
+    in order and kills what is left of them, then SIGKILL to the supervisor's group after a
+    grace period; a Celery worker still running then gets SIGTERM from the kernel as its
+    parent dies, and SIGKILL from itself 30 s later (``worker.supervise.stop_with_parent``)."""
     if process.poll() is None:
         process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
