@@ -27,6 +27,7 @@ from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
 from worker.tasks import warm_up_process
+from worker.version import __version__
 
 log = logging.getLogger("appattest")
 
@@ -98,6 +99,9 @@ def _verify_line(
 
 
 @click.group()
+@click.version_option(
+    __version__, "--version", prog_name="appattest", message="%(prog)s %(version)s"
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug information to standard error.")
 def main(verbose: bool) -> None:
     """Verify Apple App Attest attestations and assertions."""
@@ -350,6 +354,7 @@ def worker(
         result_backend_max_sleep_between_retries_ms=5000,
     )
     _sweep_ledger_while_running(app, settings)
+    signals.worker_ready.connect(_log_version, weak=False)
     # The database driver is imported once here, before the pool forks its processes, and
     # each process connects as it starts rather than inside its first batch.
     create_store_engine(settings.store_url).dispose()
@@ -360,6 +365,10 @@ def worker(
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)
+
+
+def _log_version(**_: object) -> None:
+    log.info("appattest-backend %s: worker ready", __version__)
 
 
 def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
