@@ -1,0 +1,48 @@
+"""``python -m worker.healthcheck``: exit 0 when this machine's worker answers a ping.
+
+The health check of a worker container. The worker's Celery node must answer a ping sent
+through the broker, to it alone, within the timeout: a worker that is up but no longer consumes
+(its connection to the broker lost, its main process stuck) fails. The node is by default
+``celery@`` and this host's name, which is what ``appattest worker`` calls itself without
+``--hostname``. Settings come from the ``APPATTEST_*`` variables, like the worker's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from celery.utils.nodenames import default_nodename
+
+from worker.celery_app import create_celery_app
+from worker.settings import load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Ping the node; return 0 when it answered, 1 otherwise (or when the broker is down)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.healthcheck", description="Ping this machine's worker node."
+    )
+    parser.add_argument("--node", default=default_nodename(None), help="default: %(default)s")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds (default: 5)")
+    args = parser.parse_args(argv)
+    app = create_celery_app(load_settings())
+    try:
+        # With a destination, the reply collection ends as soon as that node answered.
+        replies = app.control.ping(destination=[args.node], timeout=args.timeout) or []
+    except Exception as exc:
+        # The class name only: connection errors can carry the broker URL and its password.
+        print(f"{args.node}: broker error {type(exc).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        app.close()
+    if any(args.node in reply for reply in replies):
+        print(f"{args.node}: ok")
+        return 0
+    print(f"{args.node}: no answer within {args.timeout:g} s", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
