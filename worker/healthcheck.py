@@ -29,15 +29,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     app = create_celery_app(load_settings())
     try:
-        # With a destination, the reply collection ends as soon as that node answered.
-        replies = app.control.ping(destination=[args.node], timeout=args.timeout) or []
+        # One connection attempt, not the broker's retries: a check must answer in time.
+        with app.connection_for_write(connect_timeout=args.timeout) as connection:
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=args.timeout
+            )
+            # With a destination, collecting replies ends as soon as that node answered.
+            replies = app.control.ping(
+                destination=[args.node], timeout=args.timeout, connection=connection
+            )
     except Exception as exc:
         # The class name only: connection errors can carry the broker URL and its password.
         print(f"{args.node}: broker error {type(exc).__name__}", file=sys.stderr)
         return 1
     finally:
         app.close()
-    if any(args.node in reply for reply in replies):
+    if any(args.node in reply for reply in replies or []):
         print(f"{args.node}: ok")
         return 0
     print(f"{args.node}: no answer within {args.timeout:g} s", file=sys.stderr)
