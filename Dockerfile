@@ -2,8 +2,8 @@
 # one-shot migration. What it installs is pinned, with hashes, in requirements.lock; regenerate
 # that file with the command at its top after changing the dependencies in pyproject.toml.
 FROM python:3.11-slim
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
+# Byte code is compiled as pip installs (the unprivileged user could not write it later).
+ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app

@@ -4,7 +4,8 @@ The health check of a worker container. The worker's Celery node must answer a p
 through the broker, to it alone, within the timeout: a worker that is up but no longer consumes
 (its connection to the broker lost, its main process stuck) fails. The node is by default
 ``celery@`` and this host's name, which is what ``appattest worker`` calls itself without
-``--hostname``. Settings come from the ``APPATTEST_*`` variables, like the worker's own.
+``--hostname``. Settings come from the ``APPATTEST_*`` variables, like the worker's own. The
+broker must deliver broadcasts, as Redis and RabbitMQ do (compose runs on Redis).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from celery.utils.nodenames import default_nodename
+from kombu.exceptions import OperationalError
 
 from worker.celery_app import create_celery_app
 from worker.settings import load_settings
@@ -38,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             replies = app.control.ping(
                 destination=[args.node], timeout=args.timeout, connection=connection
             )
-    except Exception as exc:
+    except (OperationalError, OSError) as exc:
         # The class name only: connection errors can carry the broker URL and its password.
         print(f"{args.node}: broker error {type(exc).__name__}", file=sys.stderr)
         return 1
