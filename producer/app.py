@@ -20,7 +20,7 @@ from typing import Annotated, Any, Final
 from uuid import UUID
 
 from celery import Celery
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
@@ -32,10 +32,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from producer.auth import ApiKeys
+from producer.auth import ApiKeys, Caller
 from producer.errors import ApiError, ErrorCode, QueueUnavailable, error_body, validation_summary
 from producer.health import readiness
-from producer.jobs import JobQueue, check_batch_item, check_request
+from producer.jobs import (
+    JobQueue,
+    Outcome,
+    Submission,
+    check_batch_item,
+    check_request,
+)
 from producer.middleware import BodySizeLimit, InternalErrors
 from producer.ratelimit import RateLimiter, retry_after_seconds
 from producer.schemas import (
@@ -54,7 +60,7 @@ from producer.schemas import (
     StatusResponse,
 )
 from worker.celery_app import create_celery_app
-from worker.contract import AssertionRequest, Kind, PluginRequest, RegistrationRequest
+from worker.contract import AssertionRequest, Kind, RegistrationRequest
 from worker.core import Rejected
 from worker.settings import Settings, load_settings
 from worker.store.challenges import Purpose, issue_challenge
@@ -123,7 +129,13 @@ async def _authenticate(
             headers={"WWW-Authenticate": "Bearer"},
         )
     # The key's stored hash identifies it to the limiter; the key itself is not kept.
-    request.state.api_key = matched
+    request.state.api_key = matched.digest
+    request.state.caller = matched
+
+
+def _caller(request: Request) -> Caller:
+    caller: Caller = request.state.caller
+    return caller
 
 
 async def _rate_limit(request: Request) -> None:
@@ -165,9 +177,15 @@ def _request_body(model: type[BaseModel], description: str) -> dict[str, Any]:
     }
 
 
-def _json(model: BaseModel, status: int, *, exclude_none: bool = False) -> JSONResponse:
+def _json(
+    model: BaseModel,
+    status: int,
+    *,
+    exclude_none: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     content = model.model_dump(mode="json", by_alias=True, exclude_none=exclude_none)
-    return JSONResponse(content, status_code=status)
+    return JSONResponse(content, status_code=status, headers=headers)
 
 
 Wait = Annotated[
@@ -191,22 +209,63 @@ def _checked_wait(wait: float | None, settings: Settings) -> float | None:
     return wait
 
 
-async def _answer(queue: JobQueue, job_id: str, wait: float | None) -> JSONResponse:
-    """202 with the job id; or, when asked to wait and the verdict came in time, 200 with it."""
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=r"^[\x21-\x7e]{1,255}$",
+        description="Makes retries safe: the same key with the same body within "
+        "idempotency_ttl_seconds answers with the first job (and its verdict once known); "
+        "with another body, 409 idempotency_conflict.",
+    ),
+]
+
+_OUTCOME_STATUS: Final = {
+    ErrorCode.IDEMPOTENCY_CONFLICT: 409,
+    ErrorCode.SERVICE_UNAVAILABLE: 503,
+}
+
+
+async def _answer(
+    request: Request, queue: JobQueue, outcome: Outcome, wait: float | None
+) -> JSONResponse:
+    """202 with the job id; or, when asked to wait and the verdict came in time, 200 with it.
+    Once a job id exists the caller gets it: a wait that fails (the result backend went away)
+    answers 202 with the id, never an error."""
+    if outcome.error is not None:
+        code = ErrorCode(outcome.error.code)
+        raise ApiError(_OUTCOME_STATUS.get(code, 422), code, outcome.error.detail)
+    assert outcome.job_id is not None
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
     if wait is not None:
-        status = await queue.wait_async(job_id, wait)
-        if status.done:
-            return _json(status, 200)
-    return _json(JobAccepted(jobId=job_id), 202)
+        try:
+            status = await queue.wait_async(outcome.job_id, wait, owner=_caller(request).owner)
+        except QueueUnavailable as exc:
+            log.warning("job %s: accepted, but waiting for it failed: %s", outcome.job_id, exc)
+        else:
+            if status.done:
+                return _json(status, 200, headers=headers)
+    return _json(JobAccepted(jobId=outcome.job_id), 202, headers=headers)
 
 
 async def _submit(
-    request: Request, resources: _Resources, kind: Kind, wait: float | None
+    request: Request,
+    resources: _Resources,
+    kind: Kind,
+    wait: float | None,
+    idempotency_key: str | None,
 ) -> JSONResponse:
     wait = _checked_wait(wait, resources.settings)
     plugin = check_request(await request.body(), expected=kind)
-    job_id = await run_in_threadpool(resources.queue.submit, plugin)
-    return await _answer(resources.queue, job_id, wait)
+    outcome = await run_in_threadpool(
+        partial(
+            resources.queue.accept,
+            plugin,
+            owner=_caller(request).owner,
+            idempotency_key=idempotency_key,
+        )
+    )
+    return await _answer(request, resources.queue, outcome, wait)
 
 
 # Routes -------------------------------------------------------------------------------------
@@ -241,19 +300,25 @@ def create_challenge(body: ChallengeRequest, resources: Resources) -> IssuedChal
 
 
 async def submit_attestation(
-    request: Request, resources: Resources, wait: Wait = None
+    request: Request,
+    resources: Resources,
+    wait: Wait = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     """Queue a registration body; 202 with the job id, or 200 with the verdict within
     ``wait``."""
-    return await _submit(request, resources, "registration", wait)
+    return await _submit(request, resources, "registration", wait, idempotency_key)
 
 
 async def submit_assertion(
-    request: Request, resources: Resources, wait: Wait = None
+    request: Request,
+    resources: Resources,
+    wait: Wait = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     """Queue an assertion body; 202 with the job id, or 200 with the verdict within
     ``wait``."""
-    return await _submit(request, resources, "assertion", wait)
+    return await _submit(request, resources, "assertion", wait, idempotency_key)
 
 
 def _batch_items(raw: bytes, max_jobs: int) -> list[Any]:
@@ -272,7 +337,7 @@ def _batch_items(raw: bytes, max_jobs: int) -> list[Any]:
 
 
 def _submit_batch(
-    raw: bytes, resources: _Resources, charge: Callable[[int], None]
+    raw: bytes, resources: _Resources, charge: Callable[[int], None], caller: Caller
 ) -> BatchResponse:
     # A batch costs one token per job, in one charge, so that a batch larger than the burst
     # is admitted on a full bucket (see RateLimiter.acquire); a refused batch costs one.
@@ -283,18 +348,21 @@ def _submit_batch(
         raise
     charge(len(items))
     outcomes: list[BatchJob] = []
-    valid: list[tuple[int, PluginRequest]] = []
+    valid: list[tuple[int, Submission]] = []
     for index, item in enumerate(items):
         try:
-            valid.append((index, check_batch_item(item)))
+            request, idempotency_key = check_batch_item(item)
         except Rejected as exc:
             error = ErrorDetail(code=exc.reason.value, detail=exc.detail)
             outcomes.append(BatchJob(index=index, status="rejected", error=error))
-    job_ids = resources.queue.submit_many([request for _, request in valid]) if valid else []
-    outcomes.extend(
-        BatchJob(index=index, jobId=job_id, status="pending")
-        for (index, _), job_id in zip(valid, job_ids, strict=True)
-    )
+        else:
+            valid.append((index, Submission(request, caller.owner, idempotency_key)))
+    accepted = resources.queue.accept_many([s for _, s in valid]) if valid else []
+    for (index, _), outcome in zip(valid, accepted, strict=True):
+        if outcome.error is None:
+            outcomes.append(BatchJob(index=index, jobId=outcome.job_id, status="pending"))
+        else:
+            outcomes.append(BatchJob(index=index, status="rejected", error=outcome.error))
     return BatchResponse(jobs=sorted(outcomes, key=lambda outcome: outcome.index))
 
 
@@ -302,21 +370,30 @@ async def submit_jobs(request: Request, resources: Resources) -> JSONResponse:
     """Queue ``{"jobs": [{"type", "body"}, ...]}``; one entry per item, queued or rejected."""
     # Parsing and queueing a large batch takes a while: in a worker thread, off the loop.
     result = await run_in_threadpool(
-        _submit_batch, await request.body(), resources, partial(_charge, request)
+        _submit_batch, await request.body(), resources, partial(_charge, request), _caller(request)
     )
     # Without nulls: an accepted item has no error, a rejected one no job id.
     return _json(result, 202, exclude_none=True)
 
 
 async def get_job(
-    job_id: Annotated[UUID, Path(alias="jobId")], resources: Resources, wait: Wait = None
+    request: Request,
+    job_id: Annotated[UUID, Path(alias="jobId")],
+    resources: Resources,
+    wait: Wait = None,
 ) -> JobStatus:
-    """The job's status (an unknown id reads as pending); with ``wait``, hold on for the
-    verdict up to that many seconds."""
+    """The job's status; with ``wait``, hold on for the verdict up to that many seconds. A job
+    this API key did not submit is 404 ``job_not_found``, like one that never existed."""
     wait = _checked_wait(wait, resources.settings)
+    owner = _caller(request).owner
     if wait is None:
-        return await run_in_threadpool(resources.queue.status, str(job_id))
-    return await resources.queue.wait_async(str(job_id), wait)
+        status = await run_in_threadpool(partial(resources.queue.status, str(job_id), owner=owner))
+    else:
+        status = await resources.queue.wait_async(str(job_id), wait, owner=owner)
+    if status.status == "not_found":
+        assert status.error is not None
+        raise ApiError(404, ErrorCode.JOB_NOT_FOUND, status.error.detail)
+    return status
 
 
 async def get_jobs(request: Request, resources: Resources, wait: Wait = None) -> StatusResponse:
@@ -340,10 +417,13 @@ async def get_jobs(request: Request, resources: Resources, wait: Wait = None) ->
             UUID(job_id)
         except ValueError as exc:
             raise ApiError(422, ErrorCode.INVALID_REQUEST, "jobIds must be UUIDs") from exc
+    owner = _caller(request).owner
     if wait is None:
-        found = await run_in_threadpool(resources.queue.statuses, asked.job_ids)
+        found = await run_in_threadpool(
+            partial(resources.queue.statuses, asked.job_ids, owner=owner)
+        )
     else:
-        found = await resources.queue.wait_many_async(asked.job_ids, wait)
+        found = await resources.queue.wait_many_async(asked.job_ids, wait, owner=owner)
     return StatusResponse(jobs=found)
 
 
@@ -537,12 +617,17 @@ def create_app(
         owned = celery_app is None
         celery = create_celery_app(settings) if celery_app is None else celery_app
         engine = create_store_engine(settings.store_url)
+        sessions = session_factory(engine)
         app.state.resources = _Resources(
             # The keys themselves stay out of what the app keeps: it has their hashes.
             settings=settings.model_copy(update={"api_keys": []}),
-            queue=JobQueue(celery),
+            queue=JobQueue(
+                celery,
+                sessions=sessions,
+                idempotency_ttl=settings.idempotency_ttl_seconds,
+            ),
             engine=engine,
-            sessions=session_factory(engine),
+            sessions=sessions,
         )
         try:
             yield

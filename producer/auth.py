@@ -1,43 +1,82 @@
 """API keys: only their SHA-256 hashes are kept, and a presented key is checked against all of
-them in constant time. With no key configured, every request is refused (fail closed)."""
+them in constant time. With no key configured, every request is refused (fail closed).
+
+Keys are configured as ``name:key`` (the name is what verdicts record as their submitter and
+logs may show) or as a bare key, which is then known by a fingerprint of its hash.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
 
 from pydantic import SecretStr
+
+from producer.batching import Owner
+
+_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,48}")
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated API key: its name, its hash (for per-key accounting) and the owner
+    identity its jobs are sealed and recorded under."""
+
+    name: str
+    digest: bytes = field(repr=False)
+    owner: Owner = field(repr=False)
+
+
+def parse_key(entry: str) -> tuple[str | None, str]:
+    """Split a configured entry into (name or None, key): ``name:key`` when the part before
+    the first colon is a name (letters, digits, ``._-``, up to 48), else the entry is a key."""
+    name, sep, key = entry.partition(":")
+    if sep and key and _NAME.fullmatch(name):
+        return name, key
+    return None, entry
+
+
 class ApiKeys:
     """The configured API keys, as hashes."""
 
     def __init__(self, keys: Iterable[SecretStr]) -> None:
-        # An empty key would let an empty bearer token in; it is ignored, not accepted.
-        self._digests = tuple(
-            _digest(key.get_secret_value()) for key in keys if key.get_secret_value()
-        )
+        callers: list[Caller] = []
+        names: set[str] = set()
+        for entry in keys:
+            name, key = parse_key(entry.get_secret_value())
+            # An empty key would let an empty bearer token in; it is ignored, not accepted.
+            if not key:
+                continue
+            digest = _digest(key)
+            name = name or f"key-{hashlib.sha256(b'fingerprint' + digest).hexdigest()[:12]}"
+            if name in names:
+                raise ValueError(f"API key name {name!r} is configured twice")
+            names.add(name)
+            callers.append(Caller(name, digest, Owner.from_secret(name, digest)))
+        self._callers = tuple(callers)
 
     def __len__(self) -> int:
-        return len(self._digests)
+        return len(self._callers)
 
-    def match(self, presented: str | None) -> bytes | None:
-        """The stored hash of the key ``presented`` is, or None when it is none of them.
+    def match(self, presented: str | None) -> Caller | None:
+        """The caller whose key ``presented`` is, or None when it is none of them.
 
         Compares against every stored hash without stopping at a match, so the time taken
-        reveals neither which key matched nor how many are configured before it. The hash
-        identifies the key for per-key accounting (rate limits) without keeping the key.
+        reveals neither which key matched nor how many are configured before it.
         """
         digest = _digest(presented or "")
-        found: bytes | None = None
-        for stored in self._digests:
-            if hmac.compare_digest(digest, stored):
-                found = stored
+        found: Caller | None = None
+        for caller in self._callers:
+            if hmac.compare_digest(digest, caller.digest):
+                found = caller
         # A missing or empty key hashes like any other and matches nothing: empty keys are
         # never stored.
         return found

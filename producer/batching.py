@@ -1,42 +1,84 @@
-"""Coalescing jobs into batch messages.
+"""Coalescing jobs into batch messages, and job ids that carry their batch unreadably.
 
 A batch of jobs travels as one Celery message and its verdicts come back as one result,
 so a burst pays the queue's per-message cost once per batch instead of once per job. Every
-job keeps its own id: a batch job id is a UUID that carries the batch's id and the job's
-position, so any producer process can find a verdict from the job id alone.
+job keeps its own id. A job id is the batch's random id and the job's position, sealed with a
+key of the submitting caller's own (one AES block): to anyone else it is 128 random bits, so
+the ids of a batch's other jobs cannot be guessed from it, and only the caller who submitted a
+job can open its id to find the batch, so another caller's lookup of it finds nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
-# Bytes 10-11 of a batch job id; the last four bytes hold the job's index (0xFFFFFFFF names
-# the batch itself). Ids of jobs sent on their own are drawn until they do not carry the mark.
-_MARK: Final = b"\xba\x7c"
-_BATCH_INDEX: Final = 0xFFFFFFFF
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-
-def new_batch(size: int) -> tuple[str, list[str]]:
-    """A fresh batch id and the ids of its ``size`` jobs."""
-    prefix = uuid.uuid4().bytes[:10] + _MARK
-    batch_id = str(uuid.UUID(bytes=prefix + _BATCH_INDEX.to_bytes(4, "big")))
-    return batch_id, [str(uuid.UUID(bytes=prefix + i.to_bytes(4, "big"))) for i in range(size)]
+# A sealed id holds 9 random bytes of batch id, 2 bytes of index and 5 bytes of this mark: an
+# id not sealed by this caller opens to the mark by chance once in 2**40.
+_MARK: Final = b"\xba\x7c\x4a\x0b\x51"
+_BATCH_BYTES: Final = 9
+BATCH_PREFIX: Final = "batch-"
+MAX_BATCH_SIZE: Final = 0xFFFF
 
 
-def batch_of(job_id: str) -> tuple[str, int] | None:
-    """The batch id and index a job id carries, or None for a job sent on its own."""
+@dataclass(frozen=True)
+class Owner:
+    """Who submits jobs: a name recorded with each verdict (never a secret) and the key that
+    seals the ids of its jobs."""
+
+    name: str
+    seal_key: bytes = field(repr=False)
+
+    @classmethod
+    def from_secret(cls, name: str, secret: bytes) -> Owner:
+        """An owner whose sealing key is derived from a secret only it and the service share
+        (the digest of its API key)."""
+        key = hmac.new(secret, b"appattest job ids v1", hashlib.sha256).digest()[:16]
+        return cls(name=name, seal_key=key)
+
+    @classmethod
+    def ephemeral(cls, name: str) -> Owner:
+        """An owner with a random key: its job ids can be read only through this object."""
+        return cls(name=name, seal_key=os.urandom(16))
+
+
+def new_batch_id() -> str:
+    """A fresh, random batch id (the task id of its message)."""
+    return BATCH_PREFIX + os.urandom(_BATCH_BYTES).hex()
+
+
+def seal_job_id(owner: Owner, batch_id: str, index: int) -> str:
+    """The id of the job at ``index`` of batch ``batch_id``, as ``owner`` sees it."""
+    if not batch_id.startswith(BATCH_PREFIX) or not 0 <= index <= MAX_BATCH_SIZE:
+        raise ValueError("not a batch id, or an index out of range")
+    plain = bytes.fromhex(batch_id.removeprefix(BATCH_PREFIX)) + index.to_bytes(2, "big") + _MARK
+    encryptor = Cipher(algorithms.AES(owner.seal_key), modes.ECB()).encryptor()  # noqa: S305
+    return str(uuid.UUID(bytes=encryptor.update(plain) + encryptor.finalize()))
+
+
+def open_job_id(owner: Owner, job_id: str) -> tuple[str, int] | None:
+    """The batch id and index that ``owner`` sealed into ``job_id``, or None when ``job_id``
+    is not an id this owner was given."""
     try:
         raw = uuid.UUID(job_id).bytes
     except ValueError:
         return None
-    index = int.from_bytes(raw[12:], "big")
-    if raw[10:12] != _MARK or index == _BATCH_INDEX:
+    # One AES block encrypts one unique plaintext (a fresh batch id and an index): ECB is the
+    # block cipher itself here, a pseudorandom permutation of ids, not a mode over a message.
+    decryptor = Cipher(algorithms.AES(owner.seal_key), modes.ECB()).decryptor()  # noqa: S305
+    plain = decryptor.update(raw) + decryptor.finalize()
+    if not hmac.compare_digest(plain[_BATCH_BYTES + 2 :], _MARK):
         return None
-    return str(uuid.UUID(bytes=raw[:12] + _BATCH_INDEX.to_bytes(4, "big"))), index
+    index = int.from_bytes(plain[_BATCH_BYTES : _BATCH_BYTES + 2], "big")
+    return BATCH_PREFIX + plain[:_BATCH_BYTES].hex(), index
 
 
 T = TypeVar("T")
@@ -47,11 +89,14 @@ class _Open(Generic[T]):
     items: list[T] = field(default_factory=list)
     closed: bool = False
     sent: threading.Event = field(default_factory=threading.Event)
-    ids: list[str] = field(default_factory=list)
+    ids: list[Any] = field(default_factory=list)  # the outcomes, once sent
     error: BaseException | None = None
 
 
-class MicroBatcher(Generic[T]):
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
     """Gathers items submitted from many threads into batches for ``send``.
 
     The first item of a batch waits up to ``window`` seconds for company, or until the batch
@@ -62,7 +107,7 @@ class MicroBatcher(Generic[T]):
     """
 
     def __init__(
-        self, send: Callable[[Sequence[T]], list[str]], *, window: float, max_size: int
+        self, send: Callable[[Sequence[T]], list[R]], *, window: float, max_size: int
     ) -> None:
         if window < 0 or max_size < 1:
             raise ValueError("window must be >= 0 and max_size >= 1")
@@ -72,8 +117,8 @@ class MicroBatcher(Generic[T]):
         self._lock = threading.Condition()
         self._open: _Open[T] = _Open()
 
-    def submit(self, item: T, *, timeout: float = 30.0) -> str:
-        """Queue one item; return its id once its batch was sent."""
+    def submit(self, item: T, *, timeout: float = 30.0) -> R:
+        """Queue one item; return its outcome (its id) once its batch was sent."""
         with self._lock:
             batch = self._open
             index = len(batch.items)
@@ -94,7 +139,8 @@ class MicroBatcher(Generic[T]):
             raise TimeoutError("the batch holding this job was not sent in time")
         if batch.error is not None:
             raise batch.error
-        return batch.ids[index]
+        outcome: R = batch.ids[index]
+        return outcome
 
     def _close(self, batch: _Open[T]) -> None:
         # Called with the lock held.

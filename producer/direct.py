@@ -34,17 +34,20 @@ class QueueClient:
         return self._queue.submit(check_request(body))
 
     def status(self, job_id: str) -> JobStatus:
-        """Where the job stands now (an unknown job id reads as pending)."""
+        """Where the job stands now (``not_found`` for an id this client did not submit)."""
         return self._queue.status(job_id)
 
     def result(self, job_id: str, timeout: float = 30.0) -> VerificationResult:
         """Poll until the job's verdict is in; return it.
 
-        Raises ``TimeoutError`` when it is not in after ``timeout`` seconds, and
+        Raises ``TimeoutError`` when it is not in after ``timeout`` seconds, ``LookupError``
+        for a job this client did not submit (or whose record is gone), and
         ``QueueUnavailable`` when the result backend is down.
         """
         status = self._queue.wait(job_id, timeout)
         if status.result is None:
+            if status.final and status.error is not None:
+                raise LookupError(f"job {job_id}: {status.error.code}: {status.error.detail}")
             raise TimeoutError(f"job {job_id} has no verdict after {timeout} s")
         return status.result
 

@@ -22,6 +22,13 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
+    # No job with this id was accepted for this API key (or its record is gone).
+    JOB_NOT_FOUND = "job_not_found"
+    # The job was accepted, but no verdict exists and none can come: its queue message was lost
+    # with the broker's data. Submit it again.
+    JOB_LOST = "job_lost"
+    # An Idempotency-Key was used before with another body.
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     RATE_LIMITED = "rate_limited"
     SERVICE_UNAVAILABLE = "service_unavailable"

@@ -9,13 +9,17 @@ about it at once instead of from a verdict.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import threading
 import time
-import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Final, Literal
 
 import anyio.to_thread
@@ -24,12 +28,15 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DisconnectionError, InterfaceError
 from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session, sessionmaker
 
-from producer.batching import MicroBatcher, batch_of, new_batch
-from producer.errors import QueueUnavailable, validation_summary
-from producer.schemas import BatchItem, JobStatus, JobType
-from worker.celery_app import VERIFY_BATCH_TASK, VERIFY_TASK, read_task_metas
+from producer.batching import MicroBatcher, Owner, new_batch_id, open_job_id, seal_job_id
+from producer.errors import ErrorCode, QueueUnavailable, validation_summary
+from producer.schemas import BatchItem, ErrorDetail, JobStatus, JobType
+from worker.celery_app import VERIFY_BATCH_TASK, read_task_metas
 from worker.contract import (
     FORMAT_APPLE_APP_ATTEST,
     PLATFORM_IOS,
@@ -42,6 +49,7 @@ from worker.contract import (
 )
 from worker.core import Reason, Rejected
 from worker.ledger import Ledger, ledger_for, publish_task
+from worker.store import bulk, idempotency
 
 log = logging.getLogger("appattest.producer")
 
@@ -62,6 +70,15 @@ _UNREACHABLE: Final[tuple[type[BaseException], ...]] = (
     SQLAlchemyOperationalError,
     OSError,
 )
+# Errors meaning "the store is not reachable".
+_STORE_DOWN: Final[tuple[type[BaseException], ...]] = (
+    SQLAlchemyOperationalError,
+    InterfaceError,
+    DisconnectionError,
+    PoolTimeoutError,
+)
+# How often a waiting request consults the store for jobs that no result names.
+_STORE_CONSULT_SECONDS: Final = 1.0
 
 
 def check_request(body: PluginBody, *, expected: Kind | None = None) -> PluginRequest:
@@ -103,16 +120,16 @@ KIND_OF_TYPE: Final[dict[JobType, Kind]] = {
 }
 
 
-def check_batch_item(item: object) -> PluginRequest:
-    """Check one batch item, ``{"type": "attestation"|"assertion", "body": {...}}``, like a
-    single submission of that type. Returns the request; raises ``Rejected`` like
-    ``check_request``."""
+def check_batch_item(item: object) -> tuple[PluginRequest, str | None]:
+    """Check one batch item, ``{"type": "attestation"|"assertion", "body": {...},
+    "idempotencyKey"?}``, like a single submission of that type. Returns the request and the
+    item's idempotency key; raises ``Rejected`` like ``check_request``."""
     try:
         parsed = BatchItem.model_validate(item)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False, include_context=False)
         raise Rejected(Reason.INVALID_REQUEST, validation_summary(errors)) from exc
-    return check_request(parsed.body, expected=KIND_OF_TYPE[parsed.type])
+    return check_request(parsed.body, expected=KIND_OF_TYPE[parsed.type]), parsed.idempotency_key
 
 
 def plugin_json(request: PluginRequest) -> dict[str, Any]:
@@ -133,35 +150,103 @@ def _poll_delays() -> Iterator[float]:
         delay = min(delay * 2, MAX_POLL_DELAY)
 
 
-class JobQueue:
-    """Sends verification jobs through a Celery app and reads their verdicts by polling.
+def request_hash(request: PluginRequest) -> bytes:
+    """What an idempotent retry must repeat: the kind of job and its plugin body."""
+    kind = "assertion" if isinstance(request, AssertionRequest) else "registration"
+    canonical = json.dumps(
+        [kind, plugin_json(request)], sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )
+    return hashlib.sha256(canonical.encode("ascii")).digest()
 
-    Results are read with ``backend.get_task_meta``, never with ``AsyncResult.get()``, which
-    would wait on a pub/sub subscription per job. Every method raises ``QueueUnavailable``
-    when the broker or the result backend cannot be reached.
+
+def _key_hash(idempotency_key: str) -> bytes:
+    return hashlib.sha256(b"idempotency-key:" + idempotency_key.encode("utf-8")).digest()
+
+
+class IdempotencyConflict(Exception):
+    """An idempotency key was used before with another body."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One job to queue: the validated request, who submits it, and optionally the caller's
+    idempotency key."""
+
+    request: PluginRequest
+    owner: Owner
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a submission: accepted with a job id (``replayed`` when an earlier
+    submission with the same idempotency key created it), or refused with an error."""
+
+    job_id: str | None = None
+    replayed: bool = False
+    error: ErrorDetail | None = None
+
+
+def _refused(code: ErrorCode, detail: str) -> Outcome:
+    return Outcome(error=ErrorDetail(code=code.value, detail=detail))
+
+
+def _not_found(job_id: str) -> JobStatus:
+    detail = "no job with this id was accepted for this API key, or its record expired"
+    error = ErrorDetail(code=ErrorCode.JOB_NOT_FOUND.value, detail=detail)
+    return JobStatus(jobId=job_id, status="not_found", error=error)
+
+
+def _lost(job_id: str) -> JobStatus:
+    detail = (
+        "the job was accepted, but its queue message was lost with the broker's data and no "
+        "verdict exists; submit it again"
+    )
+    return JobStatus(
+        jobId=job_id, status="lost", error=ErrorDetail(code=ErrorCode.JOB_LOST.value, detail=detail)
+    )
+
+
+class JobQueue:
+    """Sends verification jobs through a Celery app and reads their verdicts.
+
+    Jobs travel in batch messages (``producer.batching``); each job id is sealed for the owner
+    that submitted it, and only that owner's lookups find it. Verdicts are read from the result
+    backend by polling (never ``AsyncResult.get()``, which would wait on a pub/sub subscription
+    per job); a job the result backend does not know is looked up in the store's ``verdicts``
+    table, the durable record, when the queue has ``sessions``. Idempotency keys need
+    ``sessions`` too. Every method raises ``QueueUnavailable`` when the broker or the result
+    backend cannot be reached.
     """
 
     def __init__(
         self,
         celery_app: Celery,
         *,
+        sessions: sessionmaker[Session] | None = None,
+        owner: Owner | None = None,
+        idempotency_ttl: float = 86_400.0,
         batch_window: float = 0.002,
         max_batch: int = 200,
         ledger: Ledger | Literal["auto"] | None = "auto",
     ) -> None:
         self.celery_app = celery_app
+        self.sessions = sessions
+        # The owner of jobs submitted without one (direct Python callers).
+        self.owner = owner if owner is not None else Owner.ephemeral("direct")
+        self.idempotency_ttl = idempotency_ttl
         # Every published job is entered in the ledger first when the broker is Redis, whose
         # transport can lose a message taken off the queue as the server dies.
         self.ledger = ledger_for(celery_app) if ledger == "auto" else ledger
         self.max_batch = max_batch
         # Single submissions arriving together (a burst of HTTP requests) share one message.
-        self._batcher: MicroBatcher[PluginRequest] = MicroBatcher(
+        self._batcher: MicroBatcher[Submission, Outcome] = MicroBatcher(
             self._submit_chunk, window=batch_window, max_size=max_batch
         )
         # Finished batches, decoded once: a batch's result is immutable once written, and
         # reading it again (and decoding every verdict in it) for each of its jobs would cost
         # the producer far more than the verification cost the worker.
-        self._finished: OrderedDict[str, list[Any]] = OrderedDict()
+        self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._finished_lock = threading.Lock()
         self._watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = (
             weakref.WeakKeyDictionary()
@@ -177,15 +262,7 @@ class JobQueue:
         extra = getattr(self.celery_app.backend, "connection_errors", ())
         return _UNREACHABLE + tuple(extra)
 
-    def _send_batch(self, requests: Sequence[PluginRequest], producer: Any) -> list[str]:
-        """Publish one batch message for these requests; return their job ids."""
-        batch_id, job_ids = new_batch(len(requests))
-        jobs = [
-            {"jobId": job_id, "body": plugin_json(request)}
-            for job_id, request in zip(job_ids, requests, strict=True)
-        ]
-        self._publish(producer, VERIFY_BATCH_TASK, batch_id, {"jobs": jobs})
-        return job_ids
+    # Submitting ----------------------------------------------------------------------------
 
     def _publish(self, producer: Any, task: str, task_id: str, job: dict[str, Any]) -> None:
         """Enter the job in the ledger, then publish it (see ``worker.ledger``).
@@ -205,76 +282,197 @@ class JobQueue:
                 "task %s: publish failed (%s); the ledger will send it", task_id, type(exc).__name__
             )
 
-    def _submit_chunk(self, requests: Sequence[PluginRequest]) -> list[str]:
+    def _claim_keys(
+        self, submissions: Sequence[Submission], job_ids: list[str], outcomes: list[Outcome]
+    ) -> set[int]:
+        """Record the idempotency keys of the chunk; return the positions to publish. Sets
+        the outcome of every submission whose key is held (a replay or a conflict) or whose
+        claim could not be recorded."""
+        send = {i for i, s in enumerate(submissions) if s.idempotency_key is None}
+        keyed = [i for i, s in enumerate(submissions) if s.idempotency_key is not None]
+        if not keyed:
+            return send
+        if self.sessions is None:
+            for i in keyed:
+                outcomes[i] = _refused(
+                    ErrorCode.INVALID_REQUEST, "idempotency keys need the service's store"
+                )
+            return send
+        first: dict[tuple[str, bytes], int] = {}
+        repeats: dict[int, int] = {}
+        for i in keyed:
+            pair = (submissions[i].owner.name, _key_hash(submissions[i].idempotency_key or ""))
+            if pair in first:
+                repeats[i] = first[pair]
+            else:
+                first[pair] = i
+        hashes = {i: request_hash(submissions[i].request) for i in keyed}
+        claims = [
+            idempotency.IdempotencyClaim(owner, key_hash, hashes[i], job_ids[i])
+            for (owner, key_hash), i in first.items()
+        ]
+        now = datetime.now(UTC)
+        try:
+            with self.sessions() as session, session.begin():
+                held = idempotency.claim(
+                    session,
+                    claims,
+                    now=now,
+                    expired_before=now - timedelta(seconds=self.idempotency_ttl),
+                )
+        except _STORE_DOWN as exc:
+            log.warning("idempotency keys not recorded: the store is down (%s)", type(exc).__name__)
+            for i in keyed:
+                outcomes[i] = _refused(
+                    ErrorCode.SERVICE_UNAVAILABLE, "the store is unavailable; try again later"
+                )
+            return send
+        for pair, i in first.items():
+            found = held.get(pair)
+            if found is None:
+                send.add(i)
+            elif found.request_hash != hashes[i]:
+                outcomes[i] = _refused(
+                    ErrorCode.IDEMPOTENCY_CONFLICT,
+                    "this Idempotency-Key was used with another body",
+                )
+            elif self._is_lost(submissions[i].owner, found.job_id):
+                # Accepted before, but its message never reached the broker or was lost with
+                # it: the key moves to a fresh job for this retry.
+                with self.sessions() as session, session.begin():
+                    moved = idempotency.replace_job(
+                        session, *pair, old_job_id=found.job_id, new_job_id=job_ids[i], now=now
+                    )
+                if moved:
+                    send.add(i)
+                else:
+                    outcomes[i] = Outcome(job_id=found.job_id, replayed=True)
+            else:
+                outcomes[i] = Outcome(job_id=found.job_id, replayed=True)
+        for i, j in repeats.items():
+            # The same key twice in one chunk: the second answers as a retry of the first.
+            if hashes[i] != hashes[j]:
+                outcomes[i] = _refused(
+                    ErrorCode.IDEMPOTENCY_CONFLICT,
+                    "this Idempotency-Key was used with another body",
+                )
+            elif outcomes[j].error is not None:
+                outcomes[i] = outcomes[j]
+            else:
+                outcomes[i] = Outcome(job_id=outcomes[j].job_id, replayed=True)
+        return send
+
+    def _send_batch(self, submissions: Sequence[Submission], producer: Any) -> list[Outcome]:
+        """Publish one batch message for these submissions; return their outcomes."""
+        batch_id = new_batch_id()
+        job_ids = [seal_job_id(s.owner, batch_id, i) for i, s in enumerate(submissions)]
+        outcomes = [Outcome(job_id=job_id) for job_id in job_ids]
+        send = sorted(self._claim_keys(submissions, job_ids, outcomes))
+        if send:
+            jobs = [
+                {
+                    "jobId": job_ids[i],
+                    "body": plugin_json(submissions[i].request),
+                    "submittedBy": submissions[i].owner.name,
+                }
+                for i in send
+            ]
+            self._publish(producer, VERIFY_BATCH_TASK, batch_id, {"jobs": jobs})
+        return outcomes
+
+    def _submit_chunk(self, submissions: Sequence[Submission]) -> list[Outcome]:
         try:
             with self.celery_app.producer_or_acquire() as producer:
-                return self._send_batch(requests, producer)
+                return self._send_batch(submissions, producer)
         except self._unreachable() as exc:
             raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
 
-    def _send(self, request: PluginRequest, producer: Any) -> str:
-        job_id = str(uuid.uuid4())
-        while batch_of(job_id) is not None:  # never mistaken for a batch job (1 in 65,536)
-            job_id = str(uuid.uuid4())
-        self._publish(producer, VERIFY_TASK, job_id, {"body": plugin_json(request)})
-        return job_id
+    def _submission(
+        self, request: PluginRequest, owner: Owner | None, idempotency_key: str | None
+    ) -> Submission:
+        return Submission(request, owner or self.owner, idempotency_key)
 
-    def submit(self, request: PluginRequest) -> str:
-        """Queue one validated request; return its job id (a UUID string).
+    def accept(
+        self,
+        request: PluginRequest,
+        *,
+        owner: Owner | None = None,
+        idempotency_key: str | None = None,
+    ) -> Outcome:
+        """Queue one validated request; return its outcome.
 
         Requests submitted together from several threads travel in one batch message; each
-        caller waits at most the batching window before its job is queued.
+        caller waits at most the batching window before its job is queued. Raises
+        ``QueueUnavailable`` when the broker cannot be reached (nothing was accepted).
         """
-        return self._batcher.submit(request)
+        return self._batcher.submit(self._submission(request, owner, idempotency_key))
 
-    def submit_many(self, requests: Sequence[PluginRequest]) -> list[str]:
-        """Queue several validated requests in batch messages; return their job ids.
+    def submit(
+        self,
+        request: PluginRequest,
+        *,
+        owner: Owner | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Like ``accept``, returning the job id; raises ``IdempotencyConflict`` when the key
+        was used with another body and ``QueueUnavailable`` when the job was not accepted."""
+        return _job_id_of(self.accept(request, owner=owner, idempotency_key=idempotency_key))
 
-        When the broker fails midway, the batches sent before the failure stay queued.
+    def submit_one(self, request: PluginRequest, *, owner: Owner | None = None) -> str:
+        """Queue one request in a message of its own, outside the micro-batching."""
+        return _job_id_of(self._submit_chunk([self._submission(request, owner, None)])[0])
+
+    def accept_many(self, submissions: Sequence[Submission]) -> list[Outcome]:
+        """Queue several submissions in batch messages; return their outcomes in order.
+
+        When the broker fails midway, the batches sent before the failure stay accepted and
+        every later submission is refused with ``service_unavailable``; when the first batch
+        fails, nothing was accepted and ``QueueUnavailable`` is raised.
         """
-        job_ids: list[str] = []
-        for start in range(0, len(requests), self.max_batch):
-            job_ids += self._submit_chunk(requests[start : start + self.max_batch])
-        return job_ids
+        outcomes: list[Outcome] = []
+        for start in range(0, len(submissions), self.max_batch):
+            chunk = submissions[start : start + self.max_batch]
+            try:
+                outcomes += self._submit_chunk(chunk)
+            except QueueUnavailable as exc:
+                if start == 0:
+                    raise
+                refusal = _refused(ErrorCode.SERVICE_UNAVAILABLE, f"{exc}; not accepted")
+                outcomes += [refusal] * (len(submissions) - start)
+                break
+        return outcomes
 
-    def submit_one(self, request: PluginRequest) -> str:
-        """Queue one request as a task of its own, outside any batch."""
-        try:
-            with self.celery_app.producer_or_acquire() as producer:
-                return self._send(request, producer)
-        except self._unreachable() as exc:
-            raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
+    def submit_many(
+        self, requests: Sequence[PluginRequest], *, owner: Owner | None = None
+    ) -> list[str]:
+        """Queue several validated requests; return their job ids. Raises
+        ``QueueUnavailable`` when any was not accepted (those before it stay queued)."""
+        outcomes = self.accept_many([self._submission(r, owner, None) for r in requests])
+        return [_job_id_of(outcome) for outcome in outcomes]
 
-    def _finished_batch(self, batch_id: str) -> list[Any] | None:
+    # Reading -------------------------------------------------------------------------------
+
+    def _finished_batch(self, batch_id: str) -> dict[str, Any] | None:
         with self._finished_lock:
             return self._finished.get(batch_id)
 
-    def _job_meta(self, job_id: str, metas: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
-        """The task state of a job: its batch's, narrowed to the job, or its own; ``metas``
-        holds the stored states read for it (none for a batch already known finished)."""
-        located = batch_of(job_id)
-        if located is None:
-            return metas[job_id]
-        batch_id, index = located
-        results = self._finished_batch(batch_id)
-        if results is None:
-            meta = metas[batch_id]
-            if meta.get("status") in states.READY_STATES - {states.SUCCESS}:
-                return meta
-            if meta.get("status") == states.SUCCESS:
-                results = list((meta.get("result") or {}).get("results") or [])
-                with self._finished_lock:
-                    self._finished[batch_id] = results
-                    while len(self._finished) > _FINISHED_BATCHES:
-                        self._finished.popitem(last=False)
-        if results is not None:
-            if index < len(results):
-                return {"status": states.SUCCESS, "result": results[index]}
-            return {"status": states.FAILURE, "result": None}
-        # A pending batch: its jobs were never sent on their own (see ``submit_one``).
-        return {"status": states.PENDING, "result": None}
+    def _remember(self, batch_id: str, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Decode a finished batch's result into results by job id, and keep it; None when
+        the stored result is not a batch's."""
+        stored = meta.get("result")
+        results = stored.get("results") if isinstance(stored, dict) else None
+        job_ids = stored.get("jobIds") if isinstance(stored, dict) else None
+        if not isinstance(results, list) or not isinstance(job_ids, list):
+            log.error("batch %s: the stored result is not a batch's verdicts", batch_id)
+            return None
+        by_job = dict(zip(job_ids, results, strict=False))
+        with self._finished_lock:
+            self._finished[batch_id] = by_job
+            while len(self._finished) > _FINISHED_BATCHES:
+                self._finished.popitem(last=False)
+        return by_job
 
-    def _status_of(self, job_id: str, meta: dict[str, Any]) -> JobStatus:
+    def _status_of(self, job_id: str, meta: Mapping[str, Any]) -> JobStatus:
         state = meta.get("status")
         if state == states.SUCCESS:
             try:
@@ -283,37 +481,105 @@ class JobQueue:
                 log.error("job %s: the stored result is not a verdict", job_id)
                 result = _internal_error("the worker returned an unreadable result")
             return JobStatus(jobId=job_id, status="done", result=result)
-        if state in states.READY_STATES:
-            log.error("job %s ended in state %s", job_id, state)
-            return JobStatus(
-                jobId=job_id,
-                status="done",
-                result=_internal_error(f"the job ended in state {state}"),
-            )
-        return JobStatus(jobId=job_id, status="pending")
+        log.error("job %s ended in state %s", job_id, state)
+        return JobStatus(
+            jobId=job_id, status="done", result=_internal_error(f"the job ended in state {state}")
+        )
 
-    def status(self, job_id: str) -> JobStatus:
-        """Where the job stands now. An unknown job id is indistinguishable from a pending one.
+    def _is_lost(self, owner: Owner, job_id: str) -> bool:
+        [status] = self._read([(owner, job_id)], consult_store=True)
+        return status.status == "lost"
 
-        A job that failed in the worker (which the verify task never lets happen: it turns
-        every error into a verdict) is reported as done with an ``internal_error`` verdict.
+    def _read(self, wanted: Sequence[tuple[Owner, str]], *, consult_store: bool) -> list[JobStatus]:
+        """The statuses of (owner, job id) pairs.
+
+        Order of the reads: the batches' results (one read for all); for jobs no result
+        names, the ledger (is the batch still on its way?); for jobs neither there nor in the
+        ledger, the store's verdicts. A worker stores a verdict in the store, then the result,
+        then removes the ledger entry, so a job missing from the result and then from the
+        ledger is in the store if it was ever decided.
         """
-        [status] = self.statuses([job_id])
-        return status
+        located: dict[int, tuple[str, int]] = {}
+        answers: dict[int, JobStatus] = {}
+        for n, (owner, job_id) in enumerate(wanted):
+            found = open_job_id(owner, job_id)
+            if found is None:
+                answers[n] = _not_found(job_id)
+            else:
+                located[n] = found
+        batch_ids = {
+            batch_id for batch_id, _ in located.values() if self._finished_batch(batch_id) is None
+        }
+        metas = read_task_metas(self.celery_app.backend, sorted(batch_ids))
+        missing: dict[int, str] = {}
+        for n, (batch_id, _) in located.items():
+            job_id = wanted[n][1]
+            by_job = self._finished_batch(batch_id)
+            if by_job is None:
+                meta = metas[batch_id]
+                status = meta.get("status")
+                if status == states.SUCCESS:
+                    by_job = self._remember(batch_id, meta)
+                    if by_job is None:
+                        answers[n] = self._status_of(job_id, {"status": states.SUCCESS})
+                        continue
+                elif status in states.READY_STATES:
+                    answers[n] = self._status_of(job_id, meta)
+                    continue
+            if by_job is not None and job_id in by_job:
+                answers[n] = self._status_of(
+                    job_id, {"status": states.SUCCESS, "result": by_job[job_id]}
+                )
+            else:
+                missing[n] = batch_id
+        if not missing:
+            return [answers[n] for n in range(len(wanted))]
+        if self.ledger is not None:
+            held = self.ledger.holding(sorted(set(missing.values())))
+            for n, batch_id in list(missing.items()):
+                if batch_id in held:
+                    answers[n] = JobStatus(jobId=wanted[n][1], status="pending")
+                    del missing[n]
+        if missing and consult_store and self.sessions is not None:
+            recorded = self._recorded([wanted[n] for n in missing])
+            for n in list(missing):
+                owner, job_id = wanted[n]
+                verdict = recorded.get(job_id)
+                if verdict is not None and verdict[0] in (None, owner.name):
+                    answers[n] = self._status_of(
+                        job_id, {"status": states.SUCCESS, "result": verdict[1]}
+                    )
+                    del missing[n]
+        for n in missing:
+            job_id = wanted[n][1]
+            if not consult_store or self.sessions is None:
+                # Without a look at the store nothing final can be said.
+                answers[n] = JobStatus(jobId=job_id, status="pending")
+            elif self.ledger is not None:
+                answers[n] = _lost(job_id)
+            else:
+                # Brokers without a ledger keep queued messages themselves: still on its way.
+                answers[n] = JobStatus(jobId=job_id, status="pending")
+        return [answers[n] for n in range(len(wanted))]
 
-    def statuses(self, job_ids: Sequence[str]) -> list[JobStatus]:
-        """The status of each job, as ``status`` tells it, from one read of the result
-        backend for all of them (a batch's jobs share its one stored result)."""
-        wanted: dict[str, None] = {}
-        for job_id in job_ids:
-            located = batch_of(job_id)
-            if located is None:
-                wanted[job_id] = None
-            elif self._finished_batch(located[0]) is None:
-                wanted[located[0]] = None
+    def _recorded(
+        self, wanted: Sequence[tuple[Owner, str]]
+    ) -> dict[str, tuple[str | None, dict[str, Any]]]:
+        assert self.sessions is not None
         try:
-            metas = read_task_metas(self.celery_app.backend, list(wanted))
-            return [self._status_of(j, self._job_meta(j, metas)) for j in job_ids]
+            with self.sessions() as session:
+                return bulk.get_verdicts_of(session, [job_id for _, job_id in wanted])
+        except _STORE_DOWN as exc:
+            raise QueueUnavailable(f"the store is unavailable ({type(exc).__name__})") from exc
+
+    def statuses_of(
+        self, wanted: Sequence[tuple[Owner, str]], *, consult_store: bool = True
+    ) -> list[JobStatus]:
+        """The status of each (owner, job id): ``done`` with the verdict, ``pending``,
+        ``not_found`` for an id that owner was never given (or whose records expired), or
+        ``lost``. One read of the result backend serves all of them."""
+        try:
+            return self._read(wanted, consult_store=consult_store)
         except NotImplementedError as exc:
             # Celery's DisabledBackend: the app was configured without a result backend.
             raise QueueUnavailable("no result backend is configured") from exc
@@ -322,8 +588,21 @@ class JobQueue:
                 f"the result backend is unavailable ({type(exc).__name__})"
             ) from exc
 
-    async def wait_many_async(self, job_ids: Sequence[str], timeout: float) -> list[JobStatus]:
-        """Wait until every job is done or ``timeout`` seconds passed; return the statuses.
+    def statuses(self, job_ids: Sequence[str], *, owner: Owner | None = None) -> list[JobStatus]:
+        """The statuses of jobs of one owner (see ``statuses_of``)."""
+        who = owner or self.owner
+        return self.statuses_of([(who, job_id) for job_id in job_ids])
+
+    def status(self, job_id: str, *, owner: Owner | None = None) -> JobStatus:
+        """Where one job stands now (see ``statuses_of``)."""
+        [status] = self.statuses([job_id], owner=owner)
+        return status
+
+    async def wait_many_async(
+        self, job_ids: Sequence[str], timeout: float, *, owner: Owner | None = None
+    ) -> list[JobStatus]:
+        """Wait until every job's status is final or ``timeout`` seconds passed; return the
+        statuses.
 
         Every request waiting in this process is served by one watcher per event loop, which
         reads the statuses of all awaited jobs together (one backend read per tick), so a
@@ -333,73 +612,92 @@ class JobQueue:
             watcher = self._watchers.get(loop)
             if watcher is None:
                 watcher = self._watchers[loop] = _Watcher(self)
-        return await watcher.wait(list(job_ids), timeout)
+        who = owner or self.owner
+        return await watcher.wait([(who, job_id) for job_id in job_ids], timeout)
 
-    async def wait_async(self, job_id: str, timeout: float) -> JobStatus:
+    async def wait_async(
+        self, job_id: str, timeout: float, *, owner: Owner | None = None
+    ) -> JobStatus:
         """Like ``wait``, for an event loop (see ``wait_many_async``)."""
-        [status] = await self.wait_many_async([job_id], timeout)
+        [status] = await self.wait_many_async([job_id], timeout, owner=owner)
         return status
 
-    def wait(self, job_id: str, timeout: float) -> JobStatus:
-        """Poll until the job is done or ``timeout`` seconds passed; return its last status."""
+    def wait(self, job_id: str, timeout: float, *, owner: Owner | None = None) -> JobStatus:
+        """Poll until the job's status is final or ``timeout`` seconds passed; return it."""
         deadline = time.monotonic() + timeout
         delays = _poll_delays()
         while True:
-            status = self.status(job_id)
+            status = self.status(job_id, owner=owner)
             remaining = deadline - time.monotonic()
-            if status.done or remaining <= 0:
+            if status.final or remaining <= 0:
                 return status
             time.sleep(min(next(delays), remaining))
+
+
+def _job_id_of(outcome: Outcome) -> str:
+    if outcome.error is not None:
+        if outcome.error.code == ErrorCode.IDEMPOTENCY_CONFLICT:
+            raise IdempotencyConflict(outcome.error.detail)
+        raise QueueUnavailable(outcome.error.detail)
+    assert outcome.job_id is not None
+    return outcome.job_id
+
+
+_Wanted = tuple[Owner, str]
 
 
 class _Watcher:
     """Waits for the verdicts of the jobs awaited on one event loop: while any job is awaited,
     a single task reads all their statuses together (in a worker thread), then sleeps a short
     poll interval that grows while nothing changes, and resolves each waiter as its jobs
-    finish. A backend that cannot be reached fails every waiter of that read with
-    ``QueueUnavailable``."""
+    finish. The store is consulted for jobs no result names at most once a second. A backend
+    that cannot be reached fails every waiter of that read with ``QueueUnavailable``."""
 
     def __init__(self, queue: JobQueue) -> None:
         self.queue = queue
-        self._waiters: dict[str, list[asyncio.Future[JobStatus]]] = {}
+        self._waiters: dict[_Wanted, list[asyncio.Future[JobStatus]]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    async def wait(self, job_ids: list[str], timeout: float) -> list[JobStatus]:
+    async def wait(self, wanted: list[_Wanted], timeout: float) -> list[JobStatus]:
         loop = asyncio.get_running_loop()
-        futures = {job_id: loop.create_future() for job_id in dict.fromkeys(job_ids)}
-        for job_id, future in futures.items():
-            self._waiters.setdefault(job_id, []).append(future)
+        futures = {pair: loop.create_future() for pair in dict.fromkeys(wanted)}
+        for pair, future in futures.items():
+            self._waiters.setdefault(pair, []).append(future)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
         try:
             await asyncio.wait(futures.values(), timeout=timeout)
         finally:
-            for job_id, future in futures.items():
-                waiting = self._waiters.get(job_id)
+            for pair, future in futures.items():
+                waiting = self._waiters.get(pair)
                 if waiting is not None and future in waiting:
                     waiting.remove(future)
                     if not waiting:
-                        del self._waiters[job_id]
+                        del self._waiters[pair]
                 future.cancel()
-        found: dict[str, JobStatus] = {}
+        found: dict[_Wanted, JobStatus] = {}
         error: BaseException | None = None
-        for job_id, future in futures.items():
+        for pair, future in futures.items():
             if future.cancelled():
-                found[job_id] = JobStatus(jobId=job_id, status="pending")
+                found[pair] = JobStatus(jobId=pair[1], status="pending")
             elif future.exception() is not None:
                 error = future.exception()
             else:
-                found[job_id] = future.result()
+                found[pair] = future.result()
         if error is not None:
             raise error
-        return [found[job_id] for job_id in job_ids]
+        return [found[pair] for pair in wanted]
 
     async def _run(self) -> None:
         delays = _poll_delays()
+        last_consult = float("-inf")
         while self._waiters:
-            job_ids = list(self._waiters)
+            wanted = list(self._waiters)
+            consult = time.monotonic() - last_consult >= _STORE_CONSULT_SECONDS
             try:
-                found = await anyio.to_thread.run_sync(self.queue.statuses, job_ids)
+                found = await anyio.to_thread.run_sync(
+                    partial(self.queue.statuses_of, wanted, consult_store=consult)
+                )
             except QueueUnavailable as exc:
                 for waiting in self._waiters.values():
                     for future in waiting:
@@ -407,13 +705,15 @@ class _Watcher:
                             future.set_exception(exc)
                 self._waiters.clear()
                 return
+            if consult:
+                last_consult = time.monotonic()
             progressed = False
-            for status in found:
-                if status.done:
-                    for future in self._waiters.pop(status.job_id, []):
+            for pair, status in zip(wanted, found, strict=True):
+                if status.final:
+                    for future in self._waiters.pop(pair, []):
                         if not future.done():
                             future.set_result(status)
                     progressed = True
-            if progressed or len(job_ids) != len(self._waiters):
+            if progressed or len(wanted) != len(self._waiters):
                 delays = _poll_delays()  # verdicts are flowing: keep reading often
             await asyncio.sleep(next(delays))

@@ -16,7 +16,13 @@ from worker.contract import VerificationResult
 
 PurposeName = Literal["registration", "assertion"]
 JobType = Literal["attestation", "assertion"]
-JobState = Literal["pending", "done"]
+# pending: accepted, the verdict is not in yet; done: the verdict is in ``result``; not_found:
+# no job with this id was accepted for this API key, or its record is gone; lost: accepted, but
+# its queue message was lost with the broker's data and no verdict can come (submit it again).
+JobState = Literal["pending", "done", "not_found", "lost"]
+
+# An Idempotency-Key: printable ASCII without spaces, as the header allows, up to 255 characters.
+IdempotencyKeyText = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,255}$")]
 
 # A keyId is standard base64 of 32 bytes: 44 characters. The challenge table's column has that
 # width, so a longer value could never match a key and is refused here instead of by the database.
@@ -56,21 +62,6 @@ class JobAccepted(BaseModel):
     status: Literal["pending"] = "pending"
 
 
-class JobStatus(BaseModel):
-    """Where a job stands: ``pending``, or ``done`` with its verdict."""
-
-    model_config = _Wire
-
-    job_id: str = Field(alias="jobId")
-    status: JobState
-    result: VerificationResult | None = None
-
-    @property
-    def done(self) -> bool:
-        """True when the verdict is in ``result``."""
-        return self.status == "done"
-
-
 class ErrorDetail(BaseModel):
     """A stable error code and a human explanation."""
 
@@ -78,6 +69,28 @@ class ErrorDetail(BaseModel):
 
     code: str
     detail: str
+
+
+class JobStatus(BaseModel):
+    """Where a job stands: ``pending``; ``done`` with its verdict; ``not_found`` or ``lost``
+    with an error saying why there is none."""
+
+    model_config = _Wire
+
+    job_id: str = Field(alias="jobId")
+    status: JobState
+    result: VerificationResult | None = None
+    error: ErrorDetail | None = None
+
+    @property
+    def done(self) -> bool:
+        """True when the verdict is in ``result``."""
+        return self.status == "done"
+
+    @property
+    def final(self) -> bool:
+        """True when waiting longer cannot change the status."""
+        return self.status != "pending"
 
 
 class ErrorResponse(BaseModel):
@@ -95,6 +108,7 @@ class BatchItem(BaseModel):
 
     type: JobType
     body: dict[str, Any]
+    idempotency_key: IdempotencyKeyText | None = Field(default=None, alias="idempotencyKey")
 
 
 class BatchRequest(BaseModel):
@@ -106,7 +120,9 @@ class BatchRequest(BaseModel):
 
 
 class BatchJob(BaseModel):
-    """The fate of one batch item: queued (with its job id) or rejected (with an error)."""
+    """The fate of one batch item: queued (with its job id) or rejected (with an error: the
+    item's body, its idempotency key, or ``service_unavailable`` when the queue failed before
+    it was accepted, which a retry may fix)."""
 
     model_config = _Wire
 

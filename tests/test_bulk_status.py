@@ -7,12 +7,14 @@ import itertools
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr
 
 from producer import AppAttestClient, AsyncAppAttestClient, create_app
+from producer.batching import new_batch_id, seal_job_id
 from tests.factory import Device, TestCA
 from tests.stack import Stack
 from tests.test_producer_api import KEY, serve
@@ -51,7 +53,9 @@ def test_status_endpoint_reports_pending_and_refuses_bad_input(base_url: str) ->
     with httpx.Client(base_url=base_url, headers=headers, timeout=30) as http:
         response = http.post("/v1/jobs/status", json={"jobIds": [unknown]})
         assert response.status_code == 200
-        assert response.json()["jobs"] == [{"jobId": unknown, "status": "pending", "result": None}]
+        [status] = response.json()["jobs"]
+        assert status["jobId"] == unknown and status["status"] == "not_found"
+        assert status["result"] is None and status["error"]["code"] == "job_not_found"
         for body in ({"jobIds": []}, {"jobIds": ["not-a-uuid"]}, {"ids": [unknown]}, [1]):
             refused = http.post("/v1/jobs/status", json=body)
             assert refused.status_code == 422, body
@@ -92,13 +96,13 @@ def test_waiting_requests_share_one_watcher(stack: Stack, ca: TestCA) -> None:
     app = create_celery_app(stack.settings)
     queue = JobQueue(app)
     reads: list[int] = []
-    real_statuses = queue.statuses
+    real_statuses = queue.statuses_of
 
-    def counting_statuses(job_ids: list[str]) -> list[object]:
-        reads.append(len(job_ids))
-        return real_statuses(job_ids)  # type: ignore[return-value]
+    def counting_statuses(wanted: list[Any], *, consult_store: bool = True) -> list[object]:
+        reads.append(len(wanted))
+        return real_statuses(wanted, consult_store=consult_store)  # type: ignore[return-value]
 
-    queue.statuses = counting_statuses  # type: ignore[method-assign, assignment]
+    queue.statuses_of = counting_statuses  # type: ignore[method-assign, assignment]
     try:
         with sessions_for(stack.settings.store_url) as sessions:
             devices = [Device(ca=ca) for _ in range(50)]
@@ -119,9 +123,13 @@ def test_waiting_requests_share_one_watcher(stack: Stack, ca: TestCA) -> None:
         assert reads[0] == 50
         assert all(later <= earlier for earlier, later in itertools.pairwise(reads))
 
-        unknown = str(uuid.uuid4())
-        [late] = asyncio.run(queue.wait_many_async([unknown], 0.2))
-        assert late.status == "pending" and late.job_id == unknown
+        # An id of this queue's own that no worker has (its batch was never sent) stays
+        # pending until the wait ends; an id it never gave out is not_found at once.
+        unsent = seal_job_id(queue.owner, new_batch_id(), 0)
+        [late] = asyncio.run(queue.wait_many_async([unsent], 0.2))
+        assert late.status == "pending" and late.job_id == unsent
+        [unknown] = asyncio.run(queue.wait_many_async([str(uuid.uuid4())], 10))
+        assert unknown.status == "not_found"
         assert all(not w._waiters for w in queue._watchers.values())
     finally:
         app.close()
@@ -133,7 +141,10 @@ def test_waiting_requests_share_one_watcher(stack: Stack, ca: TestCA) -> None:
     async def wait_dead() -> list[BaseException | object]:
         return list(
             await asyncio.gather(
-                *(dead_queue.wait_async(str(uuid.uuid4()), 5) for _ in range(3)),
+                *(
+                    dead_queue.wait_async(seal_job_id(dead_queue.owner, new_batch_id(), 0), 5)
+                    for _ in range(3)
+                ),
                 return_exceptions=True,
             )
         )

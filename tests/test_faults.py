@@ -52,7 +52,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import State
 
 from producer import create_app
-from producer.batching import batch_of, new_batch
+from producer.auth import ApiKeys
+from producer.batching import Owner, new_batch_id, open_job_id, seal_job_id
 from producer.jobs import JobQueue, check_request
 from producer.ratelimit import RateLimiter, retry_after_seconds
 from tests.factory import APP_ID, Device, TestCA
@@ -345,14 +346,37 @@ def worker_log(stack: Stack, name: str) -> str:
     )
 
 
-_RECEIVED = re.compile(r"Task appattest\.verify(?:_batch)?\[([0-9a-f-]{36})\] received")
-_SUCCEEDED = re.compile(r"Task appattest\.verify(?:_batch)?\[([0-9a-f-]{36})\] succeeded")
+_RECEIVED = re.compile(r"Task appattest\.verify(?:_batch)?\[([0-9a-z-]+)\] received")
+_SUCCEEDED = re.compile(r"Task appattest\.verify(?:_batch)?\[([0-9a-z-]+)\] succeeded")
 
 
-def task_of(job_id: str) -> str:
+def key_owner(key: str = KEY) -> Owner:
+    """The owner whose seal the API puts on the job ids of ``key``'s jobs."""
+    caller = ApiKeys([SecretStr(key)]).match(key)
+    assert caller is not None
+    return caller.owner
+
+
+def task_of(job_id: str, owner: Owner) -> str:
     """The id of the task (message) that carries a job: its batch's, or its own."""
-    located = batch_of(job_id)
+    located = open_job_id(owner, job_id)
     return job_id if located is None else located[0]
+
+
+def new_batch(owner: Owner, size: int) -> tuple[str, list[str]]:
+    """A batch id and the ids of its jobs, sealed for ``owner``."""
+    batch_id = new_batch_id()
+    return batch_id, [seal_job_id(owner, batch_id, i) for i in range(size)]
+
+
+def task_status(queue: JobQueue) -> Callable[[str], dict[str, Any] | None]:
+    """The verdict of a task sent on its own (a job id that is its own task id)."""
+
+    def status(job_id: str) -> dict[str, Any] | None:
+        meta = queue.celery_app.backend.get_task_meta(job_id, cache=False)
+        return dict(meta["result"]) if meta.get("status") == states.SUCCESS else None
+
+    return status
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> None:
@@ -448,7 +472,7 @@ def test_sigkill_of_a_worker_mid_burst_loses_no_job(
         report("sigkill", len(job_ids), len(results), len(wrong))
 
         assert 0 < decided_at_kill < len(job_ids), "the kill did not land mid-burst"
-        assert in_flight <= {task_of(j) for j in job_ids}
+        assert in_flight <= {task_of(j, queue.owner) for j in job_ids}
         # What the killed worker held was delivered again, to another worker.
         others = worker_log(stack, "survivor") + worker_log(stack, "replacement")
         assert in_flight <= set(_RECEIVED.findall(others))
@@ -493,7 +517,7 @@ def _send_job(queue: JobQueue, job_id: str, body: dict[str, Any]) -> None:
 
 
 def _wait_job(queue: JobQueue, job_id: str) -> dict[str, Any]:
-    results = collect(queue_status(queue), [job_id], 30)
+    results = collect(task_status(queue), [job_id], 30)
     assert job_id in results, f"job {job_id} got no verdict"
     return results[job_id]
 
@@ -554,7 +578,7 @@ def test_a_redelivered_job_returns_its_first_verdict(stack: Stack, ca: TestCA) -
         ]
         [challenge] = issue(sessions, "assertion", [device.key_id_b64])
         bodies.append(device.assertion_body(challenge))
-        batch_id, job_ids = new_batch(len(bodies))
+        batch_id, job_ids = new_batch(queue.owner, len(bodies))
         batch = {"jobs": [{"jobId": j, "body": b} for j, b in zip(job_ids, bodies, strict=True)]}
         _send(queue, VERIFY_BATCH_TASK, batch_id, batch)
         first_results = collect(queue_status(queue), job_ids, 30)
@@ -581,7 +605,8 @@ def test_the_ledger_resends_only_jobs_neither_queued_nor_held_nor_finished(
         assert ledger is not None
         broker = ledger.client
         job_ids = [
-            queue.submit_one(registration(Device(ca=ca), f"challenge-{n}")[0]) for n in range(3)
+            task_of(queue.submit_one(registration(Device(ca=ca), f"challenge-{n}")[0]), queue.owner)
+            for n in range(3)
         ]
         assert ledger.pending() == 3 and broker.llen(QUEUE) == 3
         app = queue.celery_app
@@ -632,7 +657,7 @@ def test_a_job_whose_message_was_lost_still_gets_its_verdict(
             d.registration_body(c, now=now()) for d, c in zip(devices, challenges, strict=True)
         ]
         single = str(uuid.uuid4())
-        batch_id, batch_jobs = new_batch(3)
+        batch_id, batch_jobs = new_batch(queue.owner, 3)
         queue.ledger.record(
             [
                 (single, VERIFY_TASK, {"body": bodies[0]}),
@@ -655,7 +680,8 @@ def test_a_job_whose_message_was_lost_still_gets_its_verdict(
         monkeypatch.setattr(queue.celery_app.amqp, "send_task_message", broker_refuses)
         unpublished = queue.submit_one(check_request(bodies[4]))
         monkeypatch.undo()
-        results = collect(queue_status(queue), [single, *batch_jobs, unpublished], 60)
+        results = collect(task_status(queue), [single], 60)
+        results |= collect(queue_status(queue), [*batch_jobs, unpublished], 60)
         assert len(results) == 5
         assert all(r["ok"] and r["kind"] == "registration" for r in results.values())
         assert {r["keyId"] for r in results.values()} == {d.key_id_b64 for d in devices}
@@ -934,7 +960,9 @@ def test_races_between_two_workers(ca: TestCA, private_db: str, tmp_path: Path) 
                 {"ids": job_ids},
             ).all()
         assert len(rows) == len(job_ids)
-        committed = sorted(rows, key=lambda r: (r[1], r[2], (batch_of(r[0]) or ("", 0))[1]))
+        committed = sorted(
+            rows, key=lambda r: (r[1], r[2], (open_job_id(queue.owner, r[0]) or ("", 0))[1])
+        )
         highest = 0
         for job_id, _, _ in committed:
             assert (job_id in accepted) == (counter_of[job_id] > highest), job_id
@@ -947,7 +975,7 @@ def test_races_between_two_workers(ca: TestCA, private_db: str, tmp_path: Path) 
         # Both workers took part in the race.
         for name in ("a", "b"):
             received = set(_RECEIVED.findall(worker_log(stack, name)))
-            assert received & {task_of(j) for j in job_ids}, name
+            assert received & {task_of(j, queue.owner) for j in job_ids}, name
 
         # One assertion, replayed ten times at once: accepted once.
         [challenge] = issue(sessions, "assertion", [key_id])
@@ -1093,7 +1121,7 @@ def test_api_keys_are_kept_only_as_hashes_and_compared_in_full(
         held = list(_texts(app.state))
     for key in keys:
         assert not [text for text in held if key in text]
-        assert app.state.api_keys.match(key) == hashlib.sha256(key.encode()).digest()
+        assert app.state.api_keys.match(key).digest == hashlib.sha256(key.encode()).digest()
 
     # Every stored hash is compared, whichever matches and whether any does.
     compared: list[object] = []
@@ -1154,7 +1182,9 @@ def test_secrets_never_appear_in_logs(
 
     # The workers log each job's end after storing its result: wait for those lines.
     wait_until(
-        lambda: all(f"[{task_of(j)}] succeeded" in worker_log(stack, "") for j in job_ids),
+        lambda: all(
+            f"[{task_of(j, key_owner())}] succeeded" in worker_log(stack, "") for j in job_ids
+        ),
         30,
         "worker log lines",
     )
@@ -1194,7 +1224,7 @@ def test_no_stack_trace_in_error_responses(
     body = Device(ca=ca).registration_body("challenge", now=now())
     responses = []
     with http_api(producer_settings(stack.settings), celery_app=_ExplodingCelery()) as api:
-        responses.append(api.get(f"/v1/jobs/{uuid.uuid4()}"))
+        responses.append(api.get(f"/v1/jobs/{seal_job_id(key_owner(), new_batch_id(), 0)}"))
         responses.append(
             api.post("/v1/jobs", json={"jobs": [{"type": "attestation", "body": body}]})
         )

@@ -21,6 +21,8 @@ import pytest
 from pydantic import SecretStr
 
 from producer import create_app
+from producer.auth import ApiKeys
+from producer.batching import new_batch_id, seal_job_id
 from tests.factory import Device, TestCA, client_data_hash
 from tests.faults import serve_app as serve
 from tests.stack import Stack
@@ -79,7 +81,7 @@ def job_verdict(api: httpx.Client, job_id: str) -> dict[str, Any]:
     response = api.get(f"/v1/jobs/{job_id}", params={"wait": 20})
     assert response.status_code == 200, response.text
     data = response.json()
-    assert data == {"jobId": job_id, "status": "done", "result": data["result"]}
+    assert data == {"jobId": job_id, "status": "done", "result": data["result"], "error": None}
     return dict(data["result"])
 
 
@@ -207,16 +209,14 @@ def test_an_assertion_before_registration_is_key_unknown(api: httpx.Client, ca: 
     assert result["keyId"] == device.key_id_b64
 
 
-def test_get_job_answers_pending_then_done(api: httpx.Client, ca: TestCA) -> None:
+def test_get_job_answers_not_found_pending_then_done(api: httpx.Client, ca: TestCA) -> None:
+    # An id that was never accepted is 404 at once, with or without waiting.
     unknown = str(uuid.uuid4())
     response = api.get(f"/v1/jobs/{unknown}")
-    assert response.status_code == 200
-    assert response.json() == {"jobId": unknown, "status": "pending", "result": None}
-    # A short wait for a job that never comes answers pending too, after the wait.
-    started = time.monotonic()
-    response = api.get(f"/v1/jobs/{unknown}", params={"wait": 0.3})
-    assert response.json()["status"] == "pending"
-    assert time.monotonic() - started >= 0.29
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "job_not_found"
+    response = api.get(f"/v1/jobs/{unknown}", params={"wait": 10})
+    assert response.status_code == 404
 
     body = Device(ca=ca).registration_body(issue(api, "registration"), now=_now())
     response = api.post("/v1/attestations", json=body)
@@ -517,9 +517,17 @@ def test_a_dead_broker_is_service_unavailable(settings: Settings, ca: TestCA) ->
         assert_error(client.post("/v1/jobs", json=batch), 503, "service_unavailable")
 
 
+def sealed_job_id(key: str = KEY) -> str:
+    """A job id as the API would give it to the holder of ``key`` (for a batch that does not
+    exist)."""
+    caller = ApiKeys([SecretStr(key)]).match(key)
+    assert caller is not None
+    return seal_job_id(caller.owner, new_batch_id(), 0)
+
+
 def test_a_dead_result_backend_is_service_unavailable(settings: Settings) -> None:
     with _client(settings.model_copy(update={"result_backend": DEAD_REDIS})) as client:
-        response = client.get(f"/v1/jobs/{uuid.uuid4()}")
+        response = client.get(f"/v1/jobs/{sealed_job_id()}")
     assert_error(response, 503, "service_unavailable")
 
 
@@ -572,7 +580,7 @@ class _CeleryWithBackend:
     ids=["failure", "revoked", "unreadable"],
 )
 def test_a_failed_job_is_done_with_internal_error(settings: Settings, meta: dict[str, Any]) -> None:
-    job_id = str(uuid.uuid4())
+    job_id = sealed_job_id()
     with _client(settings, celery_app=_CeleryWithBackend(meta)) as client:
         response = client.get(f"/v1/jobs/{job_id}")
     assert response.status_code == 200

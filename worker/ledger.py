@@ -143,6 +143,15 @@ class Ledger:
         pipe.hdel(JOBS_KEY, *ids)
         pipe.execute()
 
+    def holding(self, task_ids: Sequence[str]) -> set[str]:
+        """Which of these tasks have an entry (accepted, and no result stored yet)."""
+        if not task_ids:
+            return set()
+        scores = self.client.zmscore(LEDGER_KEY, list(task_ids))
+        return {
+            task_id for task_id, score in zip(task_ids, scores, strict=True) if score is not None
+        }
+
     def pending(self) -> int:
         """Entries whose result is not yet stored."""
         return int(self.client.zcard(LEDGER_KEY))

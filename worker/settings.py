@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     challenge_ttl_seconds: int = Field(default=300, ge=1, le=86_400)
     result_ttl_seconds: int = Field(default=86_400, ge=60)
+    # How long an Idempotency-Key answers with the job it first created.
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     max_wait_seconds: float = Field(default=30.0, gt=0, le=120)
     max_body_bytes: int = Field(default=192 * 1024, ge=1024)
     max_batch_jobs: int = Field(default=1000, ge=1, le=10_000)

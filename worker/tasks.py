@@ -140,8 +140,9 @@ MAX_BATCH_JOBS = 1000
 
 
 def run_batch(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
-    """Decide a batch ``{"jobs": [{"jobId", "body"}, ...]}``; return ``{"results": [...]}``
-    in job order, one result backend write for the whole batch.
+    """Decide a batch ``{"jobs": [{"jobId", "body", "submittedBy"?}, ...]}``; return
+    ``{"results": [...], "jobIds": [...]}`` in job order, one result backend write for the
+    whole batch. ``submittedBy`` (an API key's name) is recorded with each verdict.
 
     Bodies that fail the contract get their rejection; the rest are decided together by the
     service, which records every verdict under its own job id, so a redelivered batch returns
@@ -150,11 +151,16 @@ def run_batch(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
     """
     jobs = batch.get("jobs") if isinstance(batch, dict) else None
     if not isinstance(jobs, list) or not 0 < len(jobs) <= MAX_BATCH_JOBS:
-        return {"results": [], "error": "a batch holds 1 to 1000 jobs"}
+        return {"results": [], "jobIds": [], "error": "a batch holds 1 to 1000 jobs"}
     items: list[tuple[str | None, Any]] = []
+    owners: list[str | None] = []
+    job_ids: list[str | None] = []
     for job in jobs:
         job_id = job.get("jobId") if isinstance(job, dict) else None
         job_id = job_id if isinstance(job_id, str) and len(job_id) <= 64 else None
+        owner = job.get("submittedBy") if isinstance(job, dict) else None
+        owners.append(owner if isinstance(owner, str) and len(owner) <= 64 else None)
+        job_ids.append(job_id)
         body = job.get("body") if isinstance(job, dict) else None
         try:
             items.append((job_id, parse_request(body if isinstance(body, dict) else "")))
@@ -162,7 +168,7 @@ def run_batch(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
             rejection = _rejection(job, exc.reason, exc.detail)
             items.append((job_id, VerificationResult.model_validate(rejection)))
     try:
-        results = process_resources(settings).service.handle_batch(items)
+        results = process_resources(settings).service.handle_batch(items, submitted_by=owners)
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("batch %s: %s, retries exhausted", task.request.id, type(exc).__name__)
@@ -172,7 +178,8 @@ def run_batch(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
                     job, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
                 )
                 for job in jobs
-            ]
+            ],
+            "jobIds": job_ids,
         }
     except Exception:
         log.exception("batch %s: unexpected error", task.request.id)
@@ -180,9 +187,11 @@ def run_batch(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
             "results": [
                 _rejection(job, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
                 for job in jobs
-            ]
+            ],
+            "jobIds": job_ids,
         }
-    return {"results": [result.to_json_dict() for result in results]}
+    # The job ids beside the results: a reader finds a job's verdict by its id.
+    return {"results": [result.to_json_dict() for result in results], "jobIds": job_ids}
 
 
 def _retry_or_raise(task: Task, settings: Settings, exc: Exception) -> None:

@@ -148,9 +148,11 @@ def verify_assertion(
         raise ValueError("previous_counter must fit in 32 bits")
     key = load_public_key(public_key) if isinstance(public_key, bytes) else public_key
     parsed = parse_assertion_object(assertion_object)
+    # Apple's order: the signature first, so that nothing about the key's state (its App ID,
+    # its counter) can be learnt from an assertion its device did not sign.
+    _check_signature(parsed, client_data_hash, key)
     _check_app_id(parsed.auth_data, app_id)
     _check_counter(parsed.auth_data, previous_counter)
-    _check_signature(parsed, client_data_hash, key)
     return VerifiedAssertion(
         counter=parsed.auth_data.counter, extensions=parsed.auth_data.extensions
     )

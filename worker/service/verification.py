@@ -89,6 +89,7 @@ class _Job:
     claimable: bool = False
     attestation: VerifiedAttestation | None = None
     new_counter: int | None = None
+    submitted_by: str | None = None
 
     @property
     def kind(self) -> Kind:
@@ -169,13 +170,18 @@ class VerificationService:
         items: Sequence[tuple[str | None, PluginRequest | VerificationResult]],
         *,
         now: datetime | None = None,
+        submitted_by: Sequence[str | None] | None = None,
     ) -> list[VerificationResult]:
         """Decide a batch of jobs, given as (job id or None, request); return the verdicts in
         the same order. An item may already be a verdict (a body that failed the contract),
-        which is then only recorded."""
+        which is then only recorded. ``submitted_by`` names, per item, who submitted it (an
+        API key's name), recorded with the verdict."""
         at = now or self.clock()
+        owners = list(submitted_by) if submitted_by is not None else [None] * len(items)
+        if len(owners) != len(items):
+            raise ValueError("submitted_by must name one submitter per item")
         for _ in range(_ATTEMPTS):
-            decided = self._attempt(items, at)
+            decided = self._attempt(items, owners, at)
             if decided is not None:
                 return decided
         raise RuntimeError("verdicts of a batch kept conflicting with another delivery")
@@ -185,13 +191,14 @@ class VerificationService:
     def _attempt(
         self,
         items: Sequence[tuple[str | None, PluginRequest | VerificationResult]],
+        owners: Sequence[str | None],
         at: datetime,
     ) -> list[VerificationResult] | None:
         jobs = [
-            _Job(job_id, None, result=item)
+            _Job(job_id, None, result=item, submitted_by=owner)
             if isinstance(item, VerificationResult)
-            else _Job(job_id, item)
-            for job_id, item in items
+            else _Job(job_id, item, submitted_by=owner)
+            for (job_id, item), owner in zip(items, owners, strict=True)
         ]
         challenges, keys = self._read(jobs)
         for job in jobs:
@@ -253,12 +260,14 @@ class VerificationService:
         try:
             if self.issued_challenges:
                 self._check_challenge(job, challenges.get(job.digest or b""), at)
-                job.claimable = True
             if isinstance(job.request, RegistrationRequest):
                 self._check_registration(job, job.request, keys.get(job.key_id), at)
             else:
                 assert isinstance(job.request, AssertionRequest)
                 self._check_assertion(job, job.request, keys.get(job.key_id), at)
+            # Only a job whose cryptographic checks passed may spend its challenge: a forgery
+            # must not burn the challenge a genuine device is about to use.
+            job.claimable = self.issued_challenges
         except Rejected as exc:
             job.reject(exc.reason, exc.detail)
 
@@ -338,8 +347,9 @@ class VerificationService:
     # The transaction -----------------------------------------------------------------------
 
     def _consume_challenges(self, session: Session, jobs: list[_Job], at: datetime) -> None:
-        """Burn every usable challenge the batch presented, accepted or not; of several jobs
-        presenting one challenge, the first in the batch claims it."""
+        """Burn the challenge of every job whose signatures verified; of several jobs
+        presenting one challenge, the first in the batch claims it. A job refused before or by
+        its cryptographic checks (a forgery, an unknown key) leaves its challenge unused."""
         claims: dict[bytes, tuple[bulk.Claim, _Job]] = {}
         late: list[_Job] = []
         for job in jobs:
@@ -433,6 +443,7 @@ class VerificationService:
                     "reason": result.reason.value if result.reason else None,
                     "result": result.to_json_dict(),
                     "decided_at": at,
+                    "submitted_by": job.submitted_by,
                 }
             )
         return len(bulk.record_verdicts(session, rows)) == len(rows)

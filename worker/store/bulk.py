@@ -94,6 +94,19 @@ def get_verdicts(session: Session, job_ids: Iterable[str]) -> dict[str, dict[str
     return {job_id: dict(result) for job_id, result in session.execute(statement)}
 
 
+def get_verdicts_of(
+    session: Session, job_ids: Iterable[str]
+) -> dict[str, tuple[str | None, dict[str, Any]]]:
+    """Recorded verdicts of the given jobs, with the name of who submitted each."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    statement = select(Verdict.job_id, Verdict.submitted_by, Verdict.result).where(
+        _matching(session, Verdict.job_id, ids)
+    )
+    return {job_id: (by, dict(result)) for job_id, by, result in session.execute(statement)}
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedChallenge:
     """What deciding a job needs of an issued challenge."""

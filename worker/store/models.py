@@ -81,6 +81,25 @@ class Verdict(Base):
     reason: Mapped[str | None] = mapped_column(String(40))
     result: Mapped[dict[str, Any]] = mapped_column(JSON)
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # The name (or fingerprint) of the API key that submitted the job; null for jobs queued
+    # by an operator (bulk imports) or before it was recorded.
+    submitted_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class IdempotencyKey(Base):
+    """The job that a caller's ``Idempotency-Key`` first created, and what body it carried.
+
+    Only hashes are kept: of the key (so that a caller's keys are not stored as given) and of
+    the request (the kind and the plugin body), which a retry must match.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    request_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    job_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class ReverifyRun(Base):
