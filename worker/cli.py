@@ -354,7 +354,9 @@ def worker(
         result_backend_max_sleep_between_retries_ms=5000,
     )
     _sweep_ledger_while_running(app, settings)
-    signals.worker_ready.connect(_log_version, weak=False)
+    signals.worker_ready.connect(
+        lambda **_: log.info("appattest-backend %s: worker ready", __version__), weak=False
+    )
     # The database driver is imported once here, before the pool forks its processes, and
     # each process connects as it starts rather than inside its first batch.
     create_store_engine(settings.store_url).dispose()
@@ -365,10 +367,6 @@ def worker(
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)
-
-
-def _log_version(**_: object) -> None:
-    log.info("appattest-backend %s: worker ready", __version__)
 
 
 def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
