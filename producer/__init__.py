@@ -11,6 +11,7 @@ from producer.client import AppAttestClient, AppAttestError, AsyncAppAttestClien
 from producer.direct import QueueClient
 from producer.errors import ErrorCode, QueueUnavailable
 from producer.schemas import BatchJob, IssuedChallenge, JobAccepted, JobStatus
+from worker.version import __version__
 
 __all__ = [
     "AppAttestClient",
@@ -23,5 +24,6 @@ __all__ = [
     "JobStatus",
     "QueueClient",
     "QueueUnavailable",
+    "__version__",
     "create_app",
 ]

@@ -66,6 +66,7 @@ from worker.core import Rejected
 from worker.settings import Settings, load_settings
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory
+from worker.version import __version__
 
 log = logging.getLogger("appattest.producer")
 
@@ -304,7 +305,7 @@ async def _submit(
 
 async def healthz() -> Liveness:
     """Answers 200 while the process runs; touches no dependency."""
-    return Liveness()
+    return Liveness(version=__version__)
 
 
 async def readyz(resources: Resources) -> JSONResponse:
@@ -682,7 +683,7 @@ def create_app(
     app = FastAPI(
         title="App Attest verification",
         summary="Queues App Attest attestations and assertions for verification.",
-        version="1",
+        version=__version__,
         lifespan=lifespan,
         redoc_url=None,
     )

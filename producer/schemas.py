@@ -162,9 +162,10 @@ class StatusResponse(BaseModel):
 
 
 class Liveness(BaseModel):
-    """The process answers."""
+    """The process answers, and which release of the service it runs."""
 
     status: Literal["ok"] = "ok"
+    version: str
 
 
 class Readiness(BaseModel):

@@ -1,10 +1,20 @@
-"""docker-compose.yml, checked without a Docker engine: every command and module it names
-exists in the project, and the services' settings agree with each other."""
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: every command and
+module they name exists in the project, the services' settings agree with each other, the image
+installs what requirements.lock pins and runs as an unprivileged user, and the health checks
+they declare run against real servers."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import re
 import shlex
+import socket
+import subprocess
+import sys
+import time
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -12,9 +22,13 @@ from urllib.parse import urlparse
 import click
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+from tests.stack import Stack
 from worker.cli import main as cli
 from worker.settings import Settings
+from worker.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_ENV = {
@@ -140,8 +154,10 @@ def test_dependencies_and_health(compose: dict[str, Any]) -> None:
     assert services["worker"]["depends_on"]["migrate"]["condition"] == (
         "service_completed_successfully"
     )
-    for name in ("redis", "postgres", "producer"):
+    for name in ("redis", "postgres", "producer", "worker"):
         assert "healthcheck" in services[name], name
+    # The one-shot migration serves no HTTP: the image's API check is switched off there.
+    assert services["migrate"]["healthcheck"] == {"disable": True}
 
 
 def test_worker_scales(compose: dict[str, Any]) -> None:
@@ -164,3 +180,201 @@ def test_producer_healthcheck_targets_a_real_route(compose: dict[str, Any]) -> N
     settings = Settings(app_ids=["ABCDE12345.com.example.app"], store_url="sqlite://")
     paths = {getattr(route, "path", None) for route in create_app(settings).routes}
     assert match.group(2) in paths
+
+
+# The worker's health check -----------------------------------------------------------------
+
+
+def test_worker_healthcheck_pings_its_own_default_node(compose: dict[str, Any]) -> None:
+    worker = _services(compose)["worker"]
+    probe = list(worker["healthcheck"]["test"])
+    assert probe[:4] == ["CMD", "python", "-m", "worker.healthcheck"]
+    assert importlib.util.find_spec("worker.healthcheck") is not None
+    # The check's default node is celery@HOST, the worker's own name only while the worker
+    # command does not choose another.
+    assert not any(arg.startswith("--hostname") for arg in _command(worker))
+    # Connecting and the ping take at most --timeout each, and Python needs time to start.
+    timeout = float(probe[probe.index("--timeout") + 1])
+    assert 2 * timeout + 2 <= _seconds(worker["healthcheck"]["timeout"])
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match is not None, duration
+    return float(match.group(1))
+
+
+def _healthcheck(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.healthcheck", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_worker_healthcheck_against_real_workers(stack: Stack) -> None:
+    """A running worker's node passes, a node that does not run fails; the worker logged its
+    version as it started."""
+    host = socket.gethostname()
+    started = time.monotonic()
+    result = _healthcheck(stack.env, "--node", f"a0@{host}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 5, "the check waits for one answer, not the timeout"
+    result = _healthcheck(stack.env, "--node", f"nobody@{host}", "--timeout", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    log = (stack.workdir / "worker-a-0.log").read_text()
+    assert f"appattest-backend {__version__}: worker ready" in log
+
+
+def test_worker_healthcheck_fails_when_the_broker_is_down(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
+    env["APPATTEST_BROKER_URL"] = "redis://:secret@127.0.0.1:1/0"
+    started = time.monotonic()
+    result = _healthcheck(env, "--timeout", "1")
+    assert result.returncode == 1
+    assert time.monotonic() - started < 6, "the check retried the connection"
+    assert "secret" not in result.stdout + result.stderr
+
+
+# The Dockerfile ------------------------------------------------------------------------------
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions with their arguments, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    parsed = [line.split(None, 1) for line in lines if line and not line.startswith("#")]
+    return [(words[0].upper(), words[1] if len(words) > 1 else "") for words in parsed]
+
+
+def _exec_form(argument: str) -> list[str]:
+    words = json.loads(argument)
+    assert isinstance(words, list) and all(isinstance(w, str) for w in words), argument
+    return words
+
+
+def _runs() -> list[list[str]]:
+    """Each command of each RUN instruction (split at ``&&``) as words."""
+    commands = []
+    for instruction, argument in _instructions():
+        if instruction == "RUN":
+            commands += [shlex.split(part) for part in argument.split("&&")]
+    return commands
+
+
+def _lock() -> dict[str, tuple[str, str, list[str]]]:
+    """requirements.lock as {name: (version, environment marker, hashes)}."""
+    text = (ROOT / "requirements.lock").read_text().replace("\\\n", " ")
+    pins: dict[str, tuple[str, str, list[str]]] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split(" --hash=")
+        spec, _, marker = requirement.partition(";")
+        name, _, version = spec.strip().partition("==")
+        assert version, f"not pinned: {line}"
+        pins[canonicalize_name(name)] = (version, marker.strip(), [o.strip() for o in options])
+    return pins
+
+
+def test_image_installs_from_the_lock() -> None:
+    copied = [a.split() for i, a in _instructions() if i == "COPY"]
+    assert ["requirements.lock", "./"] in copied
+    pip = [words for words in _runs() if words[:2] == ["pip", "install"]]
+    locked = [words for words in pip if "requirements.lock" in words]
+    assert locked and all("--require-hashes" in words for words in locked)
+    # Anything else pip installs brings no dependency of its own: the lock holds them all.
+    assert all("--no-deps" in words for words in pip if words not in locked)
+    assert ["pip", "check"] in _runs()
+
+
+def test_lock_pins_every_dependency_with_hashes() -> None:
+    """requirements.lock is complete for the project and its postgres extra: each requirement,
+    extras included, is pinned at a version its specifier admits, with hashes."""
+    pins = _lock()
+    assert all(
+        hashes and all(h.startswith("sha256:") for h in hashes) for *_, hashes in pins.values()
+    )
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    wanted += [Requirement(r) for r in project["optional-dependencies"]["postgres"]]
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements.lock: regenerate it"
+        version, _, _ = pins[name]
+        assert requirement.specifier.contains(version, prereleases=True), (name, version)
+    # The extras' own requirements: psycopg[binary] and celery[redis].
+    assert {"psycopg-binary", "redis", "kombu"} <= set(pins)
+
+
+def test_lock_regeneration_command_is_documented() -> None:
+    header = (ROOT / "requirements.lock").read_text().splitlines()[:2]
+    command = header[1].removeprefix("#").strip()
+    assert command.startswith("uv pip compile pyproject.toml") and "--generate-hashes" in command
+    assert command in (ROOT / "README.md").read_text()
+
+
+def test_image_runs_as_a_numeric_unprivileged_user() -> None:
+    instructions = _instructions()
+    users = [(index, argument) for index, (i, argument) in enumerate(instructions) if i == "USER"]
+    assert users, "the image runs as root"
+    index, user = users[-1]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, user
+    assert index > max(n for n, (i, _) in enumerate(instructions) if i == "RUN")
+    created = [words for words in _runs() if words[0] == "useradd"]
+    assert created and created[0][created[0].index("--uid") + 1] == uid
+
+
+def _image_command() -> list[str]:
+    (command,) = [_exec_form(a) for i, a in _instructions() if i == "CMD"]
+    return command
+
+
+def test_image_default_command_parses() -> None:
+    args = _image_command()
+    assert args[0] == "appattest" and args[1] in cli.commands
+    with cli.commands[args[1]].make_context(args[1], args[2:]) as ctx:
+        assert isinstance(ctx, click.Context)
+
+
+def _image_probe() -> tuple[list[str], str, str]:
+    """The HEALTHCHECK command, the port and the path it probes."""
+    (healthcheck,) = [a for i, a in _instructions() if i == "HEALTHCHECK"]
+    options, _, command = healthcheck.partition("CMD ")
+    assert "--timeout=" in options and "--interval=" in options
+    probe = _exec_form(command)
+    match = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", " ".join(probe))
+    assert match is not None, probe
+    return probe, match.group(1), match.group(2)
+
+
+def test_image_healthcheck_probes_the_default_command() -> None:
+    from producer.app import create_app
+
+    _, port, path = _image_probe()
+    args = _image_command()
+    assert args[args.index("--port") + 1] == port
+    assert ("EXPOSE", port) in _instructions()
+    settings = Settings(app_ids=["ABCDE12345.com.example.app"], store_url="sqlite://")
+    assert path in {getattr(route, "path", None) for route in create_app(settings).routes}
+
+
+def test_image_healthcheck_against_a_real_server() -> None:
+    """The probe, pointed at a running API, passes; at a port where nothing listens, fails."""
+    from producer.app import create_app
+    from tests.faults import serve_app
+
+    probe, port, _ = _image_probe()
+    assert probe[0] == "python"
+    settings = Settings(app_ids=["ABCDE12345.com.example.app"], store_url="sqlite://")
+    with serve_app(create_app(settings)) as url:
+        live_port = url.rsplit(":", 1)[1]
+        at = [word.replace(f":{port}/", f":{live_port}/") for word in probe]
+        result = subprocess.run([sys.executable, *at[1:]], capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, *at[1:]], capture_output=True, timeout=30)
+    assert result.returncode != 0

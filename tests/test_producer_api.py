@@ -27,6 +27,7 @@ from tests.factory import Device, TestCA, client_data_hash
 from tests.faults import serve_app as serve
 from tests.stack import Stack
 from worker.settings import Settings
+from worker.version import __version__
 
 KEY = "test-key"
 DEV_APP_ID = "TEAMID1234.com.example.devapp"
@@ -473,7 +474,8 @@ def test_unknown_routes_and_bad_job_ids(api: httpx.Client) -> None:
 
 def test_health_and_readiness(api: httpx.Client) -> None:
     response = api.get("/healthz", headers={"Authorization": ""})
-    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "version": __version__}
     response = api.get("/readyz", headers={"Authorization": ""})
     assert response.status_code == 200
     assert response.json() == {

@@ -29,6 +29,7 @@ from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
 from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
 from worker.tasks import warm_up_process
+from worker.version import __version__
 
 log = logging.getLogger("appattest")
 
@@ -100,6 +101,9 @@ def _verify_line(
 
 
 @click.group()
+@click.version_option(
+    __version__, "--version", prog_name="appattest", message="%(prog)s %(version)s"
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug information to standard error.")
 def main(verbose: bool) -> None:
     """Verify Apple App Attest attestations and assertions."""
@@ -416,6 +420,9 @@ def worker(
         # not for rediss://, whose defaults kombu picks by the transport's name.
         app.conf.broker_transport = "worker.redis_transport:Transport"
     _sweep_ledger_while_running(app, settings)
+    signals.worker_ready.connect(
+        lambda **_: log.info("appattest-backend %s: worker ready", __version__), weak=False
+    )
     # The database driver is imported once here, before the pool forks its processes, and
     # each process connects as it starts rather than inside its first batch.
     create_store_engine(settings.store_url).dispose()
