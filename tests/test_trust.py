@@ -467,8 +467,13 @@ def test_no_503_for_accepted_work(ca: TestCA, pg_url: str, tmp_path: Path) -> No
     challenge_used."""
     with ExitStack() as cleanup:
         server = _enter(cleanup, redis_server(persistent=True))
+        env = {
+            # A message that Redis lost as it died is published again from the ledger soon.
+            "APPATTEST_LEDGER_SWEEP_SECONDS": "1",
+            "APPATTEST_LEDGER_RESEND_SECONDS": "5",
+        }
         stack = cleanup.enter_context(
-            fault_stack(ca, tmp_path, store_url=pg_url, redis=server, env={})
+            fault_stack(ca, tmp_path, store_url=pg_url, redis=server, env=env)
         )
         workers = [stack.start_worker(name="a"), stack.start_worker(name="b")]
         sessions = cleanup.enter_context(sessions_for(pg_url))
