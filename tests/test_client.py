@@ -9,9 +9,11 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 import redis
 from pydantic import SecretStr
+from sqlalchemy import select
 
 from producer import (
     AppAttestClient,
@@ -26,6 +28,8 @@ from tests.test_producer_api import KEY, serve
 from worker.celery_app import create_celery_app
 from worker.contract import RegistrationRequest, VerificationResult
 from worker.core import Reason, Rejected
+from worker.store.db import create_store_engine
+from worker.store.models import Verdict
 
 
 def _now() -> datetime:
@@ -234,3 +238,72 @@ def test_queueing_and_polling_never_subscribe_to_results(
     polls = [c for c in commands if "celery-task-meta-batch-" in c]
     assert any(c.startswith(("GET ", "MGET ")) for c in polls)
     assert not [command for command in commands if "SUBSCRIBE" in command.upper()]
+
+
+class _LosesFirstAnswer(httpx.HTTPTransport):
+    """Sends every request, but loses the answer to the first submission: the server
+    accepted it, the client saw a network error (the case a blind retry turns into two
+    jobs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.method == "POST" and request.url.path != "/v1/challenges" and not self.lost:
+            response.read()
+            response.close()
+            self.lost.append(request.headers.get("Idempotency-Key", ""))
+            raise httpx.ReadError("connection reset after the request was sent")
+        return response
+
+
+def test_the_client_retries_a_lost_answer_with_the_same_idempotency_key(
+    stack: Stack, base_url: str, ca: TestCA
+) -> None:
+    """The answer to a submission is lost after the server accepted it: the client sends it
+    again with the same Idempotency-Key and gets the first job back; one job, one verdict,
+    no challenge_used. The same for a bulk submission."""
+    transport = _LosesFirstAnswer()
+    with AppAttestClient(base_url, KEY, transport=transport) as client:
+        device = Device(ca=ca)
+        body = device.registration_body(
+            client.create_challenge("registration").challenge, now=_now()
+        )
+        job_id = client.submit_attestation(body)
+        assert transport.lost and transport.lost[0]
+        result = client.wait(job_id, timeout=20)
+        assert result.ok, result
+        engine = create_store_engine(stack.settings.store_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    select(Verdict.job_id).where(Verdict.key_id == device.key_id_b64)
+                ).all()
+        finally:
+            engine.dispose()
+        assert [row.job_id for row in rows] == [job_id]
+
+    transport = _LosesFirstAnswer()
+    with AppAttestClient(base_url, KEY, transport=transport) as client:
+        devices = [Device(ca=ca) for _ in range(3)]
+        jobs = [
+            (
+                "attestation",
+                d.registration_body(client.create_challenge("registration").challenge, now=_now()),
+            )
+            for d in devices
+        ]
+        entries = client.submit_many(jobs)  # type: ignore[arg-type]
+        assert transport.lost
+        verdicts = client.wait_many([e.job_id for e in entries if e.job_id], timeout=30)
+        assert len(verdicts) == 3 and all(v.ok for v in verdicts.values())
+
+    # Without retries the lost answer is the caller's error to see.
+    with AppAttestClient(base_url, KEY, transport=_LosesFirstAnswer(), retries=0) as client:
+        body = Device(ca=ca).registration_body(
+            client.create_challenge("registration").challenge, now=_now()
+        )
+        with pytest.raises(httpx.ReadError):
+            client.submit_attestation(body)
