@@ -77,6 +77,10 @@ _STORE_DOWN: Final[tuple[type[BaseException], ...]] = (
     DisconnectionError,
     PoolTimeoutError,
 )
+# A job is taken for lost (for an idempotent retry to replace it) only once its key is this old:
+# a concurrent first request holds the key for a few milliseconds before its job is in the
+# ledger, and must not be mistaken for a lost one.
+_LOST_AFTER: Final = timedelta(seconds=30)
 # How often a waiting request consults the store for jobs that no result names.
 _STORE_CONSULT_SECONDS: Final = 1.0
 
@@ -336,7 +340,9 @@ class JobQueue:
                     ErrorCode.IDEMPOTENCY_CONFLICT,
                     "this Idempotency-Key was used with another body",
                 )
-            elif self._is_lost(submissions[i].owner, found.job_id):
+            elif now - found.created_at > _LOST_AFTER and self._is_lost(
+                submissions[i].owner, found.job_id
+            ):
                 # Accepted before, but its message never reached the broker or was lost with
                 # it: the key moves to a fresh job for this retry.
                 with self.sessions() as session, session.begin():

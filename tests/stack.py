@@ -103,7 +103,11 @@ class Stack:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
                     raise RuntimeError(f"worker exited with {proc.returncode}; see {log_path}")
-                replies = app.control.ping(timeout=0.5) or []
+                try:
+                    replies = app.control.ping(timeout=0.5) or []
+                except (redis.ConnectionError, OSError):
+                    # A broker that just restarted: the first broadcast may hit a dead socket.
+                    replies = []
                 if any(hostname.split("@")[0] in next(iter(r)) for r in replies):
                     return proc
         finally:

@@ -34,6 +34,7 @@ class HeldKey:
 
     request_hash: bytes
     job_id: str
+    created_at: datetime
 
 
 def claim(
@@ -76,11 +77,12 @@ def claim(
             IdempotencyKey.key_hash,
             IdempotencyKey.request_hash,
             IdempotencyKey.job_id,
+            IdempotencyKey.created_at,
         ).where(key.in_(held_pairs))
     )
     return {
-        (owner, bytes(key_hash)): HeldKey(bytes(request_hash), job_id)
-        for owner, key_hash, request_hash, job_id in found
+        (owner, bytes(key_hash)): HeldKey(bytes(request_hash), job_id, created_at)
+        for owner, key_hash, request_hash, job_id, created_at in found
     }
 
 
