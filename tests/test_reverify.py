@@ -34,9 +34,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.factory import APP_ID, Device, TestCA
 from tests.stack import Stack
-from worker.celery_app import VERIFY_TASK, create_celery_app
+from worker.celery_app import create_celery_app
 from worker.contract import parse_request
 from worker.core import Policy, TrustStore
+from worker.messaging import VERIFY_TASK
 from worker.service import VerificationService
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
-from celery import Celery, states
+from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 
+from worker.messaging import QUEUE
 from worker.settings import Settings
 
-VERIFY_TASK: Final = "appattest.verify"
-REVERIFY_TASK: Final = "appattest.reverify"
-VERIFY_BATCH_TASK: Final = "appattest.verify_batch"
-QUEUE: Final = "appattest"
 _EMBEDDED_TRANSPORT: Final = "appattest-sqla"
 
 
@@ -64,25 +60,3 @@ def create_celery_app(settings: Settings) -> Celery:
 
     tasks.register(app, settings)
     return app
-
-
-def read_task_metas(backend: Any, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The stored states of these tasks in ``backend``: one read (MGET) on a key-value backend
-    such as Redis, one read per task on any other. A task with nothing stored reads PENDING."""
-    if not task_ids:
-        return {}
-    values = None
-    if hasattr(backend, "mget") and hasattr(backend, "get_key_for_task"):
-        keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
-        try:
-            values = backend.mget(keys)
-        except NotImplementedError:  # a key-value backend without bulk reads
-            values = None
-    if values is None:
-        return {task_id: backend.get_task_meta(task_id, cache=False) for task_id in task_ids}
-    return {
-        task_id: backend.decode_result(value)
-        if value
-        else {"status": states.PENDING, "result": None}
-        for task_id, value in zip(task_ids, values, strict=True)
-    }

@@ -19,16 +19,17 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.celery_app import QUEUE, create_celery_app
+from worker.celery_app import create_celery_app
 from worker.contract import VerificationResult
 from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
 from worker.ledger import Sweeper, ledger_for
 from worker.lines import parse_line, read_lines
+from worker.messaging import QUEUE
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
 from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
-from worker.tasks import warm_up_process
+from worker.tasks import resources_of, start_process
 from worker.version import __version__
 
 log = logging.getLogger("appattest")
@@ -424,9 +425,14 @@ def worker(
         lambda **_: log.info("appattest-backend %s: worker ready", __version__), weak=False
     )
     # The database driver is imported once here, before the pool forks its processes, and
-    # each process connects as it starts rather than inside its first batch.
+    # each process builds its resources (``worker.tasks.ProcessResources``) and connects as it
+    # starts rather than inside its first batch; the solo and threads pools have no process
+    # init, and share the main process's resources, built as the worker starts.
     create_store_engine(settings.store_url).dispose()
-    signals.worker_process_init.connect(lambda **_: warm_up_process(settings), weak=False)
+    if pool in ("solo", "threads"):
+        signals.worker_init.connect(lambda **_: resources_of(app, settings), weak=False)
+    else:
+        signals.worker_process_init.connect(lambda **_: start_process(app, settings), weak=False)
     argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
