@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Final
 
 from celery import Celery
-from kombu.transport import TRANSPORT_ALIASES
 
 from worker.messaging import QUEUE
 from worker.settings import Settings
 
-_EMBEDDED_TRANSPORT: Final = "appattest-sqla"
+_EMBEDDED_TRANSPORT: Final = "worker.embedded_transport:Transport"
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -53,8 +52,11 @@ def create_celery_app(settings: Settings) -> Celery:
     if settings.broker_url.startswith("sqla+"):
         # The embedded broker is a polled database table; poll often enough that a single job
         # is not held back by the default one-second interval (see worker.embedded_transport).
-        TRANSPORT_ALIASES[_EMBEDDED_TRANSPORT] = "worker.embedded_transport:Transport"
-        app.conf.broker_url = _EMBEDDED_TRANSPORT + settings.broker_url.removeprefix("sqla")
+        # The transport is named by its class for this app alone (kombu's global table of
+        # transport aliases is left as it is): the URL loses its "sqla+" prefix, which would
+        # otherwise choose kombu's own transport.
+        app.conf.broker_transport = _EMBEDDED_TRANSPORT
+        app.conf.broker_url = settings.broker_url.removeprefix("sqla+")
     app.conf.appattest_settings = settings
     from worker import tasks
 
