@@ -7,10 +7,11 @@ so the visibility timeout never brings it back, and the job would stay pending f
 
 So every message published (``worker.messaging.publish``) is first written here, in the
 broker's own Redis (its append-only file keeps both or neither): a sorted set of task ids
-scored by publish time, and a hash of the task name and encoded message. A worker removes the entry once the task's result
-is stored. A worker's main process sweeps the ledger every few seconds (one sweeper at a time
-across all workers, by a lock with a timeout) and publishes again, under the same task id,
-every entry that is older than ``resend_after`` seconds and provably not on its way:
+scored by publish time, and a hash of the task name and encoded message. A worker removes
+the entry once the task's result is stored. A worker's main process sweeps the ledger every
+few seconds (one sweeper at a time across all workers, by a lock with a timeout) and
+publishes again, under the same task id, every entry that is older than ``resend_after``
+seconds and provably not on its way:
 
 - it has no result in the result backend (a result of any final state ends the entry);
 - no worker holds it: its task id is not among the broker's unacknowledged messages, where
