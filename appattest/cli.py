@@ -4,6 +4,7 @@ producer, ``api`` (the API alone) and ``serve`` (the API and a worker, embedded)
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
 
@@ -13,10 +14,16 @@ import uvicorn
 from appattest.serve import serve as run_serve
 from producer.app import create_app
 from producer.server import server_config
-from worker.cli import _app_id_option, _dev_app_id_option, _root_ca_option, _settings_with, main
+from worker import cli as worker_cli
+from worker.cli import _app_id_option, _dev_app_id_option, _root_ca_option, _settings_with
 from worker.embedded import DataDirInUse, data_dir_lock, embedded_overrides, ensure_api_key
 
 __all__ = ["main"]
+
+# The worker's command group with its options, and a command table of its own: adding the API's
+# commands here leaves ``worker.cli.main`` (``python -m worker.cli``) as it is.
+main = copy.copy(worker_cli.main)
+main.commands = dict(worker_cli.main.commands)
 
 
 @main.command()
