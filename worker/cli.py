@@ -1,4 +1,5 @@
-"""The ``appattest`` command: thin adapters from the terminal to the service layer."""
+"""The worker's commands: thin adapters from the terminal to the service layer. The `appattest`
+command (``appattest.cli``) adds the ones that run the HTTP API, `api` and `serve`."""
 
 from __future__ import annotations
 
