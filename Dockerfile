@@ -13,6 +13,7 @@ RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml MANIFEST.in README.md CHANGELOG.md ./
 COPY worker ./worker
 COPY producer ./producer
+COPY appattest ./appattest
 # The project itself, without resolving anything again; pip check proves the lock covers it.
 RUN pip install --no-deps . && pip check
 # An unprivileged user with a fixed numeric id, so that "run as non-root" policies can check it.

@@ -1189,7 +1189,8 @@ class Runner:
 
 def set_consuming(stack: Stack, hostname: str, *, consume: bool) -> None:
     """Make the worker ``hostname`` consume the job queue, or stop it (its processes stay)."""
-    from worker.celery_app import QUEUE, create_celery_app
+    from worker.celery_app import create_celery_app
+    from worker.messaging import QUEUE
 
     app = create_celery_app(stack.settings)
     try:
@@ -1227,7 +1228,7 @@ def run_embedded(
     command = [
         sys.executable,
         "-m",
-        "worker.cli",
+        "appattest",
         "serve",
         f"--port={port}",
         f"--data-dir={data_dir}",

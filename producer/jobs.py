@@ -36,7 +36,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer.batching import MicroBatcher, Owner, new_batch_id, open_job_id, seal_job_id
 from producer.errors import ErrorCode, QueueUnavailable, validation_summary
 from producer.schemas import BatchItem, ErrorDetail, JobStatus, JobType
-from worker.celery_app import VERIFY_BATCH_TASK, read_task_metas
 from worker.contract import (
     FORMAT_APPLE_APP_ATTEST,
     PLATFORM_IOS,
@@ -48,7 +47,8 @@ from worker.contract import (
     parse_request,
 )
 from worker.core import Reason, Rejected
-from worker.ledger import Ledger, ledger_for, publish_task
+from worker.ledger import Ledger, ledger_for
+from worker.messaging import Message, VerifyBatch, VerifyJob, publish, read_task_metas
 from worker.store import bulk, idempotency
 
 log = logging.getLogger("appattest.producer")
@@ -268,23 +268,23 @@ class JobQueue:
 
     # Submitting ----------------------------------------------------------------------------
 
-    def _publish(self, producer: Any, task: str, task_id: str, job: dict[str, Any]) -> None:
-        """Enter the job in the ledger, then publish it (see ``worker.ledger``).
+    def _publish(self, producer: Any, task_id: str, message: Message) -> None:
+        """Publish through ``worker.messaging.publish``, the ledger included.
 
         With a ledger, the entry is what accepts the job: a publish that fails after it leaves
         the job to the ledger's sweep (it is sent within ``APPATTEST_LEDGER_RESEND_SECONDS``)
         rather than refusing a job that may already be queued.
         """
-        if self.ledger is None:
-            publish_task(self.celery_app, producer, task, task_id, job)
-            return
-        self.ledger.record([(task_id, task, job)])
-        try:
-            publish_task(self.celery_app, producer, task, task_id, job)
-        except self._unreachable() as exc:
-            log.warning(
-                "task %s: publish failed (%s); the ledger will send it", task_id, type(exc).__name__
-            )
+        sent = publish(
+            self.celery_app,
+            task_id,
+            message,
+            ledger=self.ledger,
+            producer=producer,
+            unreachable=self._unreachable(),
+        )
+        if not sent:
+            log.warning("task %s: publish failed; the ledger will send it", task_id)
 
     def _claim_keys(
         self, submissions: Sequence[Submission], job_ids: list[str], outcomes: list[Outcome]
@@ -375,15 +375,15 @@ class JobQueue:
         outcomes = [Outcome(job_id=job_id) for job_id in job_ids]
         send = sorted(self._claim_keys(submissions, job_ids, outcomes))
         if send:
-            jobs = [
-                {
-                    "jobId": job_ids[i],
-                    "body": plugin_json(submissions[i].request),
-                    "submittedBy": submissions[i].owner.name,
-                }
+            jobs = tuple(
+                VerifyJob(
+                    job_id=job_ids[i],
+                    body=plugin_json(submissions[i].request),
+                    submitted_by=submissions[i].owner.name,
+                )
                 for i in send
-            ]
-            self._publish(producer, VERIFY_BATCH_TASK, batch_id, {"jobs": jobs})
+            )
+            self._publish(producer, batch_id, VerifyBatch(jobs=jobs))
         return outcomes
 
     def _submit_chunk(self, submissions: Sequence[Submission]) -> list[Outcome]:

@@ -91,7 +91,7 @@ def deployed(stack: Stack, tmp_path: Path, **env: str) -> Iterator[Deployed]:
     log_path = tmp_path / f"api-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "api", "--host", HOST, "--port", str(port)],
+            [sys.executable, "-m", "appattest", "api", "--host", HOST, "--port", str(port)],
             env={**stack.env, "APPATTEST_API_KEYS": f"{KEY_A},{KEY_B}", **env},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -25,8 +25,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from appattest.cli import main as cli
 from tests.stack import Stack
-from worker.cli import main as cli
 from worker.settings import Settings
 from worker.version import __version__
 

@@ -38,7 +38,7 @@ def served(ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[htt
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "appattest",
                 "serve",
                 "--app-id",
                 APP_ID,

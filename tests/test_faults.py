@@ -66,9 +66,9 @@ from tests.faults import (
     serve_app,
 )
 from tests.stack import Stack, service_stack
-from worker.celery_app import QUEUE, VERIFY_BATCH_TASK, VERIFY_TASK, create_celery_app
+from worker.celery_app import create_celery_app
 from worker.contract import PluginRequest
-from worker.ledger import publish_task
+from worker.messaging import QUEUE, VERIFY_BATCH_TASK, VERIFY_TASK, decode, publish
 from worker.settings import Settings
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory
@@ -508,8 +508,7 @@ def kill_holding_a_job(stack: Stack, worker: subprocess.Popen[bytes], name: str)
 def _send(queue: JobQueue, task: str, task_id: str, argument: dict[str, Any]) -> None:
     """Put a message on the queue under a chosen task id, as a redelivery of the broker would
     (built and published as the producer publishes, without a ledger entry)."""
-    with queue.celery_app.producer_or_acquire() as producer:
-        publish_task(queue.celery_app, producer, task, task_id, argument)
+    publish(queue.celery_app, task_id, decode(task, argument), ledger=None)
 
 
 def _send_job(queue: JobQueue, job_id: str, body: dict[str, Any]) -> None:

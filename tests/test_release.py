@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 from fastapi.routing import APIRoute
 
+from appattest.cli import main as cli
 from producer import AppAttestClient, AsyncAppAttestClient, ErrorCode, QueueClient
 from producer import __version__ as producer_version
 from producer.app import create_app
 from tests.faults import serve_app
-from worker.cli import main as cli
 from worker.core import Reason
 from worker.settings import Settings
 from worker.version import DISTRIBUTION, __version__

@@ -34,9 +34,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.factory import APP_ID, Device, TestCA
 from tests.stack import Stack
-from worker.celery_app import VERIFY_TASK, create_celery_app
+from worker.celery_app import create_celery_app
 from worker.contract import parse_request
 from worker.core import Policy, TrustStore
+from worker.messaging import VERIFY_TASK
 from worker.service import VerificationService
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory
@@ -595,3 +596,62 @@ def test_reusing_a_run_id_with_other_parameters_is_a_usage_error(
         assert "Traceback" not in reused.proc.stderr
     assert done_rows(store, run_id) == decided
     assert revocations(store).keys().isdisjoint(population.keys)
+
+
+def test_a_lost_reverify_message_is_sent_again_from_the_ledger(
+    stack: Stack,
+    population: Population,
+    store: sessionmaker[Session],
+    celery_app: Celery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Re-verification publishes through the one publish function, ledger included: batches
+    whose publish failed are entered in the Redis broker's ledger, sent again by its sweep,
+    decided by the workers, and leave the ledger once their result is stored."""
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    from worker.batch import Stalled, reverify_distributed
+    from worker.ledger import ledger_for
+    from worker.messaging import REVERIFY_TASK
+    from worker.progress import RunProgress
+    from worker.service.reverify import RunFilters, RunPolicy, start_run
+
+    run_id = "ledgered"
+    with store() as session, session.begin():
+        start_run(
+            session,
+            run_id=run_id,
+            policy=RunPolicy(app_ids=(APP_ID,), root_pem=population.root.read_text()),
+            filters=RunFilters(since=WINDOW_START, until=WINDOW_END),
+            apply=False,
+            now=datetime.now(UTC),
+        )
+    ledger = ledger_for(celery_app)
+    assert ledger is not None
+    before = ledger.pending()
+
+    def broker_refuses(*args: Any, **kwargs: Any) -> None:
+        raise KombuOperationalError("connection reset")
+
+    monkeypatch.setattr(celery_app.amqp, "send_task_message", broker_refuses)
+    with (
+        RunProgress(description="reverify", total=KEYS) as progress,
+        pytest.raises(Stalled),
+    ):
+        reverify_distributed(
+            store, celery_app, run_id, 100, progress, stall_seconds=1, poll_seconds=0.1
+        )
+    monkeypatch.undo()
+    assert done_rows(store, run_id) == {}
+    entries = [json.loads(raw) for raw in ledger.client.hvals("appattest:ledger:jobs")]
+    batches = [e["job"] for e in entries if e["task"] == REVERIFY_TASK]
+    assert [b["runId"] for b in batches] == [run_id] * (KEYS // 100)
+    assert all(b["v"] == 1 for b in batches)
+
+    report = ledger.sweep(celery_app, resend_after=0)
+    assert len(report.resent) >= KEYS // 100
+    deadline = time.monotonic() + 60
+    while len(done_rows(store, run_id)) < KEYS or ledger.pending() > before:
+        assert time.monotonic() < deadline, "the resent batches were not decided"
+        time.sleep(0.1)
+    ledger.close()

@@ -66,7 +66,7 @@ def _serve(
     port = _free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
     environ |= {"APPATTEST_API_KEYS": API_KEY, **(env or {})}
-    arguments = [sys.executable, "-m", "worker.cli", command, "--app-id", APP_ID]
+    arguments = [sys.executable, "-m", "appattest", command, "--app-id", APP_ID]
     arguments += ["--port", str(port)]
     arguments += ["--data-dir", str(workdir / "data")] if command == "serve" else []
     arguments += [] if root_ca is None else ["--root-ca", str(root_ca)]

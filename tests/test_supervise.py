@@ -574,7 +574,7 @@ def _serve(
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "appattest",
                 "serve",
                 "--app-id",
                 APP_ID,

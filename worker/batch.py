@@ -16,11 +16,11 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.celery_app import REVERIFY_TASK, VERIFY_TASK, read_task_metas
 from worker.contract import VerificationResult, kind_of
 from worker.core import Reason
-from worker.ledger import ledger_for, publish_task
+from worker.ledger import ledger_for
 from worker.lines import parse_line
+from worker.messaging import ReverifyBatch, VerifyOne, publish, read_task_metas
 from worker.progress import RunProgress
 from worker.service.reverify import Reverifier, iter_pending_batches, results, run_state
 
@@ -59,9 +59,19 @@ def reverify_distributed(
 
     Raises ``Stalled`` when the done count does not move for ``stall_seconds``: the run can be
     resumed with the same id once workers are running.
+
+    Every batch is entered in the ledger when the broker needs one, like the API's jobs: a
+    lost message is sent again (deciding a (run, key) twice is harmless).
     """
-    for batch in iter_pending_batches(sessions, run_id, batch_size):
-        app.send_task(REVERIFY_TASK, args=[{"runId": run_id, "keyIds": batch}])
+    ledger = ledger_for(app)
+    try:
+        with app.producer_or_acquire() as producer:
+            for batch in iter_pending_batches(sessions, run_id, batch_size):
+                message = ReverifyBatch(run_id=run_id, key_ids=tuple(batch))
+                publish(app, str(uuid.uuid4()), message, ledger=ledger, producer=producer)
+    finally:
+        if ledger is not None:
+            ledger.close()
     last_done, last_change = -1, time.monotonic()
     while True:
         with sessions() as session:
@@ -172,13 +182,8 @@ def verify_queued(
             if meta.get("status") == "SUCCESS":
                 finish(item, VerificationResult.model_validate(meta["result"]))
                 continue
-            job: dict[str, Any] = {"body": item.body, "challenges": "given"}
-            if at is not None:
-                job["at"] = at.isoformat()
-            if ledger is not None:
-                ledger.record([(item.job_id, VERIFY_TASK, job)])
-            with app.producer_or_acquire() as producer:
-                publish_task(app, producer, VERIFY_TASK, item.job_id, job)
+            job = VerifyOne(body=item.body, challenges_given=True, at=at)
+            publish(app, item.job_id, job, ledger=ledger)
             in_flight[item.job_id] = (item, time.monotonic())
         metas = read_task_metas(backend, list(in_flight))
         for job_id, (item, sent) in list(in_flight.items()):

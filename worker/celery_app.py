@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
-from celery import Celery, states
-from kombu.transport import TRANSPORT_ALIASES
+from celery import Celery
 
+from worker.messaging import QUEUE
 from worker.settings import Settings
 
-VERIFY_TASK: Final = "appattest.verify"
-REVERIFY_TASK: Final = "appattest.reverify"
-VERIFY_BATCH_TASK: Final = "appattest.verify_batch"
-QUEUE: Final = "appattest"
-_EMBEDDED_TRANSPORT: Final = "appattest-sqla"
+_EMBEDDED_TRANSPORT: Final = "worker.embedded_transport:Transport"
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -57,32 +52,13 @@ def create_celery_app(settings: Settings) -> Celery:
     if settings.broker_url.startswith("sqla+"):
         # The embedded broker is a polled database table; poll often enough that a single job
         # is not held back by the default one-second interval (see worker.embedded_transport).
-        TRANSPORT_ALIASES[_EMBEDDED_TRANSPORT] = "worker.embedded_transport:Transport"
-        app.conf.broker_url = _EMBEDDED_TRANSPORT + settings.broker_url.removeprefix("sqla")
+        # The transport is named by its class for this app alone (kombu's global table of
+        # transport aliases is left as it is): the URL loses its "sqla+" prefix, which would
+        # otherwise choose kombu's own transport.
+        app.conf.broker_transport = _EMBEDDED_TRANSPORT
+        app.conf.broker_url = settings.broker_url.removeprefix("sqla+")
     app.conf.appattest_settings = settings
     from worker import tasks
 
     tasks.register(app, settings)
     return app
-
-
-def read_task_metas(backend: Any, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The stored states of these tasks in ``backend``: one read (MGET) on a key-value backend
-    such as Redis, one read per task on any other. A task with nothing stored reads PENDING."""
-    if not task_ids:
-        return {}
-    values = None
-    if hasattr(backend, "mget") and hasattr(backend, "get_key_for_task"):
-        keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
-        try:
-            values = backend.mget(keys)
-        except NotImplementedError:  # a key-value backend without bulk reads
-            values = None
-    if values is None:
-        return {task_id: backend.get_task_meta(task_id, cache=False) for task_id in task_ids}
-    return {
-        task_id: backend.decode_result(value)
-        if value
-        else {"status": states.PENDING, "result": None}
-        for task_id, value in zip(task_ids, values, strict=True)
-    }

@@ -1,8 +1,8 @@
-"""The ``appattest`` command: thin adapters from the terminal to the service layer."""
+"""The worker's commands: thin adapters from the terminal to the service layer. The `appattest`
+command (``appattest.cli``) adds the ones that run the HTTP API, `api` and `serve`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,16 +19,17 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.celery_app import QUEUE, create_celery_app
+from worker.celery_app import create_celery_app
 from worker.contract import VerificationResult
 from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
 from worker.ledger import Sweeper, ledger_for
 from worker.lines import parse_line, read_lines
+from worker.messaging import QUEUE
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
 from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
-from worker.tasks import warm_up_process
+from worker.tasks import resources_of, start_process
 from worker.version import __version__
 
 log = logging.getLogger("appattest")
@@ -424,9 +425,14 @@ def worker(
         lambda **_: log.info("appattest-backend %s: worker ready", __version__), weak=False
     )
     # The database driver is imported once here, before the pool forks its processes, and
-    # each process connects as it starts rather than inside its first batch.
+    # each process builds its resources (``worker.tasks.ProcessResources``) and connects as it
+    # starts rather than inside its first batch; the solo and threads pools have no process
+    # init, and share the main process's resources, built as the worker starts.
     create_store_engine(settings.store_url).dispose()
-    signals.worker_process_init.connect(lambda **_: warm_up_process(settings), weak=False)
+    if pool in ("solo", "threads"):
+        signals.worker_init.connect(lambda **_: resources_of(app, settings), weak=False)
+    else:
+        signals.worker_process_init.connect(lambda **_: start_process(app, settings), weak=False)
     argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
@@ -480,96 +486,6 @@ def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
 
     signals.worker_ready.connect(start, weak=False)
     signals.worker_shutdown.connect(stop, weak=False)
-
-
-@main.command()
-@_app_id_option
-@_dev_app_id_option
-@_root_ca_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("appattest-data"),
-    show_default=True,
-    help="Folder of the embedded SQLite key store, broker and result backend.",
-)
-@click.option(
-    "--workers",
-    "worker_processes",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Worker processes.",
-)
-def serve(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
-    host: str,
-    port: int,
-    data_dir: Path,
-    worker_processes: int,
-) -> None:
-    """Run the HTTP API and a worker on this machine, with no external server.
-
-    Key store, broker and result backend are SQLite files in --data-dir unless the
-    APPATTEST_STORE_URL, APPATTEST_BROKER_URL or APPATTEST_RESULT_BACKEND variables name
-    servers. API keys come from APPATTEST_API_KEYS; without one, a key is generated and
-    printed once.
-    """
-    from worker.embedded import DataDirInUse, data_dir_lock, embedded_overrides, ensure_api_key
-    from worker.embedded import serve as run_serve
-
-    with contextlib.ExitStack() as held:
-        try:
-            lock_fd = held.enter_context(data_dir_lock(data_dir))
-        except DataDirInUse as exc:
-            raise click.ClickException(str(exc)) from exc
-        except OSError as exc:
-            raise click.UsageError(f"cannot use --data-dir: {exc}") from exc
-        settings = _settings_with(
-            app_ids, dev_app_ids, root_ca, **embedded_overrides(data_dir, os.environ)
-        )
-        settings, generated = ensure_api_key(settings)
-        if generated:
-            click.echo(
-                f"APPATTEST_API_KEYS was not set; this run's API key is: {generated}", err=True
-            )
-        run_serve(
-            settings,
-            host=host,
-            port=port,
-            worker_processes=worker_processes,
-            data_dir=data_dir,
-            lock_fd=lock_fd,
-        )
-
-
-@main.command()
-@_app_id_option
-@_dev_app_id_option
-@_root_ca_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-def api(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
-    host: str,
-    port: int,
-) -> None:
-    """Serve the HTTP producer only (settings from APPATTEST_* variables); workers run apart."""
-    import uvicorn
-
-    from producer.app import create_app
-    from producer.server import server_config
-
-    settings = _settings_with(app_ids, dev_app_ids, root_ca)
-    if not settings.api_keys:
-        raise click.UsageError("set APPATTEST_API_KEYS: the API refuses every call without keys")
-    uvicorn.Server(server_config(create_app(settings), settings, host=host, port=port)).run()
 
 
 @main.command()

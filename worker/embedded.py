@@ -1,4 +1,5 @@
-"""The embedded default: the HTTP producer and a worker on one machine with no server to run.
+"""The embedded default's worker side: the data folder, its lock, and the settings a worker
+started beside the HTTP producer shares (``appattest.serve`` composes the two).
 
 The key store, the broker and the result backend are SQLite files in one data folder (the
 broker through kombu's SQLAlchemy transport, results through Celery's database backend). Any
@@ -10,20 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import uvicorn
 from pydantic import SecretStr
 
 from worker.settings import Settings
-from worker.store.db import create_store_engine, upgrade
 
 log = logging.getLogger("appattest.serve")
 
@@ -85,95 +82,29 @@ def ensure_api_key(settings: Settings) -> tuple[Settings, str | None]:
     return settings.model_copy(update={"api_keys": [SecretStr(key)]}), key
 
 
+def _env_value(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, Path):
+        return str(value.resolve())
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(_env_value(item) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
 def worker_environment(settings: Settings) -> dict[str, str]:
-    """The environment for a worker subprocess that shares these settings."""
+    """The environment for a worker subprocess that shares these settings, all of them: every
+    field as its ``APPATTEST_*`` variable (a field left unset, None, stays unset), and no
+    other ``APPATTEST_*`` variable of this process. ``Settings`` read from it equal
+    ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
-    env.update(
-        {
-            "APPATTEST_STORE_URL": settings.store_url,
-            "APPATTEST_BROKER_URL": settings.broker_url,
-            "APPATTEST_RESULT_BACKEND": settings.result_backend,
-            "APPATTEST_APP_IDS": ",".join(settings.app_ids),
-            "APPATTEST_DEV_APP_IDS": ",".join(settings.dev_app_ids),
-            "APPATTEST_TASK_MAX_RETRIES": str(settings.task_max_retries),
-            "APPATTEST_TASK_RETRY_BACKOFF_MAX": str(settings.task_retry_backoff_max),
-            "APPATTEST_VISIBILITY_TIMEOUT_SECONDS": str(settings.visibility_timeout_seconds),
-        }
-    )
-    if settings.root_ca is not None:
-        env["APPATTEST_ROOT_CA"] = str(settings.root_ca.resolve())
+    prefix = Settings.model_config.get("env_prefix", "")
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"{prefix}{name}".upper()] = _env_value(value)
     return env
-
-
-def serve(
-    settings: Settings,
-    *,
-    host: str,
-    port: int,
-    worker_processes: int,
-    data_dir: Path,
-    lock_fd: int | None = None,
-) -> None:
-    """Migrate the store, start a worker subprocess, and serve the HTTP API until stopped.
-
-    The caller holds ``data_dir``; the worker inherits ``lock_fd``, the descriptor of that
-    lock (``data_dir_lock``), and holds it as long as it runs."""
-    from producer.app import create_app
-    from producer.server import server_config
-
-    engine = create_store_engine(settings.store_url)
-    upgrade(engine)
-    engine.dispose()
-    worker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [
-            sys.executable,
-            "-m",
-            "worker.cli",
-            "worker",
-            f"--concurrency={worker_processes}",
-            "--loglevel=WARNING",
-            # The worker stops when this process is gone, even killed (SIGKILL): a worker left
-            # running would go on deciding jobs with this server's settings.
-            f"--parent-pid={os.getpid()}",
-        ],
-        env=worker_environment(settings),
-        pass_fds=() if lock_fd is None else (lock_fd,),
-        # A session of its own: signals meant for this server (a terminal's Ctrl+C) reach
-        # the worker once, through ``_stop_group``.
-        start_new_session=True,
-    )
-    try:
-        config = server_config(create_app(settings), settings, host=host, port=port)
-        _Server(config).run()
-    finally:
-        _stop_group(worker)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, except that SIGINT and SIGTERM make ``run`` return instead of being
-    raised again once it stopped, so that ``serve`` can still stop its worker."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        previous = {
-            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Stop the worker: SIGTERM to its supervisor, which stops the Celery worker and its pool
-    in order and kills what is left of them, then SIGKILL to the supervisor's group after a
-    grace period; a Celery worker still running then gets SIGTERM from the kernel as its
-    parent dies, and SIGKILL from itself 30 s later (``worker.supervise.stop_with_parent``)."""
-    if process.poll() is None:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()

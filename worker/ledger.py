@@ -5,12 +5,13 @@ unacknowledged in a second command. A Redis that dies between the two, or whose 
 first never reaches the worker, loses that message: it is neither queued nor unacknowledged,
 so the visibility timeout never brings it back, and the job would stay pending for ever.
 
-So every message the producer publishes is first written here, in the broker's own Redis
-(its append-only file keeps both or neither): a sorted set of task ids scored by publish time,
-and a hash of the task name and arguments. A worker removes the entry once the task's result
-is stored. A worker's main process sweeps the ledger every few seconds (one sweeper at a time
-across all workers, by a lock with a timeout) and publishes again, under the same task id,
-every entry that is older than ``resend_after`` seconds and provably not on its way:
+So every message published (``worker.messaging.publish``) is first written here, in the
+broker's own Redis (its append-only file keeps both or neither): a sorted set of task ids
+scored by publish time, and a hash of the task name and encoded message. A worker removes
+the entry once the task's result is stored. A worker's main process sweeps the ledger every
+few seconds (one sweeper at a time across all workers, by a lock with a timeout) and
+publishes again, under the same task id, every entry that is older than ``resend_after``
+seconds and provably not on its way:
 
 - it has no result in the result backend (a result of any final state ends the entry);
 - no worker holds it: its task id is not among the broker's unacknowledged messages, where
@@ -39,7 +40,7 @@ from typing import Any, Final
 import redis
 from celery import Celery, states
 
-from worker.celery_app import read_task_metas
+from worker.messaging import decode, publish, read_task_metas
 
 log = logging.getLogger("appattest.ledger")
 
@@ -51,7 +52,6 @@ LOCK_KEY: Final = "appattest:ledger:sweeping"
 UNACKED_KEY: Final = "unacked"
 # Entries looked at per sweep: bounds the work and the memory of one round.
 SWEEP_BATCH: Final = 500
-REDACTED_ARGS: Final = "(<job>,)"
 
 _SOCKET_TIMEOUT: Final = 5.0
 
@@ -59,34 +59,6 @@ _SOCKET_TIMEOUT: Final = 5.0
 def uses_ledger(broker_url: str) -> bool:
     """Whether messages on this broker need the ledger (the Redis transport only)."""
     return broker_url.startswith(("redis://", "rediss://"))
-
-
-def publish_task(
-    celery_app: Celery, producer: Any, task: str, task_id: str, job: dict[str, Any]
-) -> None:
-    """Publish one task message with Celery's own message layer.
-
-    This is Celery's ``send_task`` without its one step that does not suit a producer: with the
-    Redis result backend, ``send_task`` subscribes to every job's result channel (and, when the
-    backend is down, retries that for about 20 s before failing). Verdicts are polled instead;
-    routing, the publish retry policy and the publish signals are Celery's.
-    """
-    args = (job,)
-    amqp = celery_app.amqp
-    message = amqp.create_task_message(
-        task_id,
-        task,
-        args,
-        {},
-        reply_to=celery_app.thread_oid,
-        create_sent_event=celery_app.conf.task_send_sent_event,
-        # The headers carry a printable copy of the arguments for monitoring tools and worker
-        # logs; tokens, challenges and payloads stay out of it.
-        argsrepr=REDACTED_ARGS,
-        kwargsrepr="{}",
-    )
-    options = amqp.router.route({}, task, args, {})
-    amqp.send_task_message(producer, task, message, **options)
 
 
 def ledger_for(celery_app: Celery) -> Ledger | None:
@@ -211,9 +183,15 @@ class Ledger:
                         self.forget([task_id])
                         continue
                     entry = json.loads(raw)
+                    try:
+                        message = decode(entry["task"], entry["job"])
+                    except ValueError as exc:  # MessageError: nothing a worker could run
+                        log.error("task %s: ledger entry dropped: %s", task_id, exc)
+                        self.forget([task_id])
+                        continue
                     # Re-scored first: the next sweep sees it as just published.
                     self.client.zadd(LEDGER_KEY, {task_id: time.time()})
-                    publish_task(celery_app, producer, entry["task"], task_id, entry["job"])
+                    publish(celery_app, task_id, message, ledger=None, producer=producer)
                     resent.append(task_id)
                     log.warning("task %s: its message was lost; published again", task_id)
         return SweepReport(len(stale), len(finished), resent)

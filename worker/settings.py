@@ -13,7 +13,6 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.core import Policy, TrustStore
-from worker.service.verification import PUBLIC_KEY_CACHE_SIZE
 from worker.store.db import DEFAULT_STORE_URL
 
 
@@ -57,7 +56,8 @@ class Settings(BaseSettings):
     ledger_resend_seconds: float = Field(default=60.0, gt=0, le=86_400, allow_inf_nan=False)
     # Loaded device public keys kept per worker process (about 2 KiB each; 0 turns it off):
     # a device asserting again skips loading its key, about a fifth of an assertion's cost.
-    public_key_cache_size: int = Field(default=PUBLIC_KEY_CACHE_SIZE, ge=0, le=10_000_000)
+    # (The service's own default is the same; settings never import the service layer.)
+    public_key_cache_size: int = Field(default=50_000, ge=0, le=10_000_000)
     task_max_retries: int = Field(default=5, ge=0, le=50)
     task_retry_backoff_max: int = Field(default=30, ge=1)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -18,6 +17,18 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from worker.contract import VerificationResult, kind_of, parse_request
 from worker.core import IntermediateCache, Reason, Rejected
 from worker.ledger import Ledger, ledger_for
+from worker.messaging import (
+    MAX_BATCH_JOBS,
+    REVERIFY_TASK,
+    VERIFY_BATCH_TASK,
+    VERIFY_TASK,
+    MessageError,
+    ReverifyBatch,
+    UnsupportedMessage,
+    VerifyBatch,
+    VerifyOne,
+    decode,
+)
 from worker.service import VerificationService
 from worker.service.reverify import Reverifier
 from worker.settings import Settings
@@ -30,26 +41,21 @@ INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, P
 
 
 @dataclass
-class _ProcessResources:
+class ProcessResources:
+    """Everything a worker process holds for its tasks: the services (their database pool and
+    the intermediate cache) and the ledger client. One object per process, built by the
+    worker's process-init hook (``start_process``), never at import and never inherited
+    across a fork: it is checked against the pid of the process using it."""
+
     pid: int
     service: VerificationService
     offline: VerificationService
     reverifier: Reverifier
     cache: IntermediateCache
+    ledger: Ledger | None
 
-
-_resources: _ProcessResources | None = None
-
-
-def process_resources(settings: Settings) -> _ProcessResources:
-    """The services of this worker process, created on first use.
-
-    Built per process (checked by pid), never at import and never inherited across a fork:
-    a database connection pool and the intermediate cache belong to one process.
-    """
-    global _resources
-    pid = os.getpid()
-    if _resources is None or _resources.pid != pid:
+    @classmethod
+    def build(cls, app: Celery, settings: Settings) -> ProcessResources:
         sessions = session_factory(create_store_engine(settings.store_url))
         cache = IntermediateCache()
         policy = settings.policy()
@@ -60,37 +66,45 @@ def process_resources(settings: Settings) -> _ProcessResources:
             cache=cache,
             public_key_cache_size=settings.public_key_cache_size,
         )
-        _resources = _ProcessResources(
-            pid=pid,
+        return cls(
+            pid=os.getpid(),
             service=service(issued_challenges=True),
             # Bulk imports of registrations made elsewhere: their challenges were checked by
             # the system that issued them, so they are taken as given, as in `appattest verify`.
             offline=service(issued_challenges=False),
             reverifier=Reverifier(sessions=sessions, cache=cache),
             cache=cache,
+            ledger=ledger_for(app),
         )
-    return _resources
 
 
-def warm_up_process(settings: Settings) -> None:
-    """Create this process's resources and open one database connection now, so that the
-    first batch a fresh worker process takes does not also pay for them. A store that cannot
-    be reached is left to the first task, which retries."""
+# The attribute of the Celery app (one per process, like the app itself) holding the resources.
+_RESOURCES_ATTR = "appattest_resources"
+
+
+def resources_of(app: Celery, settings: Settings) -> ProcessResources:
+    """The resources of this process for ``app``; built here when the process-init hook did
+    not run (a task run eagerly, or in a pool without process init)."""
+    resources: ProcessResources | None = getattr(app, _RESOURCES_ATTR, None)
+    if resources is None or resources.pid != os.getpid():
+        resources = ProcessResources.build(app, settings)
+        setattr(app, _RESOURCES_ATTR, resources)
+    return resources
+
+
+def start_process(app: Celery, settings: Settings) -> None:
+    """The worker's process-init hook: build this process's resources and open one database
+    connection now, so that the first batch a fresh worker process takes does not also pay
+    for them. A store that cannot be reached is left to the first task, which retries."""
     try:
-        resources = process_resources(settings)
+        resources = resources_of(app, settings)
         with resources.service.sessions() as session:
             session.execute(text("SELECT 1"))
     except (*INFRASTRUCTURE_ERRORS, OSError) as exc:
         log.warning("warm-up: the store is not reachable yet (%s)", type(exc).__name__)
 
 
-def process_service(settings: Settings) -> VerificationService:
-    """The verification service (issued challenges required) of this worker process."""
-    return process_resources(settings).service
-
-
-def _rejection(job: Any, reason: Reason, detail: str) -> dict[str, Any]:
-    body = job.get("body") if isinstance(job, dict) else None
+def _rejection(body: Any, reason: Reason, detail: str) -> dict[str, Any]:
     kind = kind_of(body) if isinstance(body, dict) else None
     key_id = body.get("keyId") if isinstance(body, dict) else None
     key_id = key_id if isinstance(key_id, str) and len(key_id) <= 128 else None
@@ -98,96 +112,117 @@ def _rejection(job: Any, reason: Reason, detail: str) -> dict[str, Any]:
     return result.to_json_dict()
 
 
-def run_job(task: Task, settings: Settings, job: Any) -> dict[str, Any]:
-    """Decide one job: ``{"body": <plugin body>}``; return the result's JSON.
+def _refused(task: Task, exc: MessageError) -> None:
+    """Log a message this worker cannot read: a newer producer's version, or a malformed one.
+    Its task ends with a result saying so (the caller returns it); it is not retried."""
+    if isinstance(exc, UnsupportedMessage):
+        log.error(
+            "task %s: refused, %s; upgrade this worker to read it (the job ends unverified)",
+            task.request.id,
+            exc,
+        )
+    else:
+        log.error("task %s: refused, not a valid message: %s", task.request.id, exc)
+
+
+def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
+    """Decide one job, a ``VerifyOne`` message; return the result's JSON.
 
     Rejections are results. Infrastructure errors retry with exponential backoff up to the
     configured bound, then end as ``internal_error``; any other exception is a bug, logged
-    with its traceback and reported as ``internal_error`` without retrying.
+    with its traceback and reported as ``internal_error`` without retrying. A message this
+    worker cannot read is an ``invalid_request`` result naming why.
     """
     job_id: str = task.request.id
+    body = payload.get("body") if isinstance(payload, dict) else None
     try:
-        body = job.get("body") if isinstance(job, dict) else None
-        if body is None:
+        message = decode(VERIFY_TASK, payload)
+    except MessageError as exc:
+        _refused(task, exc)
+        return _rejection(body, Reason.INVALID_REQUEST, exc.detail)
+    assert isinstance(message, VerifyOne)
+    try:
+        if message.body is None:
             raise Rejected(Reason.INVALID_REQUEST, "job has no body")
-        request = parse_request(body)
-        resources = process_resources(settings)
-        # Only a job put on the queue by `appattest verify --queue` (an operator with broker
-        # access) may ask for given challenges; the HTTP producer never sets this.
-        offline = job.get("challenges") == "given"
-        service = resources.offline if offline else resources.service
+        request = parse_request(message.body)
+        resources = resources_of(task.app, settings)
+        service = resources.offline if message.challenges_given else resources.service
         # Operator imports may verify as of the instant the registrations were made.
-        at = datetime.fromisoformat(job["at"]) if offline and job.get("at") else None
-        if at is not None and at.tzinfo is None:
-            raise Rejected(Reason.INVALID_REQUEST, "job instant has no time zone")
+        at = message.at if message.challenges_given else None
         result: dict[str, Any] = service.handle(request, job_id=job_id, now=at).to_json_dict()
         return result
     except Rejected as exc:
-        return _rejection(job, exc.reason, exc.detail)
+        return _rejection(body, exc.reason, exc.detail)
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("job %s: %s, retries exhausted", job_id, type(exc).__name__)
         return _rejection(
-            job, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
+            body, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
         )
     except Exception:
         log.exception("job %s: unexpected error", job_id)
-        return _rejection(job, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
+        return _rejection(body, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
 
 
-# The largest batch a message may carry: bounds the memory and the transaction of one task.
-MAX_BATCH_JOBS = 1000
+def _refused_batch(payload: Any, exc: MessageError) -> dict[str, Any]:
+    """The result of a batch this worker cannot read: an ``invalid_request`` verdict for every
+    job id it can still find in it, so that those jobs end instead of staying pending."""
+    jobs = payload.get("jobs") if isinstance(payload, dict) else None
+    job_ids = [
+        job.get("jobId")
+        for job in (jobs if isinstance(jobs, list) else [])[:MAX_BATCH_JOBS]
+        if isinstance(job, dict) and isinstance(job.get("jobId"), str)
+    ]
+    return {
+        "results": [_rejection(None, Reason.INVALID_REQUEST, exc.detail) for _ in job_ids],
+        "jobIds": job_ids,
+        "error": exc.detail,
+    }
 
 
-def run_batch(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
-    """Decide a batch ``{"jobs": [{"jobId", "body", "submittedBy"?}, ...]}``; return
-    ``{"results": [...], "jobIds": [...]}`` in job order, one result backend write for the
-    whole batch. ``submittedBy`` (an API key's name) is recorded with each verdict.
+def run_batch(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
+    """Decide a ``VerifyBatch``; return ``{"results": [...], "jobIds": [...]}`` in job order,
+    one result backend write for the whole batch. ``submittedBy`` (an API key's name) is
+    recorded with each verdict.
 
     Bodies that fail the contract get their rejection; the rest are decided together by the
     service, which records every verdict under its own job id, so a redelivered batch returns
     the first verdicts. Infrastructure errors retry the whole batch with bounded backoff, then
-    end every job not yet decided as ``internal_error``.
+    end every job not yet decided as ``internal_error``. A message this worker cannot read
+    ends every job id found in it as ``invalid_request``, with ``error`` saying why.
     """
-    jobs = batch.get("jobs") if isinstance(batch, dict) else None
-    if not isinstance(jobs, list) or not 0 < len(jobs) <= MAX_BATCH_JOBS:
-        return {"results": [], "jobIds": [], "error": "a batch holds 1 to 1000 jobs"}
-    items: list[tuple[str | None, Any]] = []
-    owners: list[str | None] = []
-    job_ids: list[str | None] = []
-    for job in jobs:
-        job_id = job.get("jobId") if isinstance(job, dict) else None
-        job_id = job_id if isinstance(job_id, str) and len(job_id) <= 64 else None
-        owner = job.get("submittedBy") if isinstance(job, dict) else None
-        owners.append(owner if isinstance(owner, str) and len(owner) <= 64 else None)
-        job_ids.append(job_id)
-        body = job.get("body") if isinstance(job, dict) else None
-        try:
-            items.append((job_id, parse_request(body if isinstance(body, dict) else "")))
-        except Rejected as exc:
-            rejection = _rejection(job, exc.reason, exc.detail)
-            items.append((job_id, VerificationResult.model_validate(rejection)))
     try:
-        results = process_resources(settings).service.handle_batch(items, submitted_by=owners)
+        batch = decode(VERIFY_BATCH_TASK, payload)
+    except MessageError as exc:
+        _refused(task, exc)
+        return _refused_batch(payload, exc)
+    assert isinstance(batch, VerifyBatch)
+    items: list[tuple[str | None, Any]] = []
+    job_ids: list[str | None] = [job.job_id for job in batch.jobs]
+    owners: list[str | None] = [job.submitted_by for job in batch.jobs]
+    for job in batch.jobs:
+        try:
+            body = job.body if isinstance(job.body, dict) else ""
+            items.append((job.job_id, parse_request(body)))
+        except Rejected as exc:
+            rejection = _rejection(job.body, exc.reason, exc.detail)
+            items.append((job.job_id, VerificationResult.model_validate(rejection)))
+    try:
+        service = resources_of(task.app, settings).service
+        results = service.handle_batch(items, submitted_by=owners)
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("batch %s: %s, retries exhausted", task.request.id, type(exc).__name__)
+        detail = "the store was unavailable; retries exhausted"
         return {
-            "results": [
-                _rejection(
-                    job, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
-                )
-                for job in jobs
-            ],
+            "results": [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs],
             "jobIds": job_ids,
         }
     except Exception:
         log.exception("batch %s: unexpected error", task.request.id)
+        detail = "unexpected error; see the worker log"
         return {
-            "results": [
-                _rejection(job, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
-                for job in jobs
-            ],
+            "results": [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs],
             "jobIds": job_ids,
         }
     # The job ids beside the results: a reader finds a job's verdict by its id.
@@ -208,13 +243,17 @@ def _retry_or_raise(task: Task, settings: Settings, exc: Exception) -> None:
         raise task.retry(exc=exc, countdown=countdown) from exc
 
 
-def run_reverify(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
-    """Decide one batch ``{"runId", "keyIds"}`` of a re-verification run."""
-    if not isinstance(batch, dict) or not isinstance(batch.get("runId"), str):
-        return {"decided": 0, "error": "invalid batch"}
-    key_ids = [k for k in batch.get("keyIds", []) if isinstance(k, str)]
+def run_reverify(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
+    """Decide one ``ReverifyBatch`` of a re-verification run."""
     try:
-        decided = process_resources(settings).reverifier.decide_batch(batch["runId"], key_ids)
+        batch = decode(REVERIFY_TASK, payload)
+    except MessageError as exc:
+        _refused(task, exc)
+        return {"decided": 0, "error": exc.detail}
+    assert isinstance(batch, ReverifyBatch)
+    try:
+        reverifier = resources_of(task.app, settings).reverifier
+        decided = reverifier.decide_batch(batch.run_id, list(batch.key_ids))
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("reverify batch %s: retries exhausted", task.request.id)
@@ -222,19 +261,9 @@ def run_reverify(task: Task, settings: Settings, batch: Any) -> dict[str, Any]:
     return {"decided": decided}
 
 
-_ledger: tuple[int, Ledger | None] | None = None
-
-
-def process_ledger(app: Celery) -> Ledger | None:
-    """The ledger client of this worker process (None when the broker needs no ledger)."""
-    global _ledger
-    if _ledger is None or _ledger[0] != os.getpid():
-        _ledger = (os.getpid(), ledger_for(app))
-    return _ledger[1]
-
-
-class VerifyTask(Task):  # type: ignore[misc]
-    """A verification task: once its result is stored, its job leaves the ledger."""
+class LedgeredTask(Task):  # type: ignore[misc]
+    """A task whose message is in the ledger (see ``worker.messaging.publish``): once its
+    result is stored, its entry leaves the ledger."""
 
     def after_return(
         self,
@@ -247,7 +276,8 @@ class VerifyTask(Task):  # type: ignore[misc]
     ) -> None:
         if status != states.SUCCESS:
             return  # retried, or failed: the ledger keeps it until a result is final
-        ledger = process_ledger(self.app)
+        settings = self.app.conf.appattest_settings
+        ledger = resources_of(self.app, settings).ledger
         if ledger is None:
             return
         try:
@@ -258,26 +288,22 @@ class VerifyTask(Task):  # type: ignore[misc]
 
 
 def register(app: Celery, settings: Settings) -> None:
-    """Register the tasks on ``app``."""
-    from worker.celery_app import REVERIFY_TASK, VERIFY_BATCH_TASK, VERIFY_TASK
+    """Register the tasks on ``app``: one per message of ``worker.messaging``, each decoding
+    its message there."""
 
-    @app.task(  # type: ignore[untyped-decorator]
-        name=VERIFY_TASK, bind=True, base=VerifyTask, max_retries=settings.task_max_retries
-    )
-    def verify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-        return run_job(self, settings, job)
+    def task(name: str) -> Any:
+        return app.task(
+            name=name, bind=True, base=LedgeredTask, max_retries=settings.task_max_retries
+        )
 
-    @app.task(  # type: ignore[untyped-decorator]
-        name=VERIFY_BATCH_TASK,
-        bind=True,
-        base=VerifyTask,
-        max_retries=settings.task_max_retries,
-    )
-    def verify_batch(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
-        return run_batch(self, settings, batch)
+    @task(VERIFY_TASK)  # type: ignore[untyped-decorator]
+    def verify(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        return run_job(self, settings, payload)
 
-    @app.task(  # type: ignore[untyped-decorator]
-        name=REVERIFY_TASK, bind=True, max_retries=settings.task_max_retries
-    )
-    def reverify(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
-        return run_reverify(self, settings, batch)
+    @task(VERIFY_BATCH_TASK)  # type: ignore[untyped-decorator]
+    def verify_batch(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        return run_batch(self, settings, payload)
+
+    @task(REVERIFY_TASK)  # type: ignore[untyped-decorator]
+    def reverify(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        return run_reverify(self, settings, payload)

@@ -1,0 +1,5 @@
+"""``python -m appattest``: the ``appattest`` command."""
+
+from appattest.cli import main
+
+main()
