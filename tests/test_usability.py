@@ -255,3 +255,40 @@ def test_the_worker_log_names_succeeded_tasks_without_their_results(
         assert success.search(line), line
     assert not [line for line in lines if key_id in line]
     assert uuid.UUID(response.json()["jobId"])
+
+
+def _synopses(readme: str) -> dict[str, str]:
+    """The text of the README's ``appattest COMMAND ...`` lines in shell blocks (with their
+    continuation lines), by command; the global options under ``""``."""
+    found: dict[str, str] = {}
+    blocks = re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL)
+    for block in blocks:
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            words = line.split()
+            if len(words) < 2 or words[0] != "appattest":
+                continue
+            command = "" if words[1].startswith("[") else words[1]
+            found[command] = found.get(command, "") + " " + line
+    return found
+
+
+def test_the_readme_synopses_list_every_option() -> None:
+    import click
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    synopses = _synopses(readme)
+    missing = [
+        option
+        for param in main.params
+        for option in param.opts
+        if option not in synopses.get("", "")
+    ]
+    for name, command in main.commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            for option in (*param.opts, *param.secondary_opts):
+                if not re.search(rf"{re.escape(option)}(?![\w-])", synopses.get(name, "")):
+                    missing.append(f"appattest {name} {option}")
+    assert missing == []
