@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from producer.auth import ApiKeys, Caller
+from producer.docs import add_offline_docs
 from producer.errors import ApiError, ErrorCode, QueueUnavailable, error_body, validation_summary
 from producer.health import readiness
 from producer.jobs import (
@@ -685,8 +686,10 @@ def create_app(
         summary="Queues App Attest attestations and assertions for verification.",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,
         redoc_url=None,
     )
+    add_offline_docs(app)
     app.state.api_keys = api_keys
     app.state.rate_limiter = limiter
     app.state.wait_budget = WaitBudget(settings.max_waits_per_key)

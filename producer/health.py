@@ -17,6 +17,7 @@ from celery.backends.base import DisabledBackend
 from sqlalchemy import Engine, text
 
 from producer.schemas import Readiness
+from worker.store.db import current_revision, head_revision
 
 CHECK_TIMEOUT: Final = 2.0
 OK: Final = "ok"
@@ -54,10 +55,15 @@ def check_backend(celery_app: Celery) -> str:
 
 
 def check_database(engine: Engine) -> str:
-    """Run ``SELECT 1``."""
+    """Read the schema's revision: the store must answer and be migrated to this release's
+    schema, or every job would fail on a missing table or column."""
     with engine.connect() as connection:
-        connection.execute(text("SELECT 1"))
-    return OK
+        revision = current_revision(connection)
+    head = head_revision()
+    if revision == head:
+        return OK
+    found = "has no schema" if revision is None else f"is at schema {revision}, not {head}"
+    return f"error: the key store {found}; run `appattest migrate`"
 
 
 async def _run(check: Callable[[], str], timeout: float) -> str:

@@ -24,17 +24,29 @@ from worker.contract import VerificationResult
 from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
 from worker.ledger import Sweeper, ledger_for
 from worker.lines import parse_line, read_lines
+from worker.logs import omit_task_results
 from worker.messaging import QUEUE
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
-from worker.store.db import DEFAULT_STORE_URL, create_store_engine, session_factory, upgrade
+from worker.store.db import (
+    DEFAULT_STORE_URL,
+    SchemaChange,
+    create_store_engine,
+    session_factory,
+    upgrade,
+)
 from worker.tasks import resources_of, start_process
 from worker.version import __version__
 
 log = logging.getLogger("appattest")
 
 USAGE_ERROR = 2
+
+NO_APP_ID = (
+    "no App ID is configured: give --app-id TEAMID.bundle.id (or --dev-app-id), "
+    "or set APPATTEST_APP_IDS (or APPATTEST_DEV_APP_IDS)"
+)
 
 
 def _parse_instant(value: str) -> datetime:
@@ -59,18 +71,27 @@ def _build_policy(
         raise click.UsageError(f"cannot read --root-ca: {exc}") from exc
     except (TrustStoreError, PolicyError) as exc:
         if not app_ids and not dev_app_ids:
-            raise click.UsageError("give at least one --app-id or --dev-app-id") from exc
+            raise click.UsageError(NO_APP_ID) from exc
         raise click.UsageError(str(exc)) from exc
 
 
 def _open_store(store_url: str) -> Engine:
     """An engine on the key store, its schema brought up to date; a usage error otherwise."""
+    return _migrated_store(store_url)[0]
+
+
+def _migrated_store(store_url: str) -> tuple[Engine, SchemaChange]:
     try:
         engine = create_store_engine(store_url)
-        upgrade(engine)
+        change = upgrade(engine)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise click.UsageError(f"cannot open the key store {_shown(store_url)}: {exc}") from exc
-    return engine
+    return engine, change
+
+
+def _is_blank(line: bytes | None) -> bool:
+    """Whether an input line holds nothing but white space (skipped, not verified)."""
+    return line is not None and not line.strip()
 
 
 def _shown(url: str) -> str:
@@ -192,6 +213,8 @@ def verify(
         return
     if run_id or report_dir:
         raise click.UsageError("--run-id and --report-dir go with --queue")
+    if not app_ids and not dev_app_ids:
+        app_ids, dev_app_ids = _configured_app_ids()
     policy = _build_policy(app_ids, dev_app_ids, root_ca)
     at = _parse_instant(at_text) if at_text else None
     engine = _open_store(store_url)
@@ -200,6 +223,8 @@ def verify(
     out = sys.stdout
     try:
         for number, line in enumerate(read_lines(input_file), start=1):
+            if _is_blank(line):
+                continue
             result = _verify_line(service, line, at)
             counts["accepted" if result.ok else str(result.reason)] += 1
             out.write(json.dumps({"line": number, **result.to_json_dict()}) + "\n")
@@ -210,6 +235,15 @@ def verify(
     finally:
         engine.dispose()
     _print_line_summary(counts)
+
+
+def _configured_app_ids() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The App IDs of APPATTEST_APP_IDS and APPATTEST_DEV_APP_IDS."""
+    try:
+        settings = load_settings()
+    except ValueError as exc:
+        raise click.UsageError(f"invalid configuration: {exc}") from exc
+    return tuple(settings.app_ids), tuple(settings.dev_app_ids)
 
 
 def _print_line_summary(counts: Counter[str]) -> None:
@@ -245,7 +279,12 @@ def _verify_through_queue(
     counts: Counter[str] = Counter()
     rows: list[dict[str, object]] = []
 
+    # Blank lines get no job and no result; the others keep their line numbers.
+    blank = {number for number, raw in enumerate(raw_lines, start=1) if _is_blank(raw)}
+
     def emit(number: int, result: VerificationResult) -> None:
+        if number in blank:
+            return
         counts["accepted" if result.ok else str(result.reason)] += 1
         row = {"line": number, **result.to_json_dict()}
         rows.append(row)
@@ -271,11 +310,18 @@ def _verify_through_queue(
 @main.command()
 @_store_option
 def migrate(store_url: str) -> None:
-    """Create or upgrade the key store schema to the latest version."""
-    engine = _open_store(store_url)
-    click.echo(
-        f"key store at {engine.url.render_as_string(hide_password=True)} is up to date", err=True
-    )
+    """Create or upgrade the key store schema to the latest version, and say which."""
+    engine, change = _migrated_store(store_url)
+    engine.dispose()
+    where = _shown(store_url)
+    if change.before is None:
+        click.echo(f"created the key store schema at {where} (revision {change.after})")
+    elif change.changed:
+        click.echo(
+            f"upgraded the key store at {where} from revision {change.before} to {change.after}"
+        )
+    else:
+        click.echo(f"the key store at {where} is up to date (revision {change.after})")
 
 
 def _settings_with(
@@ -291,6 +337,11 @@ def _settings_with(
         overrides["root_ca"] = root_ca
     try:
         settings = load_settings(**overrides)
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(f"invalid configuration: {exc}") from exc
+    if not settings.app_ids and not settings.dev_app_ids:
+        raise click.UsageError(NO_APP_ID)
+    try:
         settings.policy()
     except (ValueError, OSError) as exc:
         raise click.UsageError(f"invalid configuration: {exc}") from exc
@@ -420,6 +471,7 @@ def worker(
         # kombu's Redis transport with a fix for a crash after Redis died (see the module);
         # not for rediss://, whose defaults kombu picks by the transport's name.
         app.conf.broker_transport = "worker.redis_transport:Transport"
+    omit_task_results()
     _sweep_ledger_while_running(app, settings)
     signals.worker_ready.connect(
         lambda **_: log.info("appattest-backend %s: worker ready", __version__), weak=False

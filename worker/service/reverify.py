@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core import (
@@ -30,9 +29,11 @@ from worker.core import (
 )
 from worker.service.verification import utc_now
 from worker.store import bulk
-from worker.store.models import DeviceKey, ReverifyResult, ReverifyRun
-
-PENDING, DONE = "pending", "done"
+from worker.store import reverify as runs
+from worker.store.bulk import StoredRegistration
+from worker.store.models import ReverifyResult
+from worker.store.reverify import DONE, PENDING
+from worker.store.reverify import RunFilters as RunFilters  # the CLI builds them
 
 
 class RunMismatch(ValueError):
@@ -81,36 +82,6 @@ class RunPolicy:
 
 
 @dataclass(frozen=True)
-class RunFilters:
-    """Which stored registrations a run covers; empty means all."""
-
-    app_ids: tuple[str, ...] = ()
-    environment: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "app_ids": list(self.app_ids),
-            "environment": self.environment,
-            "since": self.since.isoformat() if self.since else None,
-            "until": self.until.isoformat() if self.until else None,
-        }
-
-    def where(self) -> list[Any]:
-        clauses: list[Any] = []
-        if self.app_ids:
-            clauses.append(DeviceKey.app_id.in_(self.app_ids))
-        if self.environment:
-            clauses.append(DeviceKey.environment == self.environment)
-        if self.since:
-            clauses.append(DeviceKey.verified_at >= self.since)
-        if self.until:
-            clauses.append(DeviceKey.verified_at < self.until)
-        return clauses
-
-
-@dataclass(frozen=True)
 class RunState:
     """How far a run has come."""
 
@@ -138,7 +109,7 @@ def start_run(
     Raises ``RunMismatch`` when the id exists with other parameters: resuming must not quietly
     change what a run means.
     """
-    existing = session.get(ReverifyRun, run_id)
+    existing = runs.get_run(session, run_id)
     if existing is not None:
         if (existing.policy, existing.filters, existing.apply) != (
             policy.to_json(),
@@ -147,63 +118,19 @@ def start_run(
         ):
             raise RunMismatch(f"run {run_id} exists with another policy, filters or --apply")
         return run_state(session, run_id)
-    session.add(
-        ReverifyRun(
-            run_id=run_id,
-            created_at=now,
-            apply=apply,
-            policy=policy.to_json(),
-            filters=filters.to_json(),
-            total=0,
-        )
-    )
-    session.flush()
-    snapshot = select(DeviceKey.key_id).where(*filters.where())
-    session.execute(
-        insert(ReverifyResult).from_select(
-            ["run_id", "key_id", "status"],
-            select(
-                literal(run_id, ReverifyResult.run_id.type),
-                snapshot.subquery().c.key_id,
-                literal(PENDING, ReverifyResult.status.type),
-            ),
-        )
-    )
-    total = session.scalar(
-        select(func.count()).select_from(ReverifyResult).where(ReverifyResult.run_id == run_id)
-    )
-    session.execute(
-        update(ReverifyRun).where(ReverifyRun.run_id == run_id).values(total=int(total or 0))
+    runs.create_run(
+        session, run_id=run_id, apply=apply, policy=policy.to_json(), filters=filters, now=now
     )
     return run_state(session, run_id)
 
 
 def run_state(session: Session, run_id: str) -> RunState:
     """Counts of a run; raises ``KeyError`` for an unknown run."""
-    run = session.get(ReverifyRun, run_id)
+    run = runs.get_run(session, run_id)
     if run is None:
         raise KeyError(run_id)
-    done = session.scalar(
-        select(func.count())
-        .select_from(ReverifyResult)
-        .where(ReverifyResult.run_id == run_id, ReverifyResult.status == DONE)
-    )
-    return RunState(run_id=run_id, total=run.total, done=int(done or 0), apply=run.apply)
-
-
-def pending_key_ids(session: Session, run_id: str, *, after: str = "", limit: int) -> list[str]:
-    """The next pending keys of a run, in key order after ``after``."""
-    return list(
-        session.scalars(
-            select(ReverifyResult.key_id)
-            .where(
-                ReverifyResult.run_id == run_id,
-                ReverifyResult.status == PENDING,
-                ReverifyResult.key_id > after,
-            )
-            .order_by(ReverifyResult.key_id)
-            .limit(limit)
-        )
+    return RunState(
+        run_id=run_id, total=run.total, done=runs.count_done(session, run_id), apply=run.apply
     )
 
 
@@ -214,7 +141,7 @@ def iter_pending_batches(
     after = ""
     while True:
         with sessions() as session:
-            batch = pending_key_ids(session, run_id, after=after, limit=batch_size)
+            batch = runs.pending_key_ids(session, run_id, after=after, limit=batch_size)
         if not batch:
             return
         yield batch
@@ -223,12 +150,7 @@ def iter_pending_batches(
 
 def results(session: Session, run_id: str) -> Iterator[ReverifyResult]:
     """Every decided result of a run, in key order."""
-    yield from session.scalars(
-        select(ReverifyResult)
-        .where(ReverifyResult.run_id == run_id, ReverifyResult.status == DONE)
-        .order_by(ReverifyResult.key_id)
-        .execution_options(yield_per=1000)
-    )
+    return runs.decided_results(session, run_id)
 
 
 @dataclass(frozen=True)
@@ -255,7 +177,7 @@ class Reverifier:
         with self._lock:
             if run_id in self._policies:
                 return self._policies[run_id]
-        run = session.get(ReverifyRun, run_id)
+        run = runs.get_run(session, run_id)
         if run is None:
             raise KeyError(f"unknown re-verification run {run_id}")
         built = (RunPolicy.from_json(run.policy).build(), run.apply)
@@ -265,7 +187,7 @@ class Reverifier:
                 self._policies.popitem(last=False)
         return built
 
-    def _decide(self, key: DeviceKey | None, key_id: str, policy: Policy) -> _Outcome:
+    def _decide(self, key: StoredRegistration | None, key_id: str, policy: Policy) -> _Outcome:
         if key is None:
             return _Outcome(key_id, False, Reason.KEY_UNKNOWN, "key was deleted", None, None)
         if key.client_data_hash is None:
@@ -299,10 +221,7 @@ class Reverifier:
         """
         with self.sessions() as session:
             policy, apply = self._run(session, run_id)
-            keys = {
-                k.key_id: k
-                for k in session.scalars(select(DeviceKey).where(DeviceKey.key_id.in_(key_ids)))
-            }
+            keys = bulk.get_registrations(session, key_ids)
         outcomes = [self._decide(keys.get(k), k, policy) for k in key_ids]
         now = self.clock()
         rows = [

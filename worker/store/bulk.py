@@ -156,6 +156,31 @@ def get_keys(session: Session, key_ids: Iterable[str]) -> dict[str, StoredKey]:
     return {k.key_id: k for k in found}
 
 
+@dataclass(frozen=True, slots=True)
+class StoredRegistration:
+    """What verifying a key's attestation again needs of its registration."""
+
+    key_id: str
+    app_id: str
+    environment: str
+    attestation: bytes
+    client_data_hash: bytes | None
+    verified_at: datetime
+
+
+_REGISTRATION_COLUMNS = [getattr(DeviceKey, f) for f in StoredRegistration.__dataclass_fields__]
+
+
+def get_registrations(session: Session, key_ids: Iterable[str]) -> dict[str, StoredRegistration]:
+    """Stored registrations (attestation and when it was verified) by keyId."""
+    wanted = list(set(key_ids))
+    if not wanted:
+        return {}
+    statement = select(*_REGISTRATION_COLUMNS).where(_matching(session, DeviceKey.key_id, wanted))
+    found = (StoredRegistration(*row) for row in session.execute(statement))
+    return {r.key_id: r for r in found}
+
+
 @dataclass(frozen=True)
 class Claim:
     """A job's claim on a challenge: its digest, purpose, the job's keyId and the job id."""
@@ -244,6 +269,10 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, bytes):
         return "\\x" + value.hex()
     if isinstance(value, datetime):
+        # As UTCDateTime does on the ORM path: a naive instant would be read in the server's
+        # zone, so it is refused.
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; pass a timezone-aware instant")
         return value.isoformat()
     return value
 

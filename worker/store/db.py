@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-DEFAULT_STORE_URL = "sqlite:///appattest.db"
+# The store of `appattest serve` under its default --data-dir, so that every command that is
+# given no store (verify, migrate, api, worker, reverify) uses the same one.
+DEFAULT_STORE_URL = "sqlite:///appattest-data/keys.db"
+
+POSTGRES_DRIVER_MISSING = (
+    "the PostgreSQL driver (psycopg) is not installed; install the package with its "
+    "postgres extra: pip install 'appattest-backend[postgres]'"
+)
+
+
+class MissingDriver(ImportError):
+    """The database driver a store URL needs is not installed."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -33,11 +49,24 @@ def create_store_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("hide_parameters", True)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, **kwargs)
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            # The default store lives in a folder of its own, created on first use.
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    if parsed.drivername == "postgresql":
+        # A URL that names no driver gets the one the postgres extra installs, not
+        # SQLAlchemy's default (psycopg2), which the package does not depend on.
+        parsed = parsed.set(drivername="postgresql+psycopg")
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    try:
+        return create_engine(parsed, **kwargs)
+    except ImportError as exc:
+        if parsed.get_backend_name() == "postgresql":
+            raise MissingDriver(POSTGRES_DRIVER_MISSING) from exc
+        raise
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -45,17 +74,46 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def _alembic_config(engine: Engine) -> Config:
+def _alembic_config(engine: Engine | None = None) -> Config:
     config = Config()
     script_location = resources.files("worker.store").joinpath("migrations")
     config.set_main_option("script_location", str(script_location))
-    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    if engine is not None:
+        config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (the latest by default) with the packaged migrations."""
+@functools.cache
+def head_revision() -> str:
+    """The latest revision of the packaged migrations."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None, "the package ships migrations"
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The schema revision of the store, or None for a store never migrated."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaChange:
+    """What ``upgrade`` did: the revision before (None: no schema yet) and after."""
+
+    before: str | None
+    after: str | None
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+def upgrade(engine: Engine, revision: str = "head") -> SchemaChange:
+    """Bring the schema to ``revision`` (the latest by default) with the packaged migrations;
+    return the revisions before and after."""
     config = _alembic_config(engine)
     with engine.begin() as connection:
+        before = current_revision(connection)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+        return SchemaChange(before, current_revision(connection))
