@@ -13,6 +13,8 @@ RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml MANIFEST.in README.md CHANGELOG.md ./
 COPY worker ./worker
 COPY producer ./producer
+# The client's package: the server's wire models are defined there.
+COPY clients/python/src ./clients/python/src
 # The project itself, without resolving anything again; pip check proves the lock covers it.
 RUN pip install --no-deps . && pip check
 # An unprivileged user with a fixed numeric id, so that "run as non-root" policies can check it.
