@@ -1,9 +1,11 @@
 """The plugin contract: the bodies ``@capgo/capacitor-app-attest`` produces and the verdict
 the service gives for each.
 
-The service validates every body against these models before any work is done, and the client
-parses verdicts with them, so both sides read one definition. The server's parsing of raw
-bodies into these models, with its reason codes, is ``worker.contract.parse_request``.
+Field names are the plugin's own (camelCase). The bodies are validated strictly: wrong types
+are not coerced, unknown fields are refused, and every string is bounded. The service checks
+every body against these models before any work is done, and the client parses verdicts with
+them, so both sides read one definition. The server's parsing of raw bodies into these models,
+with its reason codes, is ``worker.contract.parse_request``.
 """
 
 from __future__ import annotations
