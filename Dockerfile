@@ -14,6 +14,8 @@ COPY pyproject.toml MANIFEST.in README.md CHANGELOG.md ./
 COPY worker ./worker
 COPY producer ./producer
 COPY appattest ./appattest
+# The client's package: the server's wire models are defined there.
+COPY clients/python/src ./clients/python/src
 # The project itself, without resolving anything again; pip check proves the lock covers it.
 RUN pip install --no-deps . && pip check
 # An unprivileged user with a fixed numeric id, so that "run as non-root" policies can check it.

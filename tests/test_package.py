@@ -123,7 +123,9 @@ def test_wheel_contents(built: Built) -> None:
     with zipfile.ZipFile(built.wheel) as wheel:
         names = set(wheel.namelist())
         metadata = wheel.read(f"appattest_backend-{VERSION}.dist-info/METADATA").decode()
-    assert {"worker/py.typed", "producer/py.typed"} <= names
+    assert {"worker/py.typed", "producer/py.typed", "appattest_client/py.typed"} <= names
+    # The client's package ships in the backend too: the server's wire models are defined there.
+    assert {"appattest_client/client.py", "appattest_client/codes.py"} <= names
     for pem in (ROOT / "worker/core/data").glob("*.pem"):
         assert f"worker/core/data/{pem.name}" in names
     assert "worker/core/data/apple-app-attestation-root-ca.pem" in names
@@ -146,6 +148,7 @@ def test_sdist_contents(built: Built) -> None:
     with tarfile.open(built.sdist) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert {"pyproject.toml", "README.md", "CHANGELOG.md", "worker/py.typed"} <= names
+    assert "clients/python/src/appattest_client/contract.py" in names
     assert "worker/core/data/apple-app-attestation-root-ca.pem" in names
 
 

@@ -10,13 +10,11 @@ from typing import Any
 
 import cbor2
 
+# The token limits belong to the plugin contract (the client validates bodies with them too);
+# they are defined with it and re-exported here.
+from appattest_client.limits import MAX_TOKEN_BYTES as MAX_TOKEN_BYTES
+from appattest_client.limits import MAX_TOKEN_CHARS as MAX_TOKEN_CHARS
 from worker.core.reasons import Reason, Rejected
-
-# A real attestation object is about 5.5 KiB (most of it the receipt) and an assertion about
-# 120 bytes. 32 KiB leaves room for larger receipts while keeping every parse cheap; the limit is
-# enforced on the text before anything is decoded.
-MAX_TOKEN_BYTES = 32 * 1024
-MAX_TOKEN_CHARS = 4 * ((MAX_TOKEN_BYTES + 2) // 3)
 
 # App Attest objects nest at most three levels (attestation -> attStmt -> x5c). A little slack,
 # but nothing like the decoder's default of 400.

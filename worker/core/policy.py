@@ -6,21 +6,16 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from types import MappingProxyType
 
+# Environment is defined with the reason codes, in the client's package (verdicts carry it),
+# and re-exported here.
+from appattest_client.codes import Environment as Environment
 from worker.core.trust import TrustStore
 
 # An App ID is the ten-character Team ID, a dot, and the bundle identifier. Apple's own sample
 # bundle identifier contains an underscore, so underscores are allowed too.
 _APP_ID = re.compile(r"[A-Z0-9]{10}\.[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
-
-
-class Environment(StrEnum):
-    """The App Attest environment a key was created in, as told by its aaguid."""
-
-    PRODUCTION = "production"
-    DEVELOPMENT = "development"
 
 
 class PolicyError(ValueError):

@@ -1,0 +1,110 @@
+"""The plugin contract: the bodies ``@capgo/capacitor-app-attest`` produces and the verdict
+the service gives for each.
+
+Field names are the plugin's own (camelCase). The bodies are validated strictly: wrong types
+are not coerced, unknown fields are refused, and every string is bounded. The service checks
+every body against these models before any work is done, and the client parses verdicts with
+them, so both sides read one definition. The server's parsing of raw bodies into these models,
+with its reason codes, is ``worker.contract.parse_request``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from appattest_client.codes import Environment, Reason
+from appattest_client.limits import MAX_CHALLENGE_CHARS, MAX_PAYLOAD_CHARS, MAX_TOKEN_CHARS
+
+PLATFORM_IOS: Final = "ios"
+FORMAT_APPLE_APP_ATTEST: Final = "apple-app-attest"
+
+
+def _utf8_encodable(value: str) -> str:
+    # JSON can carry lone surrogates ("\ud800") that have no UTF-8 form; the device could never
+    # have signed such a string, and hashing it would raise later.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text is not valid Unicode (lone surrogate)") from exc
+    return value
+
+
+_Utf8 = AfterValidator(_utf8_encodable)
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64), _Utf8]
+KeyIdText = Annotated[str, StringConstraints(min_length=1, max_length=128), _Utf8]
+TokenText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TOKEN_CHARS), _Utf8]
+ChallengeText = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_CHALLENGE_CHARS), _Utf8
+]
+PayloadText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PAYLOAD_CHARS), _Utf8]
+
+
+class _PluginBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    platform: ShortText
+    format: ShortText
+    key_id: KeyIdText = Field(alias="keyId")
+    token: TokenText
+
+
+class RegistrationRequest(_PluginBody):
+    """``{"platform", "format", "keyId", "challenge", "token"}``: the device attests a new key."""
+
+    challenge: ChallengeText
+
+
+class AssertionRequest(_PluginBody):
+    """``{"platform", "format", "keyId", "payload", "token"}``: the device signs a payload.
+
+    ``challenge`` is optional: when the payload is not itself the issued challenge, the caller
+    names the challenge it embeds.
+    """
+
+    payload: PayloadText
+    challenge: ChallengeText | None = None
+
+
+PluginRequest = RegistrationRequest | AssertionRequest
+Kind = Literal["registration", "assertion"]
+
+
+class Extensions(BaseModel):
+    """The iOS 27 authenticator data extensions, when the device sent them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    validation_category: int | None = Field(default=None, alias="validationCategory")
+    bundle_version: str | None = Field(default=None, alias="bundleVersion")
+    other: dict[str, str | int] = Field(default_factory=dict)
+
+
+class VerificationResult(BaseModel):
+    """The verdict for one request: ``ok`` with the stored facts, or a reason code."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    ok: bool
+    kind: Kind | None
+    key_id: str | None = Field(alias="keyId")
+    reason: Reason | None = None
+    detail: str | None = None
+    app_id: str | None = Field(default=None, alias="appId")
+    environment: Environment | None = None
+    counter: int | None = None
+    extensions: Extensions | None = None
+    verified_at: datetime | None = Field(default=None, alias="verifiedAt")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The result as plain JSON types, with the contract's camelCase names."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    @classmethod
+    def rejection(
+        cls, *, kind: Kind | None, key_id: str | None, reason: Reason, detail: str
+    ) -> VerificationResult:
+        """A rejected verdict."""
+        return cls(ok=False, kind=kind, keyId=key_id, reason=reason, detail=detail)
