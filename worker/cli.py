@@ -9,6 +9,7 @@ import os
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.celery_app import QUEUE, create_celery_app
 from worker.contract import VerificationResult
-from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
+from worker.core import Reason
 from worker.ledger import Sweeper, ledger_for
 from worker.lines import parse_line, read_lines
 from worker.service import VerificationService
@@ -42,24 +43,6 @@ def _parse_instant(value: str) -> datetime:
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not an ISO 8601 instant") from exc
     return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant
-
-
-def _build_policy(
-    app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None
-) -> Policy:
-    try:
-        trust = (
-            TrustStore.replacing_apple_root(root_ca.read_bytes())
-            if root_ca is not None
-            else TrustStore.apple()
-        )
-        return Policy.build(trust=trust, production_apps=app_ids, development_apps=dev_app_ids)
-    except OSError as exc:
-        raise click.UsageError(f"cannot read --root-ca: {exc}") from exc
-    except (TrustStoreError, PolicyError) as exc:
-        if not app_ids and not dev_app_ids:
-            raise click.UsageError("give at least one --app-id or --dev-app-id") from exc
-        raise click.UsageError(str(exc)) from exc
 
 
 def _open_store(store_url: str) -> Engine:
@@ -114,6 +97,50 @@ def main(verbose: bool) -> None:
     )
 
 
+def _build_rule_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options of the rules for the iOS 27 extensions (``APPATTEST_*`` settings too)."""
+    options = [
+        click.option(
+            "--allow-validation-category",
+            "allowed_categories",
+            multiple=True,
+            type=click.IntRange(0, 2**32 - 1),
+            metavar="N",
+            help="Accept only devices whose apple_validation_category_01 is N. Repeatable "
+            "(default: every category; APPATTEST_ALLOWED_VALIDATION_CATEGORIES).",
+        ),
+        click.option(
+            "--min-bundle-version",
+            metavar="V",
+            help="Refuse devices whose apple_bundle_version_01 is below V, compared as up to "
+            "three numbers (10.0 > 2.0; APPATTEST_MIN_BUNDLE_VERSION).",
+        ),
+        click.option(
+            "--require-extensions/--no-require-extensions",
+            default=None,
+            help="Refuse devices that send no extensions map, every device before iOS 27 "
+            "(default: off; APPATTEST_REQUIRE_EXTENSIONS).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _rule_overrides(
+    allowed_categories: tuple[int, ...], min_bundle_version: str | None, require: bool | None
+) -> dict[str, object]:
+    """The settings that the rule options given on the command line override."""
+    overrides: dict[str, object] = {}
+    if allowed_categories:
+        overrides["allowed_validation_categories"] = list(allowed_categories)
+    if min_bundle_version is not None:
+        overrides["min_bundle_version"] = min_bundle_version
+    if require is not None:
+        overrides["require_extensions"] = require
+    return overrides
+
+
 _store_option = click.option(
     "--store",
     "store_url",
@@ -146,6 +173,7 @@ _store_option = click.option(
     metavar="PEM",
     help="Trust this root certificate instead of Apple's App Attestation Root CA.",
 )
+@_build_rule_options
 @click.option(
     "--at",
     "at_text",
@@ -170,6 +198,9 @@ def verify(
     app_ids: tuple[str, ...],
     dev_app_ids: tuple[str, ...],
     root_ca: Path | None,
+    allowed_categories: tuple[int, ...],
+    min_bundle_version: str | None,
+    require_extensions: bool | None,
     at_text: str | None,
     store_url: str,
     queue: bool,
@@ -184,14 +215,15 @@ def verify(
     status: 0 when every line got a verdict, 1 when some line hit an internal error, 2 on a
     usage error or unreadable input.
     """
+    rules = _rule_overrides(allowed_categories, min_bundle_version, require_extensions)
     if queue:
-        if app_ids or dev_app_ids or root_ca:
-            raise click.UsageError("with --queue the workers' configured apps and root apply")
+        if app_ids or dev_app_ids or root_ca or rules:
+            raise click.UsageError("with --queue the workers' configured policy applies")
         _verify_through_queue(input_file, at_text, run_id, report_dir)
         return
     if run_id or report_dir:
         raise click.UsageError("--run-id and --report-dir go with --queue")
-    policy = _build_policy(app_ids, dev_app_ids, root_ca)
+    policy = _settings_with(app_ids, dev_app_ids, root_ca, **rules).policy()
     at = _parse_instant(at_text) if at_text else None
     engine = _open_store(store_url)
     service = VerificationService(policy=policy, sessions=session_factory(engine))
@@ -280,7 +312,9 @@ def migrate(store_url: str) -> None:
 def _settings_with(
     app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None, **extra: object
 ) -> Settings:
-    """Settings from the environment, with command-line options taking precedence."""
+    """Settings from the environment, with command-line options taking precedence; the policy
+    they describe is built once (``Settings.policy``) so that a wrong one stops the command
+    with a usage error before it does anything."""
     overrides: dict[str, object] = dict(extra)
     if app_ids:
         overrides["app_ids"] = list(app_ids)
@@ -290,9 +324,18 @@ def _settings_with(
         overrides["root_ca"] = root_ca
     try:
         settings = load_settings(**overrides)
-        settings.policy()
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         raise click.UsageError(f"invalid configuration: {exc}") from exc
+    if not settings.app_ids and not settings.dev_app_ids:
+        raise click.UsageError(
+            "give at least one --app-id or --dev-app-id (or set APPATTEST_APP_IDS)"
+        )
+    try:
+        settings.policy()
+    except OSError as exc:
+        raise click.UsageError(f"cannot read the root certificate (--root-ca): {exc}") from exc
+    except ValueError as exc:
+        raise click.UsageError(f"invalid policy: {exc}") from exc
     return settings
 
 
@@ -322,6 +365,7 @@ _root_ca_option = click.option(
 @_app_id_option
 @_dev_app_id_option
 @_root_ca_option
+@_build_rule_options
 @click.option(
     "--concurrency", type=click.IntRange(min=1), help="Worker processes (default: cores)."
 )
@@ -366,6 +410,9 @@ def worker(
     app_ids: tuple[str, ...],
     dev_app_ids: tuple[str, ...],
     root_ca: Path | None,
+    allowed_categories: tuple[int, ...],
+    min_bundle_version: str | None,
+    require_extensions: bool | None,
     concurrency: int | None,
     pool: str,
     loglevel: str,
@@ -384,7 +431,8 @@ def worker(
     """
     from worker.supervise import Backoff, Supervisor, stop_with_parent
 
-    settings = _settings_with(app_ids, dev_app_ids, root_ca)
+    rules = _rule_overrides(allowed_categories, min_bundle_version, require_extensions)
+    settings = _settings_with(app_ids, dev_app_ids, root_ca, **rules)
     if supervise:
         try:
             backoff = Backoff(
@@ -394,7 +442,7 @@ def worker(
             raise click.UsageError(str(exc)) from exc
         supervisor = Supervisor(
             _unsupervised_worker_command(
-                app_ids, dev_app_ids, root_ca, concurrency, pool, loglevel, hostname
+                app_ids, dev_app_ids, root_ca, rules, concurrency, pool, loglevel, hostname
             ),
             backoff=backoff,
         )
@@ -439,6 +487,7 @@ def _unsupervised_worker_command(
     app_ids: tuple[str, ...],
     dev_app_ids: tuple[str, ...],
     root_ca: Path | None,
+    rules: dict[str, object],
     concurrency: int | None,
     pool: str,
     loglevel: str,
@@ -452,11 +501,29 @@ def _unsupervised_worker_command(
     command += [f"--dev-app-id={app_id}" for app_id in dev_app_ids]
     if root_ca is not None:
         command.append(f"--root-ca={root_ca.resolve()}")
+    command += _rule_arguments(rules)
     if concurrency:
         command.append(f"--concurrency={concurrency}")
     if hostname:
         command.append(f"--hostname={hostname}")
     return command
+
+
+def _rule_arguments(rules: dict[str, object]) -> list[str]:
+    """The command-line options that give another ``appattest`` command these rule overrides
+    (``_rule_overrides``)."""
+    categories = rules.get("allowed_validation_categories")
+    arguments = [
+        f"--allow-validation-category={c}"
+        for c in (categories if isinstance(categories, list) else ())
+    ]
+    if "min_bundle_version" in rules:
+        arguments.append(f"--min-bundle-version={rules['min_bundle_version']}")
+    if "require_extensions" in rules:
+        arguments.append(
+            "--require-extensions" if rules["require_extensions"] else "--no-require-extensions"
+        )
+    return arguments
 
 
 def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
@@ -486,6 +553,7 @@ def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
 @_app_id_option
 @_dev_app_id_option
 @_root_ca_option
+@_build_rule_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -507,6 +575,9 @@ def serve(
     app_ids: tuple[str, ...],
     dev_app_ids: tuple[str, ...],
     root_ca: Path | None,
+    allowed_categories: tuple[int, ...],
+    min_bundle_version: str | None,
+    require_extensions: bool | None,
     host: str,
     port: int,
     data_dir: Path,
@@ -530,7 +601,11 @@ def serve(
         except OSError as exc:
             raise click.UsageError(f"cannot use --data-dir: {exc}") from exc
         settings = _settings_with(
-            app_ids, dev_app_ids, root_ca, **embedded_overrides(data_dir, os.environ)
+            app_ids,
+            dev_app_ids,
+            root_ca,
+            **_rule_overrides(allowed_categories, min_bundle_version, require_extensions),
+            **embedded_overrides(data_dir, os.environ),
         )
         settings, generated = ensure_api_key(settings)
         if generated:
@@ -576,6 +651,7 @@ def api(
 @_app_id_option
 @_dev_app_id_option
 @_root_ca_option
+@_build_rule_options
 @click.option(
     "--distrust-cert",
     "distrust_certs",
@@ -642,6 +718,9 @@ def reverify(
     app_ids: tuple[str, ...],
     dev_app_ids: tuple[str, ...],
     root_ca: Path | None,
+    allowed_categories: tuple[int, ...],
+    min_bundle_version: str | None,
+    require_extensions: bool | None,
     distrust_certs: tuple[str, ...],
     distrust_keys: tuple[str, ...],
     only_app_ids: tuple[str, ...],
@@ -672,19 +751,14 @@ def reverify(
     )
     from worker.progress import RunProgress
     from worker.reports import print_summary, write_reports
-    from worker.service.reverify import Reverifier, RunFilters, RunMismatch, RunPolicy, start_run
+    from worker.service.reverify import Reverifier, RunFilters, RunMismatch, start_run
 
-    extra = {"store_url": store_url} if store_url else {}
+    extra: dict[str, object] = {"store_url": store_url} if store_url else {}
+    extra |= _rule_overrides(allowed_categories, min_bundle_version, require_extensions)
     settings = _settings_with(app_ids, dev_app_ids, root_ca, **extra)
     try:
-        run_policy = RunPolicy(
-            # Sorted and without repeats: the same policy given in another order is the same
-            # run when it is resumed.
-            app_ids=tuple(sorted(set(settings.app_ids))),
-            dev_app_ids=tuple(sorted(set(settings.dev_app_ids))),
-            root_pem=settings.root_ca.read_text() if settings.root_ca else None,
-            distrusted_certificates=tuple(sorted(h.lower() for h in distrust_certs)),
-            distrusted_key_ids=tuple(sorted(distrust_keys)),
+        run_policy = settings.policy_spec(
+            distrusted_certificates=distrust_certs, distrusted_key_ids=distrust_keys
         )
         run_policy.build()
     except (ValueError, OSError) as exc:

@@ -93,15 +93,13 @@ def worker_environment(settings: Settings) -> dict[str, str]:
             "APPATTEST_STORE_URL": settings.store_url,
             "APPATTEST_BROKER_URL": settings.broker_url,
             "APPATTEST_RESULT_BACKEND": settings.result_backend,
-            "APPATTEST_APP_IDS": ",".join(settings.app_ids),
-            "APPATTEST_DEV_APP_IDS": ",".join(settings.dev_app_ids),
             "APPATTEST_TASK_MAX_RETRIES": str(settings.task_max_retries),
             "APPATTEST_TASK_RETRY_BACKOFF_MAX": str(settings.task_retry_backoff_max),
             "APPATTEST_VISIBILITY_TIMEOUT_SECONDS": str(settings.visibility_timeout_seconds),
         }
     )
-    if settings.root_ca is not None:
-        env["APPATTEST_ROOT_CA"] = str(settings.root_ca.resolve())
+    # The whole verification policy: App IDs, root and the rules for the iOS 27 extensions.
+    env.update(settings.policy_environment())
     return env
 
 
