@@ -775,3 +775,23 @@ def test_reverify_apply_revokes_the_keys_a_stricter_policy_refuses(
         assert "another policy" in again.stderr
     finally:
         engine.dispose()
+
+
+def test_the_supervised_worker_gets_the_rules_of_its_supervisor() -> None:
+    from worker import cli
+
+    given = cli._rule_overrides((4, 7), "2.0.1", True)
+    command = cli._unsupervised_worker_command(
+        (APP_ID,), (), None, given, None, "solo", "INFO", None
+    )
+    assert command[3] == "worker"
+    params = cli.worker.make_context("worker", command[4:]).params
+    assert cli._rule_overrides(
+        params["allowed_categories"], params["min_bundle_version"], params["require_extensions"]
+    ) == {
+        "allowed_validation_categories": [4, 7],
+        "min_bundle_version": "2.0.1",
+        "require_extensions": True,
+    }
+    off = cli._rule_arguments(cli._rule_overrides((), None, False))
+    assert off == ["--no-require-extensions"]
