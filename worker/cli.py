@@ -738,7 +738,8 @@ def reverify(
     """Re-verify stored registrations against today's policy, through the workers.
 
     Each stored attestation is verified again as of the instant it was first verified, against
-    the given (or configured) apps, environment rules, trust root and distrust lists. Without
+    the given (or configured) apps, environment rules, trust root, distrust lists and build
+    policy (validation categories, minimum bundle version, required extensions). Without
     --apply nothing changes; with it, keys that now fail are revoked and their assertions get
     key_revoked. A run is resumable: run again with its --run-id to continue where it stopped.
     """
