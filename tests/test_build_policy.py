@@ -773,6 +773,33 @@ def test_reverify_apply_revokes_the_keys_a_stricter_policy_refuses(
         )
         assert again.returncode == 2, again.stderr
         assert "another policy" in again.stderr
+        # A run under the former, lenient policy restores them (and leaves the shared store
+        # as the other tests expect it: no key of this module revoked).
+        restore = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "reverify",
+                *policy_args[:-4],
+                *WINDOW,
+                "--apply",
+                "--report-dir",
+                str(tmp_path / "restore"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert restore.returncode == 0, restore.stderr
+        with sessions() as session:
+            still = session.scalars(
+                select(DeviceKey.key_id).where(
+                    DeviceKey.key_id.in_(list(key_ids.values())), DeviceKey.revoked_at.is_not(None)
+                )
+            ).all()
+        assert still == []
     finally:
         engine.dispose()
 
