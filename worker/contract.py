@@ -16,8 +16,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
+    model_serializer,
+    model_validator,
 )
 
 from worker.core.decoding import MAX_TOKEN_CHARS
@@ -26,6 +29,8 @@ from worker.core.reasons import Reason, Rejected
 
 PLATFORM_IOS: Final = "ios"
 FORMAT_APPLE_APP_ATTEST: Final = "apple-app-attest"
+PLATFORM_ANDROID: Final = "android"
+FORMAT_PLAY_INTEGRITY: Final = "google-play-integrity-standard"
 
 MAX_CHALLENGE_CHARS: Final = 1024
 MAX_PAYLOAD_CHARS: Final = 64 * 1024
@@ -52,6 +57,7 @@ ChallengeText = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_CHALLENGE_CHARS), _Utf8
 ]
 PayloadText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PAYLOAD_CHARS), _Utf8]
+PackageText = Annotated[str, StringConstraints(min_length=1, max_length=255), _Utf8]
 
 
 class _PluginBody(BaseModel):
@@ -61,6 +67,14 @@ class _PluginBody(BaseModel):
     format: ShortText
     key_id: KeyIdText = Field(alias="keyId")
     token: TokenText
+    # Android only: which configured app the token is for, needed when several are.
+    package_name: PackageText | None = Field(default=None, alias="packageName")
+
+    @model_validator(mode="after")
+    def _package_name_is_android_only(self) -> _PluginBody:
+        if self.package_name is not None and self.platform != PLATFORM_ANDROID:
+            raise ValueError(f"packageName is only for platform {PLATFORM_ANDROID!r}")
+        return self
 
 
 class RegistrationRequest(_PluginBody):
@@ -94,6 +108,26 @@ class Extensions(BaseModel):
     other: dict[str, str | int] = Field(default_factory=dict)
 
 
+class IntegrityVerdict(BaseModel):
+    """What Google's Play Integrity verdict said of an accepted Android request, for the
+    caller's own risk policy."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    app_recognition: str = Field(alias="appRecognition")
+    version_code: int | None = Field(default=None, alias="versionCode")
+    device_labels: list[str] = Field(alias="deviceLabels")
+    recent_device_activity: str | None = Field(default=None, alias="recentDeviceActivity")
+    licensing: str | None = None
+    play_protect: str | None = Field(default=None, alias="playProtect")
+    requested_at: datetime = Field(alias="requestedAt")
+
+
+# Fields of a result that iOS verdicts leave out rather than carry as null, so that their JSON
+# stays what it was before Android was supported.
+_OMITTED_WHEN_NULL: Final = ("platform", "integrity")
+
+
 class VerificationResult(BaseModel):
     """The verdict for one request: ``ok`` with the stored facts, or a reason code."""
 
@@ -109,6 +143,16 @@ class VerificationResult(BaseModel):
     counter: int | None = None
     extensions: Extensions | None = None
     verified_at: datetime | None = Field(default=None, alias="verifiedAt")
+    platform: str | None = None
+    integrity: IntegrityVerdict | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_android_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in _OMITTED_WHEN_NULL:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
 
     def to_json_dict(self) -> dict[str, Any]:
         """The result as plain JSON types, with the contract's camelCase names."""
@@ -116,10 +160,18 @@ class VerificationResult(BaseModel):
 
     @classmethod
     def rejection(
-        cls, *, kind: Kind | None, key_id: str | None, reason: Reason, detail: str
+        cls,
+        *,
+        kind: Kind | None,
+        key_id: str | None,
+        reason: Reason,
+        detail: str,
+        platform: str | None = None,
     ) -> VerificationResult:
         """A rejected verdict."""
-        return cls(ok=False, kind=kind, keyId=key_id, reason=reason, detail=detail)
+        return cls(
+            ok=False, kind=kind, keyId=key_id, reason=reason, detail=detail, platform=platform
+        )
 
 
 def kind_of(body: dict[str, Any]) -> Kind:
