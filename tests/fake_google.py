@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import secrets
 import threading
@@ -51,6 +52,12 @@ _STATUS_NAMES = {
     500: "INTERNAL",
     503: "UNAVAILABLE",
 }
+
+
+@functools.cache
+def _service_account_key() -> rsa.RSAPrivateKey:
+    # One test service account per test process: generating RSA keys is slow.
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def _b64url_decode(text: str) -> bytes:
@@ -105,9 +112,7 @@ class FakeGoogle:
     """The fake's state; tests change it while the server runs."""
 
     url: str = ""
-    key: rsa.RSAPrivateKey = field(
-        default_factory=lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    )
+    key: rsa.RSAPrivateKey = field(default_factory=lambda: _service_account_key())
     key_id: str = field(default_factory=lambda: secrets.token_hex(20))
     expires_in: int = 3600
     latency: float = 0.0
@@ -266,13 +271,16 @@ def _handler(fake: FakeGoogle) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def fake_google() -> Iterator[FakeGoogle]:
-    """Serve a ``FakeGoogle`` on 127.0.0.1 (a free port) for the duration of the block."""
-    fake = FakeGoogle()
+def fake_google(key: rsa.RSAPrivateKey | None = None) -> Iterator[FakeGoogle]:
+    """Serve a ``FakeGoogle`` on 127.0.0.1 (a free port) for the duration of the block; its
+    service account has ``key``, or the test process's one."""
+    fake = FakeGoogle() if key is None else FakeGoogle(key=key)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
     server.daemon_threads = True
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, name="fake-google", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, args=(0.05,), name="fake-google", daemon=True
+    )
     thread.start()
     try:
         yield fake

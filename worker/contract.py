@@ -31,6 +31,11 @@ PLATFORM_IOS: Final = "ios"
 FORMAT_APPLE_APP_ATTEST: Final = "apple-app-attest"
 PLATFORM_ANDROID: Final = "android"
 FORMAT_PLAY_INTEGRITY: Final = "google-play-integrity-standard"
+# The (platform, format) pairs the service verifies: iOS App Attest, and on Android a Google
+# Play Integrity standard token.
+SUPPORTED_FORMATS: Final = frozenset(
+    {(PLATFORM_IOS, FORMAT_APPLE_APP_ATTEST), (PLATFORM_ANDROID, FORMAT_PLAY_INTEGRITY)}
+)
 
 MAX_CHALLENGE_CHARS: Final = 1024
 MAX_PAYLOAD_CHARS: Final = 64 * 1024
