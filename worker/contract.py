@@ -16,10 +16,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
-    model_serializer,
     model_validator,
 )
 
@@ -128,9 +126,8 @@ class IntegrityVerdict(BaseModel):
     requested_at: datetime = Field(alias="requestedAt")
 
 
-# Fields of a result that iOS verdicts leave out rather than carry as null, so that their JSON
-# stays what it was before Android was supported.
-_OMITTED_WHEN_NULL: Final = ("platform", "integrity")
+def _is_none(value: object) -> bool:
+    return value is None
 
 
 class VerificationResult(BaseModel):
@@ -148,16 +145,10 @@ class VerificationResult(BaseModel):
     counter: int | None = None
     extensions: Extensions | None = None
     verified_at: datetime | None = Field(default=None, alias="verifiedAt")
-    platform: str | None = None
-    integrity: IntegrityVerdict | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_android_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        for name in _OMITTED_WHEN_NULL:
-            if data.get(name, 0) is None:
-                del data[name]
-        return data
+    # Android verdicts only: iOS verdicts leave them out rather than carry them as null, so
+    # that their JSON stays what it was before Android was supported.
+    platform: str | None = Field(default=None, exclude_if=_is_none)
+    integrity: IntegrityVerdict | None = Field(default=None, exclude_if=_is_none)
 
     def to_json_dict(self) -> dict[str, Any]:
         """The result as plain JSON types, with the contract's camelCase names."""

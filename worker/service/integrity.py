@@ -59,11 +59,6 @@ class TokenDecoder(Protocol):
     def decode(self, *, package_name: str, token: str) -> dict[str, Any]: ...
 
 
-def is_android(request: PluginRequest) -> bool:
-    """Whether a request is for this service (the plugin's Android platform)."""
-    return request.platform == PLATFORM_ANDROID
-
-
 @dataclass
 class _Job:
     job_id: str | None
