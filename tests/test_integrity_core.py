@@ -344,7 +344,9 @@ def test_the_app_a_request_is_judged_against() -> None:
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, apps: object, credentials: Path | None) -> None:
-    monkeypatch.setenv("APPATTEST_ANDROID_APPS", json.dumps(apps))
+    monkeypatch.setenv(
+        "APPATTEST_ANDROID_APPS", apps if isinstance(apps, str) else json.dumps(apps)
+    )
     if credentials is not None:
         monkeypatch.setenv("APPATTEST_GOOGLE_CREDENTIALS_FILE", str(credentials))
 
@@ -373,6 +375,10 @@ def test_android_apps_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
         max_age=timedelta(seconds=60),
         min_version_code=7,
     )
+    # The same JSON in a file, named instead.
+    (tmp_path / "android.json").write_text(json.dumps(apps))
+    monkeypatch.setenv("APPATTEST_ANDROID_APPS", str(tmp_path / "android.json"))
+    assert Settings().android_policy() == policy
     monkeypatch.delenv("APPATTEST_ANDROID_APPS")
     assert Settings().android_policy().apps == {}
 
@@ -388,6 +394,8 @@ def test_android_apps_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
         ({PACKAGE: {"certificateDigests": [CERT.hex()], "maxAgeSeconds": 0}}, True, "max"),
         ({PACKAGE: {"certificateDigests": [CERT.hex()], "typo": 1}}, True, "typo"),
         ({PACKAGE: {"certificateDigests": [CERT.hex()]}}, False, "GOOGLE_CREDENTIALS_FILE"),
+        ("/nonexistent/android.json", True, "neither JSON nor a readable JSON file"),
+        ("{not json", True, "not valid JSON"),
     ],
 )
 def test_bad_android_settings_stop_the_start(

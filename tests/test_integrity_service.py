@@ -291,3 +291,27 @@ def test_several_apps_need_the_package_name(
     body = {**_registration(google, challenge, package_name=OTHER), "packageName": OTHER}
     named = service.handle(parse_request(body))
     assert named.ok and named.app_id == OTHER, named
+
+
+def test_racing_jobs_with_one_challenge_accept_exactly_one(
+    sessions: sessionmaker[Session], client: PlayIntegrityClient, google: FakeGoogle
+) -> None:
+    """Several services (as on several workers) decide jobs presenting the same challenge at
+    the same time, each with its own genuine token: the store's conditional claim lets one
+    through and records the others as challenge_used."""
+    google.latency = 0.05  # so that several are past the challenge read before one commits
+    challenge = _issue(sessions)
+    bodies = [parse_request(_registration(google, challenge)) for _ in range(6)]
+    services = [
+        IntegrityService(policy=_policy(PACKAGE), decoder=client, sessions=sessions) for _ in bodies
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(
+            pool.map(
+                lambda n: services[n].handle(bodies[n], job_id=f"race-{n}"), range(len(bodies))
+            )
+        )
+    assert sum(r.ok for r in results) == 1, results
+    assert {r.reason for r in results if not r.ok} == {Reason.CHALLENGE_USED}
+    with sessions() as session:
+        assert len(bulk.get_verdicts(session, [f"race-{n}" for n in range(len(bodies))])) == 6

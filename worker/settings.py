@@ -6,6 +6,7 @@ result is passed to ``create_app(settings)`` and ``create_celery_app(settings)``
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -115,13 +116,30 @@ class Settings(BaseSettings):
     # other wait in progress.
     max_waits_per_key: int = Field(default=5000, ge=1, le=1_000_000)
 
-    # Android (Google Play Integrity). The apps, as JSON keyed by package name:
-    # {"com.example.app": {"certificateDigests": ["AB:CD:..."], "deviceLevel": ...}}.
-    android_apps: dict[str, AndroidAppSettings] = Field(default_factory=dict)
+    # Android (Google Play Integrity). The apps, as JSON keyed by package name,
+    # {"com.example.app": {"certificateDigests": ["AB:CD:..."], "deviceLevel": ...}}, or the
+    # path of a file holding that JSON.
+    android_apps: Annotated[dict[str, AndroidAppSettings], NoDecode] = Field(default_factory=dict)
     # The Google Cloud service account's JSON key, which may decode the apps' tokens, and the
     # Play Integrity API's base URL.
     google_credentials_file: Path | None = None
     play_integrity_url: str = PLAY_INTEGRITY_URL
+
+    @field_validator("android_apps", mode="before")
+    @classmethod
+    def _json_or_file(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if not text.startswith("{"):
+            try:
+                text = Path(text).expanduser().read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"neither JSON nor a readable JSON file: {exc}") from exc
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from exc
 
     @model_validator(mode="after")
     def _android_is_complete(self) -> Settings:
