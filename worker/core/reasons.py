@@ -33,6 +33,7 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "internal_error"
     KEY_REVOKED = "key_revoked"
     RECEIPT_INVALID = "receipt_invalid"
+    RISK_METRIC_EXCEEDED = "risk_metric_exceeded"
 
 
 class Rejected(Exception):
