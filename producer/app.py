@@ -43,6 +43,7 @@ from producer.jobs import (
     check_batch_item,
     check_request,
 )
+from producer.keys import KeyIdPath, KeyStateResponse, read_key_state_async
 from producer.middleware import InternalErrors, RequestGuard
 from producer.ratelimit import RateLimiter, WaitBudget, retry_after_seconds
 from producer.schemas import (
@@ -467,6 +468,11 @@ def _status_request(raw: bytes, max_jobs: int) -> StatusRequest:
     return asked
 
 
+async def get_key(key_id: KeyIdPath, resources: Resources) -> KeyStateResponse:
+    """A registered key's state (any valid API key may read it; see producer.keys)."""
+    return await read_key_state_async(resources.sessions, key_id)
+
+
 def _add_routes(app: FastAPI) -> None:
     """Register the routes on ``app`` itself (not through an included router), so that
     ``app.routes`` lists every path."""
@@ -548,6 +554,16 @@ def _add_routes(app: FastAPI) -> None:
         dependencies=batch_auth,
         openapi_extra=_request_body(BatchRequest, "Up to max_batch_jobs items."),
         tags=["jobs"],
+    )
+    app.add_api_route(
+        "/v1/keys/{keyId}",
+        get_key,
+        methods=["GET"],
+        summary="A registered key's state: counter, revocation, receipt dates, risk metric",
+        response_model=KeyStateResponse,
+        responses=_errors(401, 404, 422, 429, 500, 503),
+        dependencies=auth,
+        tags=["keys"],
     )
     app.add_api_route(
         "/v1/jobs/{jobId}",

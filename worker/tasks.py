@@ -59,6 +59,7 @@ def process_resources(settings: Settings) -> _ProcessResources:
             sessions=sessions,
             cache=cache,
             public_key_cache_size=settings.public_key_cache_size,
+            max_risk_metric=settings.max_risk_metric,
         )
         _resources = _ProcessResources(
             pid=pid,
