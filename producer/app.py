@@ -556,7 +556,7 @@ def _add_routes(app: FastAPI) -> None:
         tags=["jobs"],
     )
     app.add_api_route(
-        "/v1/keys/{keyId}",
+        "/v1/keys/{keyId:path}",
         get_key,
         methods=["GET"],
         summary="A registered key's state: counter, revocation, receipt dates, risk metric",

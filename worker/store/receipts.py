@@ -158,9 +158,12 @@ def due_key_ids(
     return list(session.scalars(statement))
 
 
+# Core statements on the table (not the ORM entity): executed with a list of rows they are one
+# executemany, where the ORM would want the primary key among the parameters.
+_STATES = ReceiptState.__table__
 _OUTCOME_ONLY = (
-    update(ReceiptState)
-    .where(ReceiptState.key_id == bindparam("k"))
+    update(_STATES)
+    .where(_STATES.c.key_id == bindparam("k"))
     .values(
         outcome=bindparam("outcome"),
         detail=bindparam("detail"),
@@ -168,8 +171,8 @@ _OUTCOME_ONLY = (
     )
 )
 _NEW_RECEIPT = (
-    update(ReceiptState)
-    .where(ReceiptState.key_id == bindparam("k"))
+    update(_STATES)
+    .where(_STATES.c.key_id == bindparam("k"))
     .values(
         outcome=bindparam("outcome"),
         detail=bindparam("detail"),
@@ -229,9 +232,9 @@ def save_refreshes(
         if u.receipt is not None
     ]
     if plain:
-        session.execute(_OUTCOME_ONLY, plain, execution_options={"synchronize_session": False})
+        session.execute(_OUTCOME_ONLY, plain)
     if fresh:
-        session.execute(_NEW_RECEIPT, fresh, execution_options={"synchronize_session": False})
+        session.execute(_NEW_RECEIPT, fresh)
     readings = [
         {"key_id": u.key_id, "measured_at": at, "risk_metric": u.risk_metric}
         for u in updates
