@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -161,6 +161,7 @@ def due_key_ids(
 # Core statements on the table (not the ORM entity): executed with a list of rows they are one
 # executemany, where the ORM would want the primary key among the parameters.
 _STATES = ReceiptState.__table__
+assert isinstance(_STATES, Table)
 _OUTCOME_ONLY = (
     update(_STATES)
     .where(_STATES.c.key_id == bindparam("k"))
