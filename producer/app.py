@@ -43,7 +43,8 @@ from producer.jobs import (
     check_batch_item,
     check_request,
 )
-from producer.keys import KeyIdPath, KeyStateResponse, read_key_state_async
+from producer.key_state import KeyStateResponse
+from producer.keys import KeyIdPath, read_key_state_async
 from producer.middleware import InternalErrors, RequestGuard
 from producer.ratelimit import RateLimiter, WaitBudget, retry_after_seconds
 from producer.schemas import (

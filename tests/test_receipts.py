@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from producer import AppAttestClient, AppAttestError
 from tests.factory import APP_ID, Device, ReceiptCA, TestCA, client_data_hash, make_receipt
 from tests.fake_apple import KEY_ID, TEAM_ID, FakeApple, running
 from tests.faults import serve_app as serve
@@ -406,6 +407,36 @@ def test_get_key_state_route(world: World, fake: FakeApple, pg_url: str) -> None
         assert body["revoked"] is False and body["counter"] == 0
         missing = client.get("/v1/keys/nope", headers={"Authorization": "Bearer secret-key"})
         assert missing.status_code == 404
+        with AppAttestClient(url, api_key="secret-key") as api:
+            state = api.get_key(key_id)
+            assert state.risk_metric == 7 and state.history[0].risk_metric == 7
+            with pytest.raises(AppAttestError) as refused:
+                api.get_key("nope")
+            assert refused.value.status == 404
+
+
+def test_the_migration_gives_existing_keys_their_receipt(pg_url: str) -> None:
+    from sqlalchemy import text
+
+    engine = create_store_engine(pg_url)
+    try:
+        upgrade(engine, "0006")
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO device_keys (key_id, app_id, environment, public_key, counter,"
+                    " receipt, attestation, verified_at, leaf_fingerprint,"
+                    " intermediate_fingerprint) VALUES ('k', 'a', 'production', 'p', 0, 'r',"
+                    " 'x', now(), 'l', 'i')"
+                )
+            )
+        upgrade(engine)
+        with session_factory(engine)() as session:
+            assert due_key_ids(session, now=datetime.now(UTC)) == ["k"]
+            state = session.get(ReceiptState, "k")
+            assert state is not None and state.receipt == b"r" and state.receipt_type is None
+    finally:
+        engine.dispose()
 
 
 # --- The shared rate limit ------------------------------------------------------------------
