@@ -7,10 +7,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,10 +25,12 @@ from worker.contract import parse_request
 from worker.core import Policy, Reason, TrustStore
 from worker.core.attestation import parse_attestation_object
 from worker.core.receipt import Receipt, ReceiptTrustStore
+from worker.receipts_setup import RefreshNotConfigured, build_refresher, receipt_trust
 from worker.service import VerificationService
 from worker.service.apple import AppleToken, ExchangeOutcome, ReceiptExchange
 from worker.service.apple_rate import RedisTokenBucket, Unlimited
 from worker.service.receipts import ReceiptRefresher, RefreshOutcome
+from worker.settings import load_settings
 from worker.store.db import create_store_engine, session_factory, upgrade
 from worker.store.models import ReceiptState, RiskMetricReading
 from worker.store.receipts import due_key_ids, get_key_state
@@ -389,7 +393,6 @@ def test_assertions_carry_the_risk_metric_and_the_policy_refuses_above_it(
 
 def test_get_key_state_route(world: World, fake: FakeApple, pg_url: str) -> None:
     from producer.app import create_app
-    from worker.settings import load_settings
 
     fake.risk_metric = 7
     world.refresher.refresh_batch(_ids(world)[:1])
@@ -471,3 +474,48 @@ def test_exchange_maps_a_connection_error_to_retry_later(
         assert exchange.exchange(b"r", "production").outcome is ExchangeOutcome.RETRY_LATER
     finally:
         exchange.close()
+
+
+# --- Built from the settings ----------------------------------------------------------------
+
+
+def test_the_refresher_is_built_from_the_settings(
+    world: World,
+    fake: FakeApple,
+    receipt_ca: ReceiptCA,
+    p8_key: ec.EllipticCurvePrivateKey,
+    redis_server: str,
+    pg_url: str,
+    tmp_path: Path,
+) -> None:
+    p8 = tmp_path / "AuthKey.p8"
+    p8.write_bytes(
+        p8_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    root = tmp_path / "receipt-root.pem"
+    root.write_bytes(receipt_ca.root_pem)
+    settings = load_settings(
+        store_url=pg_url,
+        apple_team_id=TEAM_ID,
+        apple_key_id=KEY_ID,
+        apple_private_key_file=p8,
+        apple_data_url=fake.url("production"),
+        apple_data_development_url=fake.url("development"),
+        receipt_root_ca=root,
+    )
+    client = redis.Redis.from_url(redis_server)
+    refresher, exchange = build_refresher(settings, sessions=world.sessions, client=client)
+    try:
+        batch = refresher.refresh_batch(_ids(world))
+        assert [r.outcome for r in batch.results] == [RefreshOutcome.REFRESHED] * 3
+    finally:
+        exchange.close()
+        client.close()
+    # Without the DeviceCheck key nothing is sent; by default receipts chain to Apple's root.
+    with pytest.raises(RefreshNotConfigured):
+        build_refresher(load_settings(), sessions=world.sessions, client=client)
+    assert receipt_trust(load_settings()).is_apple

@@ -35,6 +35,8 @@ class RefreshTarget:
     expires_at: datetime | None
     outcome: str | None
     revoked: bool
+    # Whether the key has a receipt_states row (keys stored before it existed may not).
+    has_state: bool
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ def get_refresh_targets(session: Session, key_ids: Iterable[str]) -> dict[str, R
             ReceiptState.not_before,
             ReceiptState.expires_at,
             ReceiptState.outcome,
+            ReceiptState.key_id,
         )
         .outerjoin(ReceiptState, ReceiptState.key_id == DeviceKey.key_id)
         .where(DeviceKey.key_id.in_(wanted))
@@ -122,6 +125,7 @@ def get_refresh_targets(session: Session, key_ids: Iterable[str]) -> dict[str, R
             expires_at=row[8],
             outcome=row[9],
             revoked=row[5] is not None,
+            has_state=row[10] is not None,
         )
         for row in rows
     }
@@ -202,7 +206,7 @@ def save_refreshes(
     missing = [
         {"key_id": u.key_id, "receipt": targets[u.key_id].receipt}
         for u in updates
-        if u.key_id in targets and targets[u.key_id].outcome is None
+        if u.key_id in targets and not targets[u.key_id].has_state
     ]
     insert_receipt_states(session, missing)
     plain = [
