@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -383,8 +384,28 @@ class JobQueue:
                 )
                 for i in send
             )
-            self._publish(producer, batch_id, VerifyBatch(jobs=jobs))
+            try:
+                self._publish(producer, batch_id, VerifyBatch(jobs=jobs))
+            except BaseException:
+                # Not accepted (the ledger write failed): the keys this chunk claimed must not
+                # answer a retry with a job that was never queued.
+                self._release_keys([submissions[i] for i in send], [job_ids[i] for i in send])
+                raise
         return outcomes
+
+    def _release_keys(self, submissions: Sequence[Submission], job_ids: Sequence[str]) -> None:
+        claims = [
+            idempotency.IdempotencyClaim(s.owner.name, _key_hash(s.idempotency_key), b"", job_id)
+            for s, job_id in zip(submissions, job_ids, strict=True)
+            if s.idempotency_key is not None
+        ]
+        if not claims or self.sessions is None:
+            return
+        try:
+            with self.sessions() as session, session.begin():
+                idempotency.release(session, claims)
+        except _STORE_DOWN as exc:
+            log.warning("idempotency keys of a refused chunk kept: %s", type(exc).__name__)
 
     def _submit_chunk(self, submissions: Sequence[Submission]) -> list[Outcome]:
         try:
@@ -584,8 +605,15 @@ class JobQueue:
         """The status of each (owner, job id): ``done`` with the verdict, ``pending``,
         ``not_found`` for an id that owner was never given (or whose records expired), or
         ``lost``. One read of the result backend serves all of them."""
+        # Ids are read in their canonical form (a client may send them in upper case) and
+        # answered as they were asked.
+        canonical = [(owner, _canonical_id(job_id)) for owner, job_id in wanted]
         try:
-            return self._read(wanted, consult_store=consult_store)
+            found = self._read(canonical, consult_store=consult_store)
+            return [
+                status if status.job_id == asked else status.model_copy(update={"job_id": asked})
+                for status, (_, asked) in zip(found, wanted, strict=True)
+            ]
         except NotImplementedError as exc:
             # Celery's DisabledBackend: the app was configured without a result backend.
             raise QueueUnavailable("no result backend is configured") from exc
@@ -638,6 +666,13 @@ class JobQueue:
             if status.final or remaining <= 0:
                 return status
             time.sleep(min(next(delays), remaining))
+
+
+def _canonical_id(job_id: str) -> str:
+    try:
+        return str(uuid.UUID(job_id))
+    except ValueError:
+        return job_id
 
 
 def _job_id_of(outcome: Outcome) -> str:

@@ -170,6 +170,10 @@ def test_one_api_key_cannot_read_or_guess_anothers_jobs(
             assert answer.status_code == 200
             assert {s["status"] for s in answer.json()["jobs"]} == {"not_found"}
             assert all(s["result"] is None for s in answer.json()["jobs"])
+        # Ids are read whatever their case (Swift writes UUIDs in upper case).
+        upper = job_ids["alice"][0].upper()
+        [status] = alice.post("/v1/jobs/status", json={"jobIds": [upper]}).json()["jobs"]
+        assert status["status"] == "done" and status["jobId"] == upper
         # The attack: ids made from one's own by changing its last digits.
         own = job_ids["bob"][0]
         guesses = [own[:-8] + f"{n:08x}" for n in range(8)]
@@ -524,6 +528,25 @@ def test_no_503_for_accepted_work(ca: TestCA, pg_url: str, tmp_path: Path) -> No
         assert retry.status_code == 200, retry.text
         assert retry.json()["jobId"] == job_id and retry.json()["result"]["ok"]
         print("\nfault=redis-kill-during-wait answer=202-with-job-id retry=same-job verdict=ok")
+
+        # A submission refused with 503 (Redis down before its ledger entry) was not accepted:
+        # a retry with its idempotency key, once Redis is back, creates the job and gets its
+        # verdict (the refused attempt left no claim behind).
+        body = Device(ca=ca).registration_body(issue_http(api, "registration"), now=_now())
+        key = {"Idempotency-Key": f"refused-{uuid.uuid4()}"}
+        server.stop(kill=True)
+        assert_error(
+            api.post("/v1/attestations", json=body, headers=key), 503, "service_unavailable"
+        )
+        server.start()
+        deadline = time.monotonic() + 30
+        while (
+            retry := api.post("/v1/attestations", params={"wait": 20}, json=body, headers=key)
+        ).status_code == 503:
+            assert time.monotonic() < deadline, retry.text
+            time.sleep(0.2)
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["result"]["ok"] and "Idempotent-Replayed" not in retry.headers
 
         # (b)
         devices = [Device(ca=ca) for _ in range(1000)]

@@ -107,3 +107,16 @@ def replace_job(
         .values(job_id=new_job_id, created_at=now)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release(session: Session, claims: Sequence[IdempotencyClaim]) -> None:
+    """Forget claims whose job was never queued (its publish failed), so that a retry with the
+    same key creates the job instead of answering with one that does not exist."""
+    for c in claims:
+        session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.owner == c.owner,
+                IdempotencyKey.key_hash == c.key_hash,
+                IdempotencyKey.job_id == c.job_id,
+            )
+        )
