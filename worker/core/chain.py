@@ -33,6 +33,8 @@ _CERTIFICATE_ERRORS = (
     x509.InvalidVersion,
     x509.DuplicateExtension,
     CryptographyDeprecationWarning,
+    # cryptography 48 raises KeyError for a name attribute of an unknown ASN.1 string type.
+    KeyError,
 )  # x5c is [credCert, intermediate]; the root is ours, never the device's.
 
 

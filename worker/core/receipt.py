@@ -462,6 +462,8 @@ def _load_certificate(ber: _Ber, entry: _Element) -> _Included:
         x509.InvalidVersion,
         x509.DuplicateExtension,
         x509.UnsupportedGeneralNameType,
+        # cryptography 48 raises KeyError for a name attribute of an unknown ASN.1 string type.
+        KeyError,
     ) as exc:
         raise _invalid("SignedData.certificates holds a malformed certificate") from exc
     return _Included(certificate=cert, issuer_der=issuer_der, serial_number=serial_number)
