@@ -1144,6 +1144,13 @@ def test_secrets_never_appear_in_logs(
     """A full flow, with refusals and rejections: no challenge, token or API key reaches the
     producer's log (captured at DEBUG, uvicorn's access log included) or the workers' logs."""
     caplog.set_level(logging.DEBUG)
+    # An earlier server in this process may have applied uvicorn's own logging configuration,
+    # which stops the access log from propagating: this test reads it through pytest's capture.
+    for name in ("uvicorn", "uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.disabled = False
+        logger.propagate = True
+        logger.handlers.clear()
     wrong_key = f"wrong-{secrets.token_urlsafe(16)}"
     secrets_sent = [KEY, wrong_key]
     job_ids: list[str] = []

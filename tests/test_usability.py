@@ -18,13 +18,13 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from appattest.cli import main
 from producer import create_app
 from tests.conftest import NOW
 from tests.factory import APP_ID, Device, TestCA
 from tests.faults import serve_app
 from tests.stack import Stack
 from tests.test_cli import results, run_verify
-from worker.cli import main
 from worker.embedded import embedded_overrides
 from worker.settings import Settings
 from worker.store import bulk
@@ -45,7 +45,7 @@ def _appattest(
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "appattest", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -118,7 +118,7 @@ def test_a_postgresql_url_without_its_driver_names_the_postgres_extra(
     for url in ("postgresql://u@127.0.0.1/db", "postgresql+psycopg://u@127.0.0.1/db"):
         with pytest.raises(MissingDriver, match=re.escape("appattest-backend[postgres]")):
             create_store_engine(url)
-    code = "import sys; sys.modules['psycopg'] = None; from worker.cli import main; main()"
+    code = "import sys; sys.modules['psycopg'] = None; from appattest.cli import main; main()"
     proc = subprocess.run(
         [sys.executable, "-c", code, "migrate", "--store", "postgresql://u@127.0.0.1/db"],
         capture_output=True,
