@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
+from producer.auth import ApiKeys
+from producer.batching import Owner
 from worker.celery_app import create_celery_app
 from worker.settings import Settings, load_settings
 from worker.store.db import create_store_engine, upgrade
@@ -29,6 +32,13 @@ REDIS_URL = os.environ.get("APPATTEST_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 # never share a queue; a leased pair is flushed before use.
 DB_PAIRS = [(2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15)]
 _LEASE_SECONDS = 3600
+
+
+def key_owner(key: str) -> Owner:
+    """The owner whose seal the API puts on the job ids of the API key ``key``."""
+    caller = ApiKeys([SecretStr(key)]).match(key)
+    assert caller is not None
+    return caller.owner
 
 
 @contextmanager

@@ -52,7 +52,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import State
 
 from producer import create_app
-from producer.auth import ApiKeys
 from producer.batching import Owner, new_batch_id, open_job_id, seal_job_id
 from producer.jobs import JobQueue, check_request
 from producer.ratelimit import RateLimiter, retry_after_seconds
@@ -66,6 +65,7 @@ from tests.faults import (
     serve_app,
 )
 from tests.stack import Stack, service_stack
+from tests.stack import key_owner as stack_key_owner
 from worker.celery_app import create_celery_app
 from worker.contract import PluginRequest
 from worker.messaging import QUEUE, VERIFY_BATCH_TASK, VERIFY_TASK, decode, publish
@@ -352,9 +352,7 @@ _SUCCEEDED = re.compile(r"Task appattest\.verify(?:_batch)?\[([0-9a-z-]+)\] succ
 
 def key_owner(key: str = KEY) -> Owner:
     """The owner whose seal the API puts on the job ids of ``key``'s jobs."""
-    caller = ApiKeys([SecretStr(key)]).match(key)
-    assert caller is not None
-    return caller.owner
+    return stack_key_owner(key)
 
 
 def task_of(job_id: str, owner: Owner) -> str:

@@ -21,11 +21,10 @@ import pytest
 from pydantic import SecretStr
 
 from producer import create_app
-from producer.auth import ApiKeys
 from producer.batching import new_batch_id, seal_job_id
 from tests.factory import Device, TestCA, client_data_hash
 from tests.faults import serve_app as serve
-from tests.stack import Stack
+from tests.stack import Stack, key_owner
 from worker.settings import Settings
 from worker.version import __version__
 
@@ -517,9 +516,7 @@ def test_a_dead_broker_is_service_unavailable(settings: Settings, ca: TestCA) ->
 def sealed_job_id(key: str = KEY) -> str:
     """A job id as the API would give it to the holder of ``key`` (for a batch that does not
     exist)."""
-    caller = ApiKeys([SecretStr(key)]).match(key)
-    assert caller is not None
-    return seal_job_id(caller.owner, new_batch_id(), 0)
+    return seal_job_id(key_owner(key), new_batch_id(), 0)
 
 
 def test_a_dead_result_backend_is_service_unavailable(settings: Settings) -> None:
