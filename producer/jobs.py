@@ -521,10 +521,10 @@ class JobQueue:
         """The statuses of (owner, job id) pairs.
 
         Order of the reads: the batches' results (one read for all); for jobs no result
-        names, the ledger (is the batch still on its way?); for jobs neither there nor in the
-        ledger, the store's verdicts. A worker stores a verdict in the store, then the result,
-        then removes the ledger entry, so a job missing from the result and then from the
-        ledger is in the store if it was ever decided.
+        names, the ledger (is the batch still on its way?), then the store's verdicts. A
+        worker stores a verdict in the store, then the result, then removes the ledger entry,
+        so a job missing from the result and then from the ledger is in the store if it was
+        ever decided; a job in the store is done whatever the ledger says.
         """
         located: dict[int, tuple[str, int]] = {}
         answers: dict[int, JobStatus] = {}
@@ -561,13 +561,14 @@ class JobQueue:
                 missing[n] = batch_id
         if not missing:
             return [answers[n] for n in range(len(wanted))]
+        on_the_way: set[int] = set()
         if self.ledger is not None:
             held = self.ledger.holding(sorted(set(missing.values())))
-            for n, batch_id in list(missing.items()):
-                if batch_id in held:
-                    answers[n] = JobStatus(jobId=wanted[n][1], status="pending")
-                    del missing[n]
+            on_the_way = {n for n, batch_id in missing.items() if batch_id in held}
         if missing and consult_store and self.sessions is not None:
+            # Jobs the ledger holds are looked up too: the store is the truth, and a verdict
+            # stored there by a worker whose result write is still retrying (a result backend
+            # that restarted) is final already.
             recorded = self._recorded([wanted[n] for n in missing])
             for n in list(missing):
                 owner, job_id = wanted[n]
@@ -579,7 +580,9 @@ class JobQueue:
                     del missing[n]
         for n in missing:
             job_id = wanted[n][1]
-            if not consult_store or self.sessions is None:
+            if n in on_the_way:
+                answers[n] = JobStatus(jobId=job_id, status="pending")
+            elif not consult_store or self.sessions is None:
                 # Without a look at the store nothing final can be said.
                 answers[n] = JobStatus(jobId=job_id, status="pending")
             elif self.ledger is not None:

@@ -652,3 +652,22 @@ def test_serve_killed_leaves_no_worker_and_a_data_dir_serves_one_at_a_time(
                 process.wait(timeout=10)
             for pid in alive(rest):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_every_process_publishes_through_the_fixed_redis_transport() -> None:
+    """The API's publisher meets the same closed channel after Redis died as the worker's
+    consumer: with kombu's transport its publish raised AttributeError (a 500) instead of a
+    connection error that kombu's retry recovers from. The app both build uses the fixed
+    transport for redis:// (and kombu's own for rediss:// and the other brokers)."""
+    from worker import redis_transport
+    from worker.celery_app import create_celery_app
+    from worker.settings import Settings
+
+    def transport_of(broker_url: str) -> type:
+        settings = Settings(broker_url=broker_url, result_backend="redis://127.0.0.1:6379/1")
+        with create_celery_app(settings).connection_for_write() as connection:
+            return type(connection.transport)
+
+    assert transport_of("redis://127.0.0.1:6379/0") is redis_transport.Transport
+    assert transport_of("rediss://127.0.0.1:6379/0") is not redis_transport.Transport
+    assert transport_of("amqp://guest:guest@127.0.0.1:5672//") is not redis_transport.Transport

@@ -475,6 +475,69 @@ def test_statuses_come_from_postgresql_when_redis_forgets(
             assert "Idempotent-Replayed" not in answer.headers
 
 
+class _HoldsEverything:
+    """A ledger that says every batch is still on its way (its entry outlived the result
+    write of a worker that stored the verdict)."""
+
+    def holding(self, task_ids: Any) -> set[str]:
+        return set(task_ids)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_verdict_in_the_store_is_final_whatever_the_ledger_says(
+    redis_server: str, tmp_path: Path
+) -> None:
+    """A worker stored the verdict in the store, but its result write is still retrying (the
+    result backend restarted) and the ledger entry is still there: the status is done, read
+    from the store, not pending until the retries end. A job of the same batch without a
+    verdict stays pending; another key's verdict stays hidden."""
+    from producer.jobs import JobQueue
+    from tests.stack import leased_redis_pair
+    from worker.celery_app import create_celery_app
+    from worker.settings import Settings
+
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade(engine)
+    sessions = session_factory(engine)
+    with leased_redis_pair() as (broker_db, results_db):
+        settings = Settings(
+            broker_url=f"{redis_server}/{broker_db}",
+            result_backend=f"{redis_server}/{results_db}",
+            store_url="sqlite://",
+        )
+        queue = JobQueue(create_celery_app(settings), sessions=sessions, ledger=_HoldsEverything())
+        alice, bob = Owner.ephemeral("alice"), Owner.ephemeral("bob")
+        batch = new_batch_id()
+        decided, undecided = seal_job_id(alice, batch, 0), seal_job_id(alice, batch, 1)
+        bobs = seal_job_id(bob, batch, 2)
+        verdict = {"ok": True, "kind": "registration", "keyId": "k", "reason": None}
+        with sessions() as session, session.begin():
+            for job_id, owner in ((decided, "alice"), (bobs, "alice")):
+                session.add(
+                    Verdict(
+                        job_id=job_id,
+                        kind="registration",
+                        key_id="k",
+                        app_id=None,
+                        ok=True,
+                        reason=None,
+                        result=verdict,
+                        decided_at=_now(),
+                        submitted_by=owner,
+                    )
+                )
+        first, second = queue.statuses([decided, undecided], owner=alice)
+        assert first.status == "done" and first.result is not None and first.result.ok
+        assert second.status == "pending"
+        assert queue.status(bobs, owner=bob).status == "pending"
+        # Without the store (the watcher's reads between two consultations) nothing is final.
+        [quick] = queue.statuses_of([(alice, undecided)], consult_store=False)
+        assert quick.status == "pending"
+    engine.dispose()
+
+
 def test_no_503_for_accepted_work(ca: TestCA, pg_url: str, tmp_path: Path) -> None:
     """(a) Redis (append-only file) is killed and restarted while a caller waits for its
     verdict: the caller gets 202 with the job id, not 503, and a retry with its idempotency key
@@ -488,6 +551,8 @@ def test_no_503_for_accepted_work(ca: TestCA, pg_url: str, tmp_path: Path) -> No
             # A message that Redis lost as it died is published again from the ledger soon.
             "APPATTEST_LEDGER_SWEEP_SECONDS": "1",
             "APPATTEST_LEDGER_RESEND_SECONDS": "5",
+            # A message a worker held as Redis died comes back soon (the default is 120 s).
+            "APPATTEST_VISIBILITY_TIMEOUT_SECONDS": "5",
         }
         stack = cleanup.enter_context(
             fault_stack(ca, tmp_path, store_url=pg_url, redis=server, env=env)

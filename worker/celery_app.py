@@ -10,6 +10,7 @@ from worker.messaging import QUEUE
 from worker.settings import Settings
 
 _EMBEDDED_TRANSPORT: Final = "worker.embedded_transport:Transport"
+_REDIS_TRANSPORT: Final = "worker.redis_transport:Transport"
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -49,6 +50,13 @@ def create_celery_app(settings: Settings) -> Celery:
             "unacked_restore_interval": max(1, min(10, timeout // 2)),
             "unacked_restore_throttle": 1,
         }
+    if settings.broker_url.startswith("redis://"):
+        # kombu's Redis transport with a fix for a channel left behind by a connection that
+        # Redis closed as it died (see the module): the worker would exit, and a producer's
+        # pooled publisher would raise AttributeError (a 500) instead of a connection error
+        # that kombu recovers from. Not for rediss://, whose defaults kombu picks by the
+        # transport's name.
+        app.conf.broker_transport = _REDIS_TRANSPORT
     if settings.broker_url.startswith("sqla+"):
         # The embedded broker is a polled database table; poll often enough that a single job
         # is not held back by the default one-second interval (see worker.embedded_transport).

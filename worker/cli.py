@@ -467,10 +467,6 @@ def worker(
         result_backend_base_sleep_between_retries_ms=100,
         result_backend_max_sleep_between_retries_ms=5000,
     )
-    if settings.broker_url.startswith("redis://"):
-        # kombu's Redis transport with a fix for a crash after Redis died (see the module);
-        # not for rediss://, whose defaults kombu picks by the transport's name.
-        app.conf.broker_transport = "worker.redis_transport:Transport"
     omit_task_results()
     _sweep_ledger_while_running(app, settings)
     signals.worker_ready.connect(
