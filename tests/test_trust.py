@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ import httpx
 import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import SecretStr
 from sqlalchemy import select
 
 from producer.batching import Owner, new_batch_id, open_job_id, seal_job_id
@@ -46,10 +48,10 @@ from tests.test_faults import (
     wait_until,
 )
 from worker.core import Reason, Rejected, verify_assertion
-from worker.ledger import LEDGER_KEY
+from worker.ledger import JOBS_KEY, LEDGER_KEY
 from worker.store import idempotency
 from worker.store.db import create_store_engine, session_factory, upgrade
-from worker.store.models import IdempotencyKey, Verdict
+from worker.store.models import DeviceKey, IdempotencyKey, Verdict
 
 ALICE = f"alice-{secrets.token_urlsafe(16)}"
 BOB = f"bob-{secrets.token_urlsafe(16)}"
@@ -400,7 +402,7 @@ def _kill_and_restart(server: Any) -> None:
 
 
 def test_statuses_come_from_postgresql_when_redis_forgets(
-    ca: TestCA, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ca: TestCA, pg_url: str, tmp_path: Path
 ) -> None:
     """Redis without persistence is killed and comes back empty: every job already decided
     reads done from the verdicts table with its verdict; a job accepted but whose message died
@@ -465,14 +467,100 @@ def test_statuses_come_from_postgresql_when_redis_forgets(
             f"done-read-from-api={len(ids)} lost={len(waiting)} pending=0"
         )
 
-        # A retry with the key of a lost job (old enough not to be a concurrent first try)
-        # gets a new job, and that one is decided: the lost one never spent its challenge.
-        monkeypatch.setattr("producer.jobs._LOST_AFTER", timedelta(0))
-        for (body, key), lost in zip(retries, waiting, strict=True):
+        # A retry with the key of a lost job gets a new job, and that one is decided: the lost
+        # one never spent its challenge. Concurrent retries of one key share that new job.
+        (body, key), lost = retries[0], waiting[0]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: api.post(
+                        "/v1/attestations", params={"wait": 20}, json=body, headers=key
+                    ),
+                    range(4),
+                )
+            )
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        assert len({a.json()["jobId"] for a in answers}) == 1
+        assert answers[0].json()["jobId"] != lost
+        assert all(a.json()["result"]["ok"] for a in answers)
+        assert sum("Idempotent-Replayed" in a.headers for a in answers) == 3
+        for (body, key), lost in zip(retries[1:], waiting[1:], strict=True):
             answer = api.post("/v1/attestations", params={"wait": 20}, json=body, headers=key)
             assert answer.status_code == 200, answer.text
             assert answer.json()["jobId"] != lost and answer.json()["result"]["ok"]
             assert "Idempotent-Replayed" not in answer.headers
+
+
+def test_a_lost_job_stays_lost_when_a_worker_delivers_it_late(
+    ca: TestCA, pg_url: str, tmp_path: Path
+) -> None:
+    """Redis forgot a job's ledger entry while its message still existed (a worker had taken
+    it before Redis died, and runs it later). The status read that finds the job nowhere
+    answers lost and records it so: the late delivery decides nothing (no key stored, no
+    challenge spent) and the job still reads lost, so the caller's retry with its
+    idempotency key gets a new job that registers the device."""
+    with ExitStack() as cleanup:
+        server = _enter(cleanup, redis_server(persistent=False))
+        stack = cleanup.enter_context(
+            fault_stack(ca, tmp_path, store_url=pg_url, redis=server, env={})
+        )
+        sessions = cleanup.enter_context(sessions_for(pg_url))
+        api = cleanup.enter_context(http_api(producer_settings(stack.settings, ALICE), key=ALICE))
+        broker = redis.Redis.from_url(server.url(0))
+        cleanup.callback(broker.close)
+        device = Device(ca=ca)
+        body = device.registration_body(issue_http(api, "registration"), now=_now())
+        key = {"Idempotency-Key": f"late-{uuid.uuid4()}"}
+        first = api.post("/v1/attestations", json=body, headers=key)
+        assert first.status_code == 202, first.text
+        job_id = first.json()["jobId"]
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "pending"
+        # Redis forgets the ledger; the message stays for a worker to run.
+        broker.delete(LEDGER_KEY, JOBS_KEY)
+        lost = api.get(f"/v1/jobs/{job_id}").json()
+        assert lost["status"] == "lost" and lost["error"]["code"] == "job_lost", lost
+
+        stack.start_worker(name="late")
+        results = redis.Redis.from_url(server.url(1))
+        cleanup.callback(results.close)
+        wait_until(lambda: results.dbsize() > 0, 30, "the late delivery ran")
+        again = api.get(f"/v1/jobs/{job_id}").json()
+        assert again["status"] == "lost", again
+        with sessions() as session:
+            rows = session.execute(select(Verdict).where(Verdict.job_id == job_id)).scalars().all()
+            assert [(r.kind, r.ok, r.reason) for r in rows] == [("lost", False, "job_lost")]
+            assert session.get(DeviceKey, device.key_id_b64) is None
+
+        retry = api.post("/v1/attestations", params={"wait": 20}, json=body, headers=key)
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["jobId"] != job_id and retry.json()["result"]["ok"], retry.text
+        assert stored_counter(sessions, device.key_id_b64) == 0
+
+
+def test_concurrent_requests_with_one_idempotency_key_share_one_job(
+    stack: Stack, ca: TestCA
+) -> None:
+    """Eight identical requests with one key at the same moment: one job, which none of them
+    reads as lost or pending for ever (the claim becomes visible only with the job queued)."""
+    from producer import create_app
+    from tests.test_producer_api import serve
+
+    settings = stack.settings.model_copy(update={"api_keys": [SecretStr(f"alice:{ALICE}")]})
+    with serve(create_app(settings)) as url, _client(url, ALICE) as api:
+        body = Device(ca=ca).registration_body(issue_http(api, "registration"), now=_now())
+        key = {"Idempotency-Key": f"burst-{uuid.uuid4()}"}
+        barrier = threading.Barrier(8)
+
+        def post(_: int) -> httpx.Response:
+            barrier.wait()
+            return api.post("/v1/attestations", params={"wait": 20}, json=body, headers=key)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(8)))
+    assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+    assert len({a.json()["jobId"] for a in answers}) == 1
+    assert all(a.json()["status"] == "done" and a.json()["result"]["ok"] for a in answers)
+    assert sum("Idempotent-Replayed" in a.headers for a in answers) == 7
 
 
 class _HoldsEverything:
