@@ -38,8 +38,7 @@ from producer.batching import MicroBatcher, Owner, new_batch_id, open_job_id, se
 from producer.errors import ErrorCode, QueueUnavailable, validation_summary
 from producer.schemas import BatchItem, ErrorDetail, JobStatus, JobType
 from worker.contract import (
-    FORMAT_APPLE_APP_ATTEST,
-    PLATFORM_IOS,
+    SUPPORTED_FORMATS,
     AssertionRequest,
     Kind,
     PluginRequest,
@@ -91,7 +90,7 @@ def check_request(body: PluginBody, *, expected: Kind | None = None) -> PluginRe
     expects. Returns the validated request. Raises ``Rejected`` with ``invalid_request`` for
     anything that is not the contract, for a body of the other kind, and for an assertion
     whose ``challenge`` is not in its payload; with ``unsupported_format`` for anything but iOS
-    App Attest (the plugin's Android and web fallbacks included).
+    App Attest and Android Play Integrity (the plugin's web fallback included).
     """
     if isinstance(body, RegistrationRequest | AssertionRequest):
         request: PluginRequest = body
@@ -103,11 +102,9 @@ def check_request(body: PluginBody, *, expected: Kind | None = None) -> PluginRe
     if expected is not None and kind != expected:
         raise Rejected(Reason.INVALID_REQUEST, f"expected a {expected} body, got a {kind} body")
     # A plain comparison of the claims; the worker checks them again along with everything else.
-    if request.platform != PLATFORM_IOS or request.format != FORMAT_APPLE_APP_ATTEST:
-        raise Rejected(
-            Reason.UNSUPPORTED_FORMAT,
-            f"only platform {PLATFORM_IOS!r} with format {FORMAT_APPLE_APP_ATTEST!r} is supported",
-        )
+    if (request.platform, request.format) not in SUPPORTED_FORMATS:
+        supported = ", ".join(f"{p} {f}" for p, f in sorted(SUPPORTED_FORMATS))
+        raise Rejected(Reason.UNSUPPORTED_FORMAT, f"only {supported} are supported")
     if (
         isinstance(request, AssertionRequest)
         and request.challenge is not None

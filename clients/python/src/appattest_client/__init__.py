@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from appattest_client.contract import (
         AssertionRequest,
         Extensions,
+        IntegrityVerdict,
         RegistrationRequest,
         VerificationResult,
     )
@@ -37,6 +38,7 @@ _EXPORTS = {
     "BatchJob": "api",
     "Environment": "codes",
     "Extensions": "contract",
+    "IntegrityVerdict": "contract",
     "IssuedChallenge": "api",
     "JobStatus": "api",
     "Reason": "codes",
@@ -52,6 +54,7 @@ __all__ = [
     "BatchJob",
     "Environment",
     "Extensions",
+    "IntegrityVerdict",
     "IssuedChallenge",
     "JobStatus",
     "Reason",
