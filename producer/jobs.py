@@ -38,6 +38,7 @@ from producer.batching import MicroBatcher, Owner, new_batch_id, open_job_id, se
 from producer.errors import ErrorCode, QueueUnavailable, validation_summary
 from producer.schemas import BatchItem, ErrorDetail, JobStatus, JobType
 from worker.contract import (
+    PLATFORM_ANDROID,
     SUPPORTED_FORMATS,
     AssertionRequest,
     Kind,
@@ -48,7 +49,14 @@ from worker.contract import (
 )
 from worker.core import Reason, Rejected
 from worker.ledger import Ledger, ledger_for
-from worker.messaging import Message, VerifyBatch, VerifyJob, publish, read_task_metas
+from worker.messaging import (
+    Message,
+    VerifyAndroidBatch,
+    VerifyBatch,
+    VerifyJob,
+    publish,
+    read_task_metas,
+)
 from worker.store import bulk, idempotency
 
 log = logging.getLogger("appattest.producer")
@@ -289,8 +297,10 @@ class JobQueue:
         submissions: Sequence[Submission],
         job_ids: Sequence[str],
         positions: Sequence[int],
+        message: type[VerifyBatch | VerifyAndroidBatch] = VerifyBatch,
     ) -> None:
-        """Publish one batch message for the submissions at ``positions``."""
+        """Publish one batch message (of type ``message``) for the submissions at
+        ``positions``."""
         if not positions:
             return
         jobs = tuple(
@@ -301,10 +311,16 @@ class JobQueue:
             )
             for i in positions
         )
-        self._publish(producer, batch_id, VerifyBatch(jobs=jobs))
+        self._publish(producer, batch_id, message(jobs=jobs))
 
-    def _send_batch(self, submissions: Sequence[Submission], producer: Any) -> list[Outcome]:
-        """Publish one batch message for these submissions; return their outcomes.
+    def _send_batch(
+        self,
+        submissions: Sequence[Submission],
+        producer: Any,
+        message: type[VerifyBatch | VerifyAndroidBatch] = VerifyBatch,
+    ) -> list[Outcome]:
+        """Publish one batch message (of type ``message``) for these submissions; return their
+        outcomes.
 
         Idempotency keys are claimed in a transaction that commits only once the batch is in
         the ledger (or published): a concurrent request with the same key waits for it, and
@@ -316,20 +332,20 @@ class JobQueue:
         keyed = [i for i, s in enumerate(submissions) if s.idempotency_key is not None]
         plain = [i for i, s in enumerate(submissions) if s.idempotency_key is None]
         if not keyed:
-            self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+            self._publish_jobs(producer, batch_id, submissions, job_ids, plain, message)
             return outcomes
         if self.sessions is None:
             for i in keyed:
                 outcomes[i] = _refused(
                     ErrorCode.INVALID_REQUEST, "idempotency keys need the service's store"
                 )
-            self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+            self._publish_jobs(producer, batch_id, submissions, job_ids, plain, message)
             return outcomes
         published = False
         try:
             with self.sessions() as session, session.begin():
                 send = self._claim_keys(session, submissions, job_ids, outcomes)
-                self._publish_jobs(producer, batch_id, submissions, job_ids, sorted(send))
+                self._publish_jobs(producer, batch_id, submissions, job_ids, sorted(send), message)
                 published = True
         except _STORE_DOWN as exc:
             if published:
@@ -346,7 +362,7 @@ class JobQueue:
                 outcomes[i] = _refused(
                     ErrorCode.SERVICE_UNAVAILABLE, "the store is unavailable; try again later"
                 )
-            self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+            self._publish_jobs(producer, batch_id, submissions, job_ids, plain, message)
         return outcomes
 
     def _claim_keys(
@@ -417,9 +433,35 @@ class JobQueue:
         return send
 
     def _submit_chunk(self, submissions: Sequence[Submission]) -> list[Outcome]:
+        """Publish a chunk: its Android jobs in a ``VerifyAndroidBatch`` on their own queue
+        (their workers wait on Google), the others in a ``VerifyBatch``. A mixed chunk is two
+        batches, each with its own id; a chunk refused by the broker after its first batch
+        was published keeps that batch and refuses the rest's jobs."""
+        android = [i for i, s in enumerate(submissions) if s.request.platform == PLATFORM_ANDROID]
         try:
             with self.celery_app.producer_or_acquire() as producer:
-                return self._send_batch(submissions, producer)
+                if not android:
+                    return self._send_batch(submissions, producer)
+                if len(android) == len(submissions):
+                    return self._send_batch(submissions, producer, VerifyAndroidBatch)
+                chosen = set(android)
+                apple = [i for i in range(len(submissions)) if i not in chosen]
+                outcomes: list[Outcome | None] = [None] * len(submissions)
+                groups: tuple[tuple[list[int], type[VerifyBatch | VerifyAndroidBatch]], ...] = (
+                    (apple, VerifyBatch),
+                    (android, VerifyAndroidBatch),
+                )
+                for n, (positions, kind) in enumerate(groups):
+                    try:
+                        sent = self._send_batch([submissions[i] for i in positions], producer, kind)
+                    except self._unreachable() as exc:
+                        if n == 0:
+                            raise
+                        detail = f"the broker is unavailable ({type(exc).__name__}); not accepted"
+                        sent = [_refused(ErrorCode.SERVICE_UNAVAILABLE, detail)] * len(positions)
+                    for i, outcome in zip(positions, sent, strict=True):
+                        outcomes[i] = outcome
+                return [outcome for outcome in outcomes if outcome is not None]
         except self._unreachable() as exc:
             raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
 

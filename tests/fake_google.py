@@ -60,6 +60,12 @@ def _service_account_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+def _open_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -122,6 +128,16 @@ class FakeGoogle:
     token_requests: int = 0
     decode_requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Cleared by ``hold``: decode calls wait until ``release`` (Google slow for as long as a
+    # test needs, without a timed guess).
+    gate: threading.Event = field(default_factory=lambda: _open_event())
+
+    def hold(self) -> None:
+        """Make decode calls wait until ``release``."""
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
 
     @property
     def token_uri(self) -> str:
@@ -216,6 +232,7 @@ class FakeGoogle:
             latency = self.latency
         if latency:
             time.sleep(latency)
+        self.gate.wait(timeout=120)
         bearer = (authorization or "").removeprefix("Bearer ")
         with self.lock:
             authorized = bearer in self.access_tokens
@@ -285,6 +302,7 @@ def fake_google(key: rsa.RSAPrivateKey | None = None) -> Iterator[FakeGoogle]:
     try:
         yield fake
     finally:
+        fake.release()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)

@@ -25,7 +25,7 @@ from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
 from worker.ledger import Sweeper, ledger_for
 from worker.lines import parse_line, read_lines
 from worker.logs import omit_task_results
-from worker.messaging import QUEUE
+from worker.messaging import ANDROID_QUEUE, QUEUE, QUEUES
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
@@ -386,6 +386,22 @@ _root_ca_option = click.option(
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", help="Celery node name (default: celery@HOST).")
 @click.option(
+    "--queues",
+    "queues",
+    default=",".join(QUEUES),
+    show_default=True,
+    metavar="QUEUE[,QUEUE]",
+    help=f"The queues to serve: {QUEUE} (Apple's jobs, by --pool) and {ANDROID_QUEUE} "
+    "(Android's, by a pool of --android-concurrency threads).",
+)
+@click.option(
+    "--android-concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help=f"Threads of the worker serving {ANDROID_QUEUE} (its jobs wait on Google).",
+)
+@click.option(
     "--supervise/--no-supervise",
     default=True,
     show_default=True,
@@ -422,6 +438,8 @@ def worker(
     pool: str,
     loglevel: str,
     hostname: str | None,
+    queues: str,
+    android_concurrency: int,
     supervise: bool,
     restart_delay: float,
     restart_delay_max: float,
@@ -430,12 +448,17 @@ def worker(
 ) -> None:
     """Run a Celery worker that verifies queued jobs (settings from APPATTEST_* variables).
 
-    By default the worker runs under a supervisor (this process), which starts it again when
-    it exits with an error or is killed, after 1, 2, 4, ... seconds (see --restart-delay);
-    SIGTERM or SIGINT stop both, and a worker that exits cleanly is not restarted.
-    """
-    from worker.supervise import Backoff, Supervisor, stop_with_parent
+    Every queue is served unless --queues narrows it: Apple's jobs (CPU-bound) by a worker
+    with --pool and --concurrency, Android's (waiting on Google) by a second worker with a
+    pool of --android-concurrency threads, so that neither waits on the other.
 
+    By default each worker runs under a supervisor (this process), which starts it again when
+    it exits with an error or is killed, after 1, 2, 4, ... seconds (see --restart-delay);
+    SIGTERM or SIGINT stop them all, and a worker that exits cleanly is not restarted.
+    """
+    from worker.supervise import Backoff, Supervisor, run_group, stop_with_parent
+
+    served = _parse_queues(queues)
     settings = _settings_with(app_ids, dev_app_ids, root_ca)
     if supervise:
         try:
@@ -444,16 +467,29 @@ def worker(
             )
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
-        supervisor = Supervisor(
-            _unsupervised_worker_command(
-                app_ids, dev_app_ids, root_ca, concurrency, pool, loglevel, hostname
-            ),
-            backoff=backoff,
-        )
+        # One worker per pool: Apple's queue with processes, Android's with threads.
+        groups = [[queue] for queue in served] if len(served) > 1 else [served]
+        supervisors = [
+            Supervisor(
+                _unsupervised_worker_command(
+                    app_ids,
+                    dev_app_ids,
+                    root_ca,
+                    concurrency,
+                    pool,
+                    loglevel,
+                    _node_name(hostname, group),
+                    group,
+                    android_concurrency,
+                ),
+                backoff=backoff,
+            )
+            for group in groups
+        ]
         logging.getLogger("appattest.supervise").setLevel(loglevel.upper())
         if parent_pid is not None:
-            stop_with_parent(parent_pid, grace=supervisor.stop_timeout + 10)
-        sys.exit(supervisor.run())
+            stop_with_parent(parent_pid, grace=supervisors[0].stop_timeout + 10)
+        sys.exit(run_group(supervisors))
     if parent_pid is not None:
         stop_with_parent(parent_pid)
     app = create_celery_app(settings)
@@ -477,11 +513,14 @@ def worker(
     # starts rather than inside its first batch; the solo and threads pools have no process
     # init, and share the main process's resources, built as the worker starts.
     create_store_engine(settings.store_url).dispose()
+    if served == [ANDROID_QUEUE]:
+        # Android's jobs wait on Google's answers: many threads in one process.
+        pool, concurrency = "threads", android_concurrency
     if pool in ("solo", "threads"):
         signals.worker_init.connect(lambda **_: resources_of(app, settings), weak=False)
     else:
         signals.worker_process_init.connect(lambda **_: start_process(app, settings), weak=False)
-    argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
+    argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={','.join(served)}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     if hostname:
@@ -497,11 +536,14 @@ def _unsupervised_worker_command(
     pool: str,
     loglevel: str,
     hostname: str | None,
+    queues: list[str],
+    android_concurrency: int,
 ) -> list[str]:
-    """The command line of the Celery worker that ``appattest worker`` supervises: the same
-    options, run in a child that stops when this process is gone."""
+    """The command line of a Celery worker that ``appattest worker`` supervises: the same
+    options, for ``queues``, run in a child that stops when this process is gone."""
     command = [sys.executable, "-m", "worker.cli", "worker", "--no-supervise"]
     command += [f"--parent-pid={os.getpid()}", f"--pool={pool}", f"--loglevel={loglevel}"]
+    command += [f"--queues={','.join(queues)}", f"--android-concurrency={android_concurrency}"]
     command += [f"--app-id={app_id}" for app_id in app_ids]
     command += [f"--dev-app-id={app_id}" for app_id in dev_app_ids]
     if root_ca is not None:
@@ -511,6 +553,27 @@ def _unsupervised_worker_command(
     if hostname:
         command.append(f"--hostname={hostname}")
     return command
+
+
+def _parse_queues(text: str) -> list[str]:
+    """The queues ``--queues`` names, in the order of ``QUEUES``; a usage error for an unknown
+    or empty list."""
+    named = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(named - set(QUEUES))
+    if unknown or not named:
+        raise click.UsageError(
+            f"--queues: {', '.join(unknown) or 'no queue'} is not a queue of this service "
+            f"(queues: {', '.join(QUEUES)})"
+        )
+    return [queue for queue in QUEUES if queue in named]
+
+
+def _node_name(hostname: str | None, queues: list[str]) -> str | None:
+    """The Celery node name of the worker serving ``queues``: the Android queue's worker is
+    ``android@HOST`` (or ``android-NAME``), so that two workers of one host differ."""
+    if queues != [ANDROID_QUEUE]:
+        return hostname
+    return f"android-{hostname}" if hostname else "android@%h"
 
 
 def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:

@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from worker.settings import Settings
 
@@ -92,7 +92,15 @@ def _env_value(value: object) -> str:
     if isinstance(value, list | tuple):
         return ",".join(_env_value(item) for item in value)
     if isinstance(value, dict):
-        return json.dumps(value)
+        # Android apps' policies are models: written with their camelCase names, as read.
+        return json.dumps(
+            {
+                key: item.model_dump(mode="json", by_alias=True)
+                if isinstance(item, BaseModel)
+                else item
+                for key, item in value.items()
+            }
+        )
     return str(value)
 
 

@@ -35,7 +35,13 @@ from worker.core.integrity import GoogleUnavailable, TokenRefused
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PLAY_INTEGRITY_URL", "SCOPE", "GoogleUnavailable", "PlayIntegrityClient", "TokenRefused"]
+__all__ = [
+    "PLAY_INTEGRITY_URL",
+    "SCOPE",
+    "GoogleUnavailable",
+    "PlayIntegrityClient",
+    "TokenRefused",
+]
 
 PLAY_INTEGRITY_URL: Final = "https://playintegrity.googleapis.com"
 SCOPE: Final = "https://www.googleapis.com/auth/playintegrity"

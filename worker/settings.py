@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     # Play Integrity API's base URL.
     google_credentials_file: Path | None = None
     play_integrity_url: str = PLAY_INTEGRITY_URL
+    # One call to Google: its timeout, and how many attempts a decode makes (429, 5xx, a
+    # timeout or a network error are tried again with jittered backoff; after the last the
+    # job's verdict is internal_error and its challenge stays unused).
+    play_integrity_timeout_seconds: float = Field(default=10.0, gt=0, le=120, allow_inf_nan=False)
+    play_integrity_attempts: int = Field(default=4, ge=1, le=10)
+    # Per worker process: concurrent calls to Google (threads and pooled connections).
+    play_integrity_concurrency: int = Field(default=32, ge=1, le=1000)
 
     @field_validator("android_apps", mode="before")
     @classmethod

@@ -284,3 +284,51 @@ def stop_with_parent(parent_pid: int, *, poll: float = 0.5, grace: float = 30.0)
         os.kill(me, signal.SIGKILL)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_group(supervisors: Sequence[Supervisor]) -> int:
+    """Supervise several children at once, one ``Supervisor`` each (``appattest worker``
+    serving Apple's queue with processes and the Android queue with threads). A stop signal
+    reaches every child; when one supervisor is done (its child stopped on purpose) the
+    others are stopped too. Returns the highest exit status."""
+    if len(supervisors) == 1:
+        return supervisors[0].run()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        for supervisor in supervisors:
+            supervisor._on_signal(signum, frame)
+
+    statuses: list[int] = [0] * len(supervisors)
+    done = threading.Event()
+
+    def loop(n: int) -> None:
+        try:
+            statuses[n] = supervisors[n]._loop()
+        except Exception:
+            log.exception("supervisor of worker %d failed", n)
+            statuses[n] = 1
+        finally:
+            done.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED_SIGNALS}
+    threads = [
+        threading.Thread(target=loop, args=(n,), name=f"supervise-{n}", daemon=True)
+        for n in range(len(supervisors))
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        while not done.wait(0.2):
+            pass
+        # One child is done for good: stop the others as a stop signal would.
+        for supervisor in supervisors:
+            supervisor._on_signal(int(signal.SIGTERM), None)
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for supervisor in supervisors:
+            supervisor._reap()
+    return max(statuses)
