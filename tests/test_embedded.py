@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,9 +15,19 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
+from appattest_client import AppAttestClient, android_assertion, android_registration
 from tests.factory import APP_ID, Device, TestCA
+from tests.fake_google import FakeGoogle, fake_google, payload
 
 API_KEY = "embedded-test-key"
+PACKAGE = "com.example.app"
+CERT = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def google() -> Iterator[FakeGoogle]:
+    with fake_google() as fake:
+        yield fake
 
 
 def _free_port() -> int:
@@ -26,12 +37,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def served(
+    ca: TestCA, google: FakeGoogle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
     workdir = tmp_path_factory.mktemp("embedded")
     (workdir / "root.pem").write_bytes(ca.root_pem)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
     env["APPATTEST_API_KEYS"] = API_KEY
+    # Android too, against the local fake of Google.
+    env["APPATTEST_ANDROID_APPS"] = json.dumps({PACKAGE: {"certificateDigests": [CERT.hex()]}})
+    env["APPATTEST_GOOGLE_CREDENTIALS_FILE"] = str(google.service_account_file(workdir))
+    env["APPATTEST_PLAY_INTEGRITY_URL"] = google.url
     log_path = workdir / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -128,3 +145,43 @@ def test_rejections_and_job_lookup(served: httpx.Client, ca: TestCA) -> None:
 def test_api_key_required(served: httpx.Client) -> None:
     response = httpx.post(f"{served.base_url}/v1/challenges", json={"purpose": "registration"})
     assert response.status_code == 401
+
+
+def test_android_bodies_through_the_embedded_default_and_the_python_client(
+    served: httpx.Client, google: FakeGoogle
+) -> None:
+    """``appattest serve`` runs Android's worker too: the plugin's Android bodies, built with
+    the Python client's helpers and sent through ``AppAttestClient``, get their verdicts."""
+    challenge = _challenge(served, "registration")
+    token = google.add_token(
+        PACKAGE,
+        payload(
+            package_name=PACKAGE,
+            signed_text=challenge,
+            certificate_digest=CERT,
+            at=datetime.now(UTC),
+        ),
+    )
+    with AppAttestClient(str(served.base_url), API_KEY) as client:
+        verdict = client.verify_attestation(android_registration(token, challenge))
+        assert verdict.ok and verdict.platform == "android" and verdict.app_id == PACKAGE
+        assert verdict.integrity is not None
+        assert "MEETS_DEVICE_INTEGRITY" in verdict.integrity.device_labels
+        # The same token again: its challenge is spent.
+        replay = client.verify_attestation(android_registration(token, challenge))
+        assert (replay.ok, replay.reason) == (False, "challenge_used")
+
+        nonce = _challenge(served, "assertion")
+        text = f"transfer=10;nonce={nonce}"
+        token = google.add_token(
+            PACKAGE,
+            payload(
+                package_name=PACKAGE,
+                signed_text=text,
+                certificate_digest=CERT,
+                at=datetime.now(UTC),
+                device_labels=("MEETS_BASIC_INTEGRITY",),
+            ),
+        )
+        verdict = client.verify_assertion(android_assertion(token, text, challenge=nonce))
+        assert (verdict.ok, verdict.reason) == (False, "integrity_device_not_trusted")
