@@ -180,7 +180,7 @@ def _ok(sessions: sessionmaker[Session], job_ids: list[str]) -> int:
 def run(*, quick: bool, pg_url: str) -> dict[str, Any]:
     android_n = 600 if quick else 3000
     ios_n = 300 if quick else 1000
-    ca = TestCA()
+    ca = TestCA.create()
     with (
         tempfile.TemporaryDirectory(prefix="bench-android-") as tmp,
         fresh_database(pg_url, "appattest_bench") as store_url,
