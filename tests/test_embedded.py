@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -185,3 +186,37 @@ def test_android_bodies_through_the_embedded_default_and_the_python_client(
         )
         verdict = client.verify_assertion(android_assertion(token, text, challenge=nonce))
         assert (verdict.ok, verdict.reason) == (False, "integrity_device_not_trusted")
+
+
+def test_a_bulk_submission_mixing_platforms(
+    served: httpx.Client, google: FakeGoogle, ca: TestCA
+) -> None:
+    """``POST /v1/jobs`` with iOS and Android bodies together (two batch messages, one per
+    queue) and ``wait_many``: every job its verdict, under its own id, in order."""
+    ios = [Device(ca=ca) for _ in range(3)]
+    jobs: list[tuple[Any, Any]] = []
+    for n in range(6):
+        challenge = _challenge(served, "registration")
+        if n % 2:
+            jobs.append(
+                ("attestation", ios[n // 2].registration_body(challenge, now=datetime.now(UTC)))
+            )
+        else:
+            token = google.add_token(
+                PACKAGE,
+                payload(
+                    package_name=PACKAGE,
+                    signed_text=challenge,
+                    certificate_digest=CERT,
+                    at=datetime.now(UTC),
+                ),
+            )
+            jobs.append(("attestation", android_registration(token, challenge)))
+    with AppAttestClient(str(served.base_url), API_KEY) as client:
+        queued = client.submit_many(jobs)
+        job_ids = [job.job_id for job in queued]
+        assert all(job_ids)
+        verdicts = client.wait_many([j for j in job_ids if j], timeout=60)
+    platforms = [verdicts[j].platform for j in job_ids if j]
+    assert platforms == ["android", None, "android", None, "android", None]
+    assert all(verdicts[j].ok for j in job_ids if j)
