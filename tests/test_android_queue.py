@@ -496,3 +496,33 @@ def test_apple_jobs_do_not_wait_while_android_jobs_wait_on_google(
         ]
         report("isolation", 70, len(ios_results) + len(android_results), len(wrong))
         assert not wrong
+
+
+def test_the_ledger_judges_android_messages_by_their_own_queue(
+    ca: TestCA, pg_url: str, tmp_path: Path
+) -> None:
+    """The ledger's sweep (no worker runs; the test plays the broker): an Android batch
+    waiting on the Android queue is not sent again because Apple's queue is empty, and one
+    lost between the Android queue and its worker is published again, to the Android queue."""
+    with (
+        service_stack(
+            store_url=pg_url, root_pem=ca.root_pem, workdir=tmp_path, app_ids=APP_ID
+        ) as stack,
+        job_queue(stack.settings) as queue,
+    ):
+        ledger = queue.ledger
+        assert ledger is not None
+        broker = ledger.client
+        app = queue.celery_app
+        for n in range(2):
+            queue.submit_one(check_request(android_body("opaque", challenge=f"challenge-{n}")))
+        assert broker.llen(ANDROID_QUEUE) == 2 and broker.llen(QUEUE) == 0
+        # Apple's queue is empty; the Android backlog is still queued: nothing is resent.
+        assert ledger.sweep(app, resend_after=0).resent == []
+        assert broker.llen(ANDROID_QUEUE) == 2
+        # The oldest Android message vanishes on its way to a worker: sent again, there.
+        lost = broker.rpop(ANDROID_QUEUE)
+        assert lost is not None
+        lost_id = json.loads(lost)["headers"]["id"]
+        assert ledger.sweep(app, resend_after=0).resent == [lost_id]
+        assert broker.llen(ANDROID_QUEUE) == 2 and broker.llen(QUEUE) == 0
