@@ -37,8 +37,8 @@ from producer.jobs import JobQueue, check_request  # noqa: E402
 from tests.factory import APP_ID, Device, TestCA  # noqa: E402
 from tests.fake_google import FakeGoogle, fake_google, payload  # noqa: E402
 from tests.stack import fresh_database, service_stack  # noqa: E402
-from worker.celery_app import create_celery_app  # noqa: E402
 from worker.contract import PluginRequest  # noqa: E402
+from worker.queue.app import create_celery_app  # noqa: E402
 from worker.store.challenges import Purpose, issue_challenge  # noqa: E402
 from worker.store.db import create_store_engine, session_factory  # noqa: E402
 from worker.store.models import Verdict  # noqa: E402

@@ -28,10 +28,15 @@ from producer.jobs import JobQueue, check_request
 from tests.factory import APP_ID, Device, TestCA
 from tests.fake_google import FakeGoogle, fake_google, payload
 from tests.stack import Stack, key_owner, service_stack
-from worker.celery_app import create_celery_app
-from worker.cli import main as worker_main
+from worker.cli.commands import main as worker_main
 from worker.contract import PluginRequest
-from worker.messaging import ANDROID_QUEUE, QUEUE, VERIFY_ANDROID_BATCH_TASK, VERIFY_BATCH_TASK
+from worker.queue.app import create_celery_app
+from worker.queue.messaging import (
+    ANDROID_QUEUE,
+    QUEUE,
+    VERIFY_ANDROID_BATCH_TASK,
+    VERIFY_BATCH_TASK,
+)
 from worker.settings import Settings
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory

@@ -22,7 +22,7 @@ import click
 from cryptography.hazmat.primitives.asymmetric import rsa
 from rich.console import Console
 
-from worker.progress import RunProgress
+from worker.cli.progress import RunProgress
 from worker.simulator.authority import (
     CA_LIFETIME,
     INTERMEDIATE_KEY_FILE,
