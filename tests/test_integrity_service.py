@@ -17,7 +17,7 @@ from tests.fake_google import FakeGoogle, fake_google, payload
 from worker.contract import VerificationResult, parse_request
 from worker.core import Reason
 from worker.core.integrity import AndroidApp, AndroidPolicy
-from worker.play_integrity import PlayIntegrityClient
+from worker.queue.play_integrity import PlayIntegrityClient
 from worker.service.integrity import IntegrityService
 from worker.store import bulk
 from worker.store.challenges import Purpose, challenge_digest, issue_challenge

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.fake_google import FakeGoogle, fake_google, payload
-from worker.play_integrity import GoogleUnavailable, PlayIntegrityClient, TokenRefused
+from worker.queue.play_integrity import GoogleUnavailable, PlayIntegrityClient, TokenRefused
 
 PACKAGE = "com.example.app"
 

@@ -730,7 +730,7 @@ def test_a_group_forwards_a_stop_signal_to_every_worker_once(tmp_path: Path) -> 
         children = {pid: stat[1] for pid in _children(process.pid) if (stat := _stat(pid))}
         assert len(children) == 2
         os.killpg(process.pid, signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
+        assert process.wait(timeout=20) == 0, _log(log_path)
         assert _log(log_path).count("child got SIGTERM") == 2
         assert not alive(children)
 
@@ -746,7 +746,10 @@ def test_a_group_restarts_a_crashed_worker_alone_and_stops_all_when_one_stops(
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=20)
     with group(tmp_path, "clean", "wait") as (process, log_path):
-        assert process.wait(timeout=30) == 0
+        # The waiting child is stopped with SIGTERM, perhaps before it set its handler (then
+        # it dies of it: status 143); it is never restarted.
+        assert process.wait(timeout=30) in (0, 128 + signal.SIGTERM), _log(log_path)
         log = _log(log_path)
         assert "stopped (status 0); not restarting" in log
-        assert "child got SIGTERM" in log
+        assert log.count(" started") == 2 and not restarts(log_path)
+        assert log.count("child got SIGTERM") <= 1

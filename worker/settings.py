@@ -22,7 +22,7 @@ from worker.core.integrity import (
     DeviceLevel,
     parse_certificate_digest,
 )
-from worker.play_integrity import PLAY_INTEGRITY_URL
+from worker.queue.play_integrity import PLAY_INTEGRITY_URL
 from worker.store.db import DEFAULT_STORE_URL
 
 

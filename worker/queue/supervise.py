@@ -320,9 +320,12 @@ def run_group(supervisors: Sequence[Supervisor]) -> int:
             thread.start()
         while not done.wait(0.2):
             pass
-        # One child is done for good: stop the others as a stop signal would.
+        # One child is done for good: stop the others as a stop signal would, once (a
+        # supervisor that already forwarded one must not send a second: to Celery that is a
+        # cold shutdown).
         for supervisor in supervisors:
-            supervisor._on_signal(int(signal.SIGTERM), None)
+            if supervisor._stop_signal is None:
+                supervisor._on_signal(int(signal.SIGTERM), None)
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.2)

@@ -25,7 +25,6 @@ from worker.contract import (
     parse_request,
 )
 from worker.core import IntermediateCache, Reason, Rejected
-from worker.play_integrity import PlayIntegrityClient
 from worker.queue.ledger import Ledger, ledger_for
 from worker.queue.messaging import (
     MAX_BATCH_JOBS,
@@ -41,6 +40,7 @@ from worker.queue.messaging import (
     VerifyOne,
     decode,
 )
+from worker.queue.play_integrity import PlayIntegrityClient
 from worker.service import VerificationService
 from worker.service.integrity import IntegrityService
 from worker.service.reverify import Reverifier

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from worker.core.integrity import request_hash
-from worker.play_integrity import SCOPE
+from worker.queue.play_integrity import SCOPE
 
 CLIENT_EMAIL = "verifier@appattest-test.iam.gserviceaccount.com"
 # google-auth names Google's token endpoint as the audience of its JWT assertion whatever the
