@@ -43,11 +43,12 @@ from worker.contract import (
     AssertionRequest,
     Kind,
     PluginRequest,
+    Reason,
     RegistrationRequest,
+    Rejected,
     VerificationResult,
     parse_request,
 )
-from worker.core import Reason, Rejected
 from worker.queue.ledger import Ledger, ledger_for
 from worker.queue.messaging import Message, VerifyBatch, VerifyJob, publish, read_task_metas
 from worker.store import bulk, idempotency
