@@ -28,8 +28,6 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
-
 from e2e import (
     CHUNK,
     SERVER_WAIT,
@@ -43,13 +41,14 @@ from e2e import (
     _verdict,
     percentile,
 )
+from sqlalchemy import func, select
+
 from tests.factory import Device
 from worker.store.models import Challenge
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
     from e2e import Runner
+    from sqlalchemy import Engine
 
 CHALLENGE_CALLERS = 32
 LIGHT_RATE = 20.0  # requests per second
@@ -67,15 +66,14 @@ def timed_row(
     wrong: dict[str, int],
     cpu: dict[str, float],
     reference: float | None,
+    core_ms: float | None = None,
 ) -> dict[str, Any]:
     """A result row in the shape of ``e2e.summarize``'s, for work that is not a Burst."""
     count = len(sent)
     done = [s for s in seen if not math.isnan(s)]
     elapsed = (max(done) - start) if done else math.nan
     rate = len(done) / elapsed if done else 0.0
-    latencies = sorted(
-        (s - t) * 1000 for s, t in zip(seen, sent, strict=True) if not math.isnan(s)
-    )
+    latencies = sorted((s - t) * 1000 for s, t in zip(seen, sent, strict=True) if not math.isnan(s))
     row: dict[str, Any] = {
         "key": key,
         "label": label,
@@ -100,6 +98,11 @@ def timed_row(
     if reference:
         row["in_process_ref_per_s"] = round(reference, 1)
         row["over_in_process"] = round(rate / reference, 3)
+    service_ms = sum(v for k, v in cpu.items() if k != "client") * 1000 / count
+    if core_ms and service_ms:
+        # As in e2e.summarize: the core's CPU per operation over the service's per job.
+        row["service_cpu_ms_per_job"] = round(service_ms, 3)
+        row["over_in_process_cpu"] = round(core_ms / service_ms, 3)
     return row
 
 
@@ -221,7 +224,9 @@ def device_flow(
                     verdict = answer.get("result")
                     got = _verdict(verdict) if verdict is not None else None
                     if got is None and answer.get("jobId"):
-                        got = await _read_verdict(api, answer["jobId"], first=True, deadline=deadline)
+                        got = await _read_verdict(
+                            api, answer["jobId"], first=True, deadline=deadline
+                        )
                     sent.append(start)
                     seen.append(time.perf_counter() if got is not None else math.nan)
                     if _check(got, device.key_id_b64, device.counter, wrong):
@@ -248,6 +253,7 @@ def device_flow(
         wrong=wrong,
         cpu=cpu,
         reference=runner.reference.for_kind("assertion"),
+        core_ms=1000 / runner.reference.single("assertion"),
     )
     _log(f"  {row['jobs_per_s']:.0f} flows/s, {correct}/{count} correct, cpu {cpu}")
     return row
@@ -328,9 +334,7 @@ def embedded_light(
     prepared = [json.dumps(job.body).encode() for job in assertions]
     _log(f"embedded light load: {len(assertions):,} assertions at {LIGHT_RATE:g}/s")
     before = meters.read()
-    sent, seen, correct, wrong, start = asyncio.run(
-        light_load(port, assertions, prepared, timeout)
-    )
+    sent, seen, correct, wrong, start = asyncio.run(light_load(port, assertions, prepared, timeout))
     cpu = Meters.spent(before, meters.read())
     cpu["service"] = cpu.pop("api")
     del cpu["workers"], cpu["postgresql"]
@@ -348,4 +352,3 @@ def embedded_light(
     )
     _log(f"  p50 {row['latency_ms_p50']} ms, p99 {row['latency_ms_p99']} ms")
     return row
-

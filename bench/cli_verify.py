@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -158,13 +157,10 @@ def _floor_rate(calls: list[Callable[[], object]], seconds: float = 0.3) -> floa
     return done / elapsed
 
 
-def measure_store(
-    store_url: str, workload: Workload, *, profile: bool = False
-) -> dict[str, Any]:
+def measure_store(store_url: str, workload: Workload, *, profile: bool = False) -> dict[str, Any]:
     """Registrations then assertions on one empty store; rates net of start-up, each beside
     the bare floor rate measured just before and just after it."""
     import core
-
     from cryptography.hazmat.primitives.asymmetric import ec
 
     floors = {"p384": core._floor_calls(ec.SECP384R1()), "p256": core._floor_calls(ec.SECP256R1())}
