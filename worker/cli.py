@@ -47,6 +47,9 @@ from worker.version import __version__
 log = logging.getLogger("appattest")
 
 USAGE_ERROR = 2
+# The input held at once by `verify` (with the requests parsed from it), whatever its lines'
+# sizes: a registration line is about 5 KiB, the largest valid body 192 KiB.
+_CHUNK_BYTES = 4 * 1024 * 1024
 
 NO_APP_ID = (
     "no App ID is configured: give --app-id TEAMID.bundle.id (or --dev-app-id), "
@@ -241,18 +244,22 @@ def verify(
 
 
 def _chunks(stream: BinaryIO) -> Iterator[list[tuple[int, bytes | None]]]:
-    """The numbered non-blank lines, in chunks of up to ``ORDERED_CHUNK``; a chunk also ends
-    where the input has nothing more at hand yet (a pipe or terminal feeding lines slowly),
-    so that each line's verdict comes out as soon as it can. A read error ends the chunk read
-    so far, then propagates."""
+    """The numbered non-blank lines, in chunks of up to ``ORDERED_CHUNK`` lines and about
+    ``_CHUNK_BYTES`` of input (so that a file of huge lines is not held 500 at a time). A
+    chunk also ends where the input has nothing more at hand yet (a pipe or terminal feeding
+    lines slowly), so that each line's verdict comes out as soon as it can. A read error ends
+    the chunk read so far, then propagates."""
     chunk: list[tuple[int, bytes | None]] = []
+    size = 0
     try:
         for number, (line, more) in enumerate(_lines_at_hand(stream), start=1):
             if not _is_blank(line):
                 chunk.append((number, line))
-            if chunk and (len(chunk) >= ORDERED_CHUNK or not more):
+                size += len(line or b"")
+            full = len(chunk) >= ORDERED_CHUNK or size >= _CHUNK_BYTES
+            if chunk and (full or not more):
                 yield chunk
-                chunk = []
+                chunk, size = [], 0
     except OSError:
         if chunk:
             yield chunk

@@ -265,9 +265,7 @@ class VerificationService:
             if job.attestation is not None:
                 known[job.key_id] = self._registered(job, at, new_keys)
             elif job.new_counter is not None:
-                known[job.key_id] = dataclasses.replace(
-                    known[job.key_id], counter=job.new_counter
-                )
+                known[job.key_id] = dataclasses.replace(known[job.key_id], counter=job.new_counter)
                 if job.key_id in new_keys:
                     new_keys[job.key_id]["counter"] = job.new_counter
                 else:
