@@ -40,6 +40,7 @@ from e2e import (
     _read_verdict,
     _verdict,
     percentile,
+    profiled,
 )
 from sqlalchemy import func, select
 
@@ -117,6 +118,11 @@ def _check(verdict: Any, key_id: str, counter: int, wrong: dict[str, int]) -> bo
     return False
 
 
+def _targets(runner: Runner) -> dict[str, list[int]]:
+    """The processes ``--profile`` records: the API and the workers."""
+    return {"api": [runner.meters.api_pid or 0], "worker": runner.worker_pids()}
+
+
 def register(runner: Runner, registrations: Sequence[Job]) -> None:
     """Register these devices through the bulk path and wait for every verdict (not timed)."""
     burst = Burst(registrations)
@@ -163,9 +169,10 @@ def challenges(runner: Runner, count: int) -> dict[str, Any]:
         finally:
             api.close()
 
-    before = runner.meters.read()
-    start = asyncio.run(run())
-    cpu = Meters.spent(before, runner.meters.read())
+    with profiled(runner.profile_dir, "challenges", _targets(runner)):
+        before = runner.meters.read()
+        start = asyncio.run(run())
+        cpu = Meters.spent(before, runner.meters.read())
     issued = {a for a in answers if a}
     stored = _stored_challenges(runner.engine) - stored_before
     wrong: dict[str, int] = {}
@@ -239,9 +246,10 @@ def device_flow(
         finally:
             api.close()
 
-    before = runner.meters.read()
-    start = asyncio.run(run())
-    cpu = Meters.spent(before, runner.meters.read())
+    with profiled(runner.profile_dir, "device_flow", _targets(runner)):
+        before = runner.meters.read()
+        start = asyncio.run(run())
+        cpu = Meters.spent(before, runner.meters.read())
     row = timed_row(
         key="device_flow",
         label=f"device flow (challenge + ?wait), {callers} callers",
