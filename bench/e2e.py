@@ -171,9 +171,9 @@ QUICK = Sizes(
     embedded_devices=200,
     embedded_assertions_per_device=2,
     rss_checkpoints=(1_000, 10_000),
-    challenges=2000,
-    flow_devices=250,
-    light_requests=100,
+    challenges=1000,
+    flow_devices=150,
+    light_requests=60,
 )
 FULL = Sizes(
     devices=10_000,
