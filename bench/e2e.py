@@ -28,6 +28,9 @@ What one run does (``run_e2e``, used by ``bench/run.py``; also runnable alone):
      over 64 concurrent keep-alive connections; the producer coalesces them into batches.
      At under 300 jobs/s here, this row runs on the first 2,000 devices (quick: 250), their
      registrations and their 5 assertions each, in rounds as above;
+   * ``challenges``, ``device_flow``, ``light``: the caller's path, see ``bench/caller.py``
+     (challenge issuance by 32 callers; challenge then assertion with ``?wait`` by 64
+     callers; single assertions at 20/s, whose latency is the row's point);
    * ``python_client``: ``AsyncAppAttestClient.submit_many`` and ``wait_many`` per chunk;
    * ``scaling``: the bulk submission alone, with the decisions counted in the store's verdict
      table (no verdict reads compete for the CPU), in four rounds: both workers consuming,

@@ -15,7 +15,14 @@ Sections, all measured in this one process tree and run:
   HTTP API (bulk and single submissions) and through ``AsyncAppAttestClient`` to 2 workers on
   Redis and PostgreSQL; jobs/s, latency percentiles, verdicts checked, and the ratio to the
   in-process core rate on the same cores (2 x the single-process rates of the core section);
-  1 worker against 2; worker RSS as jobs accumulate; ``appattest serve`` for reference.
+  1 worker against 2; worker RSS as jobs accumulate; ``appattest serve`` for reference;
+* the caller's path (``bench/caller.py``, rows of the end-to-end section): challenge issuance
+  by 32 callers, a device's whole flow (challenge, then its assertion with ``?wait``) by 64
+  callers, and latency at a light load of 20 assertions/s, on Redis + PostgreSQL and on
+  ``appattest serve``;
+* ``appattest verify FILE`` (``bench/cli_verify.py``, imported): registrations and assertions
+  per line on SQLite and PostgreSQL, over the bare P-384 and P-256 rates measured beside them;
+* the targets, the caller's-path ones included, each marked met or missed from this run.
 
 Run it from the repository root, with PostgreSQL and Redis running::
 
