@@ -1,17 +1,19 @@
 """`appattest verify FILE` against the bare ECDSA floor: registrations and assertions per second.
 
-What it measures, in one run: the command as a user runs it (a subprocess, ``python -m
-worker.cli verify FILE --store URL``) on a file of registrations of distinct fake devices,
-then on a file of assertions of those devices (counters increasing, devices interleaved) against
-the store the first file filled; once on SQLite (the default store) and, with ``--pg-url``, once
-on a fresh PostgreSQL database. Every output line is checked (each registration and assertion
-must be accepted), so a broken command cannot report a fast rejection.
+What it measures, in one run: the command (``appattest verify FILE --store URL --app-id ...
+--root-ca ... --at ...``, its click entry point called in this process, output to a file) on a
+file of registrations of distinct fake devices, then on a file of assertions of those devices
+(counters increasing, devices interleaved) against the store the first file filled; once on
+SQLite (the default store) and, with ``--pg-url``, once on a fresh PostgreSQL database. Every
+output line is checked (each registration and assertion must be accepted), so a broken
+command cannot report a fast rejection.
 
-A rate excludes the command's fixed start-up (interpreter, imports, policy, engine and schema
-check): each file is timed against an empty file run on the same store just before, and the
-rate is lines / (time of the file - time of the empty file). The ratios divide by the bare
-P-384 and P-256 rates of ``bench/core.py``'s floor rows (``bench/run.py`` passes the ones of its
-own run; alone, this script measures them).
+A rate excludes the command's fixed start-up (policy, engine and schema check; the imports are
+done once for the process): each file is timed against the same command on an empty file on
+the same store just before, and the rate is lines / (time of the file - time of the empty
+file). The ratio divides by the bare P-384 (registrations) or P-256 (assertions) rate of
+``bench/core.py``'s floor calls, measured for 0.3 s just before and just after each file
+(the mean of the two), since a shared machine's load drifts within seconds.
 
 Run it from the repository root::
 
@@ -103,7 +105,7 @@ def _run(
     import io
     import pstats
 
-    from worker.cli import main as cli
+    from worker.cli.commands import main as cli
 
     source = directory / f"{name}.jsonl"
     source.write_bytes(data)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import NOW
 from tests.factory import APP_ID, Device, TestCA
-from worker import cli
+from worker.cli import commands as cli
 from worker.contract import parse_request
 from worker.core import Policy, TrustStore
 from worker.service import VerificationService
@@ -74,7 +74,7 @@ def test_order_holds_across_transactions(ca: TestCA, tmp_path: Path, store_url: 
     source = _write(tmp_path, lines)
     proc = subprocess.run(
         [
-            *(sys.executable, "-m", "worker.cli", "verify", str(source)),
+            *(sys.executable, "-m", "worker.cli.commands", "verify", str(source)),
             *("--store", store_url, *_root(ca, tmp_path)),
         ],
         capture_output=True,
@@ -111,7 +111,7 @@ def _lines_of(stream: Any) -> queue.Queue[str]:
 
 def test_a_pipe_gets_each_verdict_before_the_next_line(ca: TestCA, tmp_path: Path) -> None:
     device = Device(ca=ca)
-    command = [sys.executable, "-m", "worker.cli", "verify", "-"]
+    command = [sys.executable, "-m", "worker.cli.commands", "verify", "-"]
     command += ["--store", f"sqlite:///{tmp_path / 'keys.db'}", *_root(ca, tmp_path)]
     with subprocess.Popen(
         command,
