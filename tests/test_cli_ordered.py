@@ -5,6 +5,7 @@ line by line with the same verdicts as before."""
 
 from __future__ import annotations
 
+import io
 import json
 import queue
 import subprocess
@@ -282,3 +283,13 @@ def test_an_unexpected_error_costs_only_its_line(
     ]
     assert out[2]["detail"] == "unexpected error; see the log"
     assert _counters(store) == {device.key_id_b64: 3}
+
+
+def test_a_transaction_holds_at_most_500_lines_or_4_mib() -> None:
+    short = b"x\n" * (ORDERED_CHUNK + 1)
+    assert [len(c) for c in cli._chunks(io.BytesIO(short))] == [ORDERED_CHUNK, 1]
+    # Lines of 150 KiB (each refused later as not JSON): 4 MiB of input ends a chunk, after 28.
+    big = (b"y" * (150 * 1024) + b"\n") * 60
+    chunks = list(cli._chunks(io.BytesIO(big)))
+    assert [len(c) for c in chunks] == [28, 28, 4]
+    assert [n for c in chunks for n, _ in c] == list(range(1, 61))
