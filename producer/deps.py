@@ -37,7 +37,7 @@ class AppResources:
     sessions: sessionmaker[Session]
 
 
-def app_resources(request: Request) -> AppResources:
+async def app_resources(request: Request) -> AppResources:
     resources: AppResources | None = getattr(request.app.state, "resources", None)
     if resources is None:
         raise RuntimeError("the app's lifespan has not run (use it as a context manager)")

@@ -81,6 +81,9 @@ _STORE_DOWN: Final[tuple[type[BaseException], ...]] = (
     DisconnectionError,
     PoolTimeoutError,
 )
+# How long a batch may be in the ledger before a status read looks for its jobs in the store
+# too (a verdict whose result write is retrying); younger batches are just on their way.
+_HELD_LOOKUP_AFTER: Final = 5.0
 # How often a waiting request consults the store for jobs that no result names.
 _STORE_CONSULT_SECONDS: Final = 1.0
 
@@ -579,14 +582,19 @@ class JobQueue:
         if not missing:
             return [answers[n] for n in range(len(wanted))]
         on_the_way: set[int] = set()
+        look_up = dict(missing)
         if self.ledger is not None:
             held = self.ledger.holding(sorted(set(missing.values())))
             on_the_way = {n for n, batch_id in missing.items() if batch_id in held}
+            # A job the ledger holds is looked up too once its batch is a while on its way:
+            # the store is the truth, and a verdict stored there by a worker whose result
+            # write is still retrying (a result backend that restarted) is final already.
+            # A batch sent moments ago is just on its way: no query for it.
+            settled = time.time() - _HELD_LOOKUP_AFTER
+            look_up = {n: b for n, b in missing.items() if held.get(b, 0.0) <= settled}
         if consult_store and self.sessions is not None:
-            # Jobs the ledger holds are looked up too: the store is the truth, and a verdict
-            # stored there by a worker whose result write is still retrying (a result backend
-            # that restarted) is final already.
-            self._from_store(wanted, missing, answers, session)
+            if look_up:
+                self._from_store(wanted, look_up, answers, session)
             gone = [n for n in missing if n not in on_the_way and n not in answers]
             if gone and self.ledger is not None:
                 answers.update(self._bury({n: wanted[n] for n in gone}, session))

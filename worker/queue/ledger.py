@@ -115,13 +115,16 @@ class Ledger:
         pipe.hdel(JOBS_KEY, *ids)
         pipe.execute()
 
-    def holding(self, task_ids: Sequence[str]) -> set[str]:
-        """Which of these tasks have an entry (accepted, and no result stored yet)."""
+    def holding(self, task_ids: Sequence[str]) -> dict[str, float]:
+        """Which of these tasks have an entry (accepted, and no result stored yet), with the
+        time (epoch seconds) it was last published."""
         if not task_ids:
-            return set()
+            return {}
         scores = self.client.zmscore(LEDGER_KEY, list(task_ids))
         return {
-            task_id for task_id, score in zip(task_ids, scores, strict=True) if score is not None
+            task_id: float(score)
+            for task_id, score in zip(task_ids, scores, strict=True)
+            if score is not None
         }
 
     def pending(self) -> int:
