@@ -11,9 +11,17 @@ from worker.core.attestation import VerifiedAttestation, verify_attestation
 from worker.core.authdata import AuthDataExtensions
 from worker.core.chain import IntermediateCache
 from worker.core.decoding import b64decode_strict
-from worker.core.policy import AppConfig, Environment, Policy, PolicyError
+from worker.core.policy import (
+    AppConfig,
+    Environment,
+    ExtensionRules,
+    Policy,
+    PolicyError,
+    parse_bundle_version,
+)
 from worker.core.reasons import Reason, Rejected
 from worker.core.receipt import Receipt, ReceiptTrustStore, parse_receipt, verify_receipt
+from worker.core.spec import PolicySpec
 from worker.core.trust import APPLE_APP_ATTEST_ROOT_SHA256, TrustStore, TrustStoreError
 
 
@@ -27,9 +35,11 @@ __all__ = [
     "AppConfig",
     "AuthDataExtensions",
     "Environment",
+    "ExtensionRules",
     "IntermediateCache",
     "Policy",
     "PolicyError",
+    "PolicySpec",
     "Reason",
     "Receipt",
     "ReceiptTrustStore",
@@ -40,6 +50,7 @@ __all__ = [
     "VerifiedAttestation",
     "b64decode_strict",
     "client_data_hash",
+    "parse_bundle_version",
     "parse_receipt",
     "verify_assertion",
     "verify_attestation",

@@ -331,6 +331,7 @@ class VerificationService:
             public_key=self._public_key(stored.public_key),
             app_id=stored.app_id,
             previous_counter=stored.counter,
+            extension_rules=app.extensions,
         )
         job.new_counter = verified.counter
         job.result = VerificationResult(

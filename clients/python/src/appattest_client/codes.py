@@ -40,6 +40,9 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "internal_error"
     KEY_REVOKED = "key_revoked"
     RECEIPT_INVALID = "receipt_invalid"
+    VALIDATION_CATEGORY_NOT_ALLOWED = "validation_category_not_allowed"
+    BUNDLE_VERSION_TOO_OLD = "bundle_version_too_old"
+    EXTENSIONS_MISSING = "extensions_missing"
 
 
 class Environment(StrEnum):
