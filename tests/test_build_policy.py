@@ -295,6 +295,41 @@ def test_per_app_rules_replace_the_global_ones_rule_by_rule(ca: TestCA) -> None:
     assert again.build().apps == policy.apps
 
 
+def test_a_run_stored_by_the_previous_release_resumes_under_its_policy(tmp_path: Path) -> None:
+    from worker.service.reverify import RunFilters, RunMismatch, start_run
+    from worker.store import reverify as runs
+    from worker.store.db import upgrade
+
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    upgrade(engine)
+    sessions = session_factory(engine)
+    filters = RunFilters(app_ids=(APP_ID,))
+    # The JSON the release before the build policy stored: no field of the build policy.
+    stored = {
+        "app_ids": [APP_ID],
+        "dev_app_ids": [],
+        "root_pem": None,
+        "distrusted_certificates": ["ab" * 32],
+        "distrusted_key_ids": [],
+    }
+    try:
+        with sessions() as session, session.begin():
+            runs.create_run(
+                session, run_id="old", apply=False, policy=stored, filters=filters, now=NOW
+            )
+        same = PolicySpec(app_ids=(APP_ID,), distrusted_certificates=("AB" * 32,))
+        with sessions() as session, session.begin():
+            state = start_run(
+                session, run_id="old", policy=same, filters=filters, apply=False, now=NOW
+            )
+        assert state.run_id == "old"
+        stricter = dataclasses.replace(same, min_bundle_version="2.0")
+        with sessions() as session, session.begin(), pytest.raises(RunMismatch):
+            start_run(session, run_id="old", policy=stricter, filters=filters, apply=False, now=NOW)
+    finally:
+        engine.dispose()
+
+
 # Settings: the one builder, and clear errors at start -----------------------------------------
 
 

@@ -611,17 +611,18 @@ def test_a_lost_reverify_message_is_sent_again_from_the_ledger(
     from kombu.exceptions import OperationalError as KombuOperationalError
 
     from worker.batch import Stalled, reverify_distributed
+    from worker.core import PolicySpec
     from worker.ledger import ledger_for
     from worker.messaging import REVERIFY_TASK
     from worker.progress import RunProgress
-    from worker.service.reverify import RunFilters, RunPolicy, start_run
+    from worker.service.reverify import RunFilters, start_run
 
     run_id = "ledgered"
     with store() as session, session.begin():
         start_run(
             session,
             run_id=run_id,
-            policy=RunPolicy(app_ids=(APP_ID,), root_pem=population.root.read_text()),
+            policy=PolicySpec(app_ids=(APP_ID,), root_pem=population.root.read_text()),
             filters=RunFilters(since=WINDOW_START, until=WINDOW_END),
             apply=False,
             now=datetime.now(UTC),
