@@ -364,30 +364,42 @@ def test_settings_describe_the_whole_policy(monkeypatch: pytest.MonkeyPatch, ca:
             monkeypatch.setenv(name, value)
     assert load_settings() == settings
     assert load_settings().policy().apps == policy.apps
-    # Empty: every category, as when unset.
+    # Empty: every category and no per-app rule, as when unset.
     monkeypatch.setenv("APPATTEST_ALLOWED_VALIDATION_CATEGORIES", "")
+    monkeypatch.setenv("APPATTEST_APP_POLICIES", " ")
     assert load_settings().allowed_validation_categories is None
+    assert load_settings().app_policies == {}
 
 
 @pytest.mark.parametrize(
-    ("variable", "value"),
+    ("variable", "value", "says"),
     [
-        ("APPATTEST_MIN_BUNDLE_VERSION", "2.0-beta"),
-        ("APPATTEST_ALLOWED_VALIDATION_CATEGORIES", "four"),
-        ("APPATTEST_ALLOWED_VALIDATION_CATEGORIES", "-1"),
-        ("APPATTEST_APP_POLICIES", "not json"),
-        ("APPATTEST_APP_POLICIES", json.dumps({APP_ID: {"min_version": "2"}})),
-        ("APPATTEST_APP_POLICIES", json.dumps({APP_ID: {"min_bundle_version": "x"}})),
-        ("APPATTEST_APP_POLICIES", json.dumps({"TEAMID1234.not.configured": {}})),
+        ("APPATTEST_MIN_BUNDLE_VERSION", "2.0-beta", "is not a bundle version"),
+        ("APPATTEST_ALLOWED_VALIDATION_CATEGORIES", "four", "allowed_validation_categories"),
+        ("APPATTEST_ALLOWED_VALIDATION_CATEGORIES", "-1", "allowed_validation_categories"),
+        ("APPATTEST_APP_POLICIES", "not json", "APPATTEST_APP_POLICIES must be a JSON object"),
+        ("APPATTEST_APP_POLICIES", "[]", "app_policies"),
+        ("APPATTEST_APP_POLICIES", json.dumps({APP_ID: {"min_version": "2"}}), "min_version"),
+        (
+            "APPATTEST_APP_POLICIES",
+            json.dumps({APP_ID: {"min_bundle_version": "x"}}),
+            "is not a bundle version",
+        ),
+        (
+            "APPATTEST_APP_POLICIES",
+            json.dumps({"TEAMID1234.not.configured": {}}),
+            "App IDs that are not accepted: ['TEAMID1234.not.configured']",
+        ),
     ],
 )
 def test_a_wrong_policy_setting_stops_verify_with_a_usage_error(
-    tmp_path: Path, variable: str, value: str
+    tmp_path: Path, variable: str, value: str, says: str
 ) -> None:
     proc = run_verify(tmp_path, [], "--app-id", APP_ID, env={variable: value})
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "invalid" in proc.stderr
+    assert says in proc.stderr
 
 
 # Apple's own iOS 27 sample --------------------------------------------------------------------
@@ -442,7 +454,7 @@ def run_verify(
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "appattest",
             "verify",
             str(source),
             "--store",

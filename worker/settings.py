@@ -6,6 +6,7 @@ result is passed to ``create_app(settings)`` and ``create_celery_app(settings)``
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
     min_bundle_version: str | None = None
     require_extensions: bool = False
     # Per App ID, JSON: {"TEAMID.bundle.id": {"min_bundle_version": "3.0", ...}}.
-    app_policies: dict[str, AppPolicy] = Field(default_factory=dict)
+    app_policies: Annotated[dict[str, AppPolicy], NoDecode] = Field(default_factory=dict)
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     challenge_ttl_seconds: int = Field(default=300, ge=1, le=86_400)
@@ -121,6 +122,23 @@ class Settings(BaseSettings):
         return (_split_csv(value) or None) if isinstance(value, str) else value
 
     _version = field_validator("min_bundle_version")(_check_bundle_version)
+
+    @field_validator("app_policies", mode="before")
+    @classmethod
+    def _app_policies(cls, value: object) -> object:
+        # Read here rather than by pydantic-settings, whose error for bad JSON names neither
+        # the variable nor the problem.
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return {}
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                "APPATTEST_APP_POLICIES must be a JSON object keyed by App ID, such as "
+                f'{{"TEAMID.bundle.id": {{"min_bundle_version": "2.0"}}}}: {exc}'
+            ) from exc
 
     def policy_spec(
         self,
