@@ -17,11 +17,11 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import anyio.to_thread
 from celery import Celery, states
@@ -54,6 +54,8 @@ from worker.store import bulk, idempotency
 
 log = logging.getLogger("appattest.producer")
 
+_T = TypeVar("_T")
+
 PluginBody = str | bytes | Mapping[str, Any] | RegistrationRequest | AssertionRequest
 
 # Polling the result backend: start fast (most verdicts take milliseconds), back off to a
@@ -78,10 +80,6 @@ _STORE_DOWN: Final[tuple[type[BaseException], ...]] = (
     DisconnectionError,
     PoolTimeoutError,
 )
-# A job is taken for lost (for an idempotent retry to replace it) only once its key is this old:
-# a concurrent first request holds the key for a few milliseconds before its job is in the
-# ledger, and must not be mistaken for a lost one.
-_LOST_AFTER: Final = timedelta(seconds=30)
 # How often a waiting request consults the store for jobs that no result names.
 _STORE_CONSULT_SECONDS: Final = 1.0
 
@@ -287,22 +285,98 @@ class JobQueue:
         if not sent:
             log.warning("task %s: publish failed; the ledger will send it", task_id)
 
-    def _claim_keys(
-        self, submissions: Sequence[Submission], job_ids: list[str], outcomes: list[Outcome]
-    ) -> set[int]:
-        """Record the idempotency keys of the chunk; return the positions to publish. Sets
-        the outcome of every submission whose key is held (a replay or a conflict) or whose
-        claim could not be recorded."""
-        send = {i for i, s in enumerate(submissions) if s.idempotency_key is None}
+    def _publish_jobs(
+        self,
+        producer: Any,
+        batch_id: str,
+        submissions: Sequence[Submission],
+        job_ids: Sequence[str],
+        positions: Sequence[int],
+    ) -> None:
+        """Publish one batch message for the submissions at ``positions``."""
+        if not positions:
+            return
+        jobs = tuple(
+            VerifyJob(
+                job_id=job_ids[i],
+                body=plugin_json(submissions[i].request),
+                submitted_by=submissions[i].owner.name,
+            )
+            for i in positions
+        )
+        self._publish(producer, batch_id, VerifyBatch(jobs=jobs))
+
+    def _send_batch(self, submissions: Sequence[Submission], producer: Any) -> list[Outcome]:
+        """Publish one batch message for these submissions; return their outcomes.
+
+        Idempotency keys are claimed in a transaction that commits only once the batch is in
+        the ledger (or published): a concurrent request with the same key waits for it, and
+        never sees a job that is not yet on its way. When the publish fails, the claims stay
+        with a ledger (a retry answers with the job if its entry was written after all, and
+        replaces it, found lost, if not) and roll back without one."""
+        batch_id = new_batch_id()
+        job_ids = [seal_job_id(s.owner, batch_id, i) for i, s in enumerate(submissions)]
+        outcomes = [Outcome(job_id=job_id) for job_id in job_ids]
         keyed = [i for i, s in enumerate(submissions) if s.idempotency_key is not None]
+        plain = [i for i, s in enumerate(submissions) if s.idempotency_key is None]
         if not keyed:
-            return send
+            self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+            return outcomes
         if self.sessions is None:
             for i in keyed:
                 outcomes[i] = _refused(
                     ErrorCode.INVALID_REQUEST, "idempotency keys need the service's store"
                 )
-            return send
+            self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+            return outcomes
+        published = False
+        refused: BaseException | None = None
+        try:
+            with self.sessions() as session, session.begin():
+                send = self._claim_keys(session, submissions, job_ids, outcomes)
+                try:
+                    self._publish_jobs(producer, batch_id, submissions, job_ids, sorted(send))
+                except self._unreachable() as exc:
+                    if self.ledger is None:
+                        raise  # nothing was queued: the claims roll back
+                    # The ledger write failed, or its reply was lost after it was written. The
+                    # claims stay: a retry with the same key finds the job in the ledger and
+                    # answers with it, or finds it nowhere (lost) and creates it anew.
+                    refused = exc
+                else:
+                    published = True
+        except _STORE_DOWN as exc:
+            if published:
+                # Queued, but the claims may not have been recorded: the jobs stand (a retry
+                # with the same key would create another job).
+                log.warning(
+                    "batch %s queued, but its idempotency keys may not be recorded: %s",
+                    batch_id,
+                    type(exc).__name__,
+                )
+                return outcomes
+            log.warning("idempotency keys not recorded: the store is down (%s)", type(exc).__name__)
+            for i in keyed:
+                outcomes[i] = _refused(
+                    ErrorCode.SERVICE_UNAVAILABLE, "the store is unavailable; try again later"
+                )
+            self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+        if refused is not None:
+            raise refused
+        return outcomes
+
+    def _claim_keys(
+        self,
+        session: Session,
+        submissions: Sequence[Submission],
+        job_ids: list[str],
+        outcomes: list[Outcome],
+    ) -> set[int]:
+        """Claim the idempotency keys of the chunk in ``session``; return the positions to
+        publish. Sets the outcome of every submission whose key is held (a replay or a
+        conflict)."""
+        send = {i for i, s in enumerate(submissions) if s.idempotency_key is None}
+        keyed = [i for i, s in enumerate(submissions) if s.idempotency_key is not None]
         first: dict[tuple[str, bytes], int] = {}
         repeats: dict[int, int] = {}
         for i in keyed:
@@ -317,21 +391,12 @@ class JobQueue:
             for (owner, key_hash), i in first.items()
         ]
         now = datetime.now(UTC)
-        try:
-            with self.sessions() as session, session.begin():
-                held = idempotency.claim(
-                    session,
-                    claims,
-                    now=now,
-                    expired_before=now - timedelta(seconds=self.idempotency_ttl),
-                )
-        except _STORE_DOWN as exc:
-            log.warning("idempotency keys not recorded: the store is down (%s)", type(exc).__name__)
-            for i in keyed:
-                outcomes[i] = _refused(
-                    ErrorCode.SERVICE_UNAVAILABLE, "the store is unavailable; try again later"
-                )
-            return send
+        held = idempotency.claim(
+            session,
+            claims,
+            now=now,
+            expired_before=now - timedelta(seconds=self.idempotency_ttl),
+        )
         for pair, i in first.items():
             found = held.get(pair)
             if found is None:
@@ -341,19 +406,17 @@ class JobQueue:
                     ErrorCode.IDEMPOTENCY_CONFLICT,
                     "this Idempotency-Key was used with another body",
                 )
-            elif now - found.created_at > _LOST_AFTER and self._is_lost(
-                submissions[i].owner, found.job_id
-            ):
-                # Accepted before, but its message never reached the broker or was lost with
-                # it: the key moves to a fresh job for this retry.
-                with self.sessions() as session, session.begin():
-                    moved = idempotency.replace_job(
-                        session, *pair, old_job_id=found.job_id, new_job_id=job_ids[i], now=now
-                    )
-                if moved:
+            elif self._is_lost(submissions[i].owner, found.job_id, session):
+                # Accepted before, but its message was lost with the broker's data (the job
+                # is buried: no late delivery can decide it now). The key moves to a fresh
+                # job for this retry, unless a concurrent retry moved it first.
+                if idempotency.replace_job(
+                    session, *pair, old_job_id=found.job_id, new_job_id=job_ids[i], now=now
+                ):
                     send.add(i)
                 else:
-                    outcomes[i] = Outcome(job_id=found.job_id, replayed=True)
+                    current = idempotency.held_job(session, *pair)
+                    outcomes[i] = Outcome(job_id=current or found.job_id, replayed=True)
             else:
                 outcomes[i] = Outcome(job_id=found.job_id, replayed=True)
         for i, j in repeats.items():
@@ -368,44 +431,6 @@ class JobQueue:
             else:
                 outcomes[i] = Outcome(job_id=outcomes[j].job_id, replayed=True)
         return send
-
-    def _send_batch(self, submissions: Sequence[Submission], producer: Any) -> list[Outcome]:
-        """Publish one batch message for these submissions; return their outcomes."""
-        batch_id = new_batch_id()
-        job_ids = [seal_job_id(s.owner, batch_id, i) for i, s in enumerate(submissions)]
-        outcomes = [Outcome(job_id=job_id) for job_id in job_ids]
-        send = sorted(self._claim_keys(submissions, job_ids, outcomes))
-        if send:
-            jobs = tuple(
-                VerifyJob(
-                    job_id=job_ids[i],
-                    body=plugin_json(submissions[i].request),
-                    submitted_by=submissions[i].owner.name,
-                )
-                for i in send
-            )
-            try:
-                self._publish(producer, batch_id, VerifyBatch(jobs=jobs))
-            except BaseException:
-                # Not accepted (the ledger write failed): the keys this chunk claimed must not
-                # answer a retry with a job that was never queued.
-                self._release_keys([submissions[i] for i in send], [job_ids[i] for i in send])
-                raise
-        return outcomes
-
-    def _release_keys(self, submissions: Sequence[Submission], job_ids: Sequence[str]) -> None:
-        claims = [
-            idempotency.IdempotencyClaim(s.owner.name, _key_hash(s.idempotency_key), b"", job_id)
-            for s, job_id in zip(submissions, job_ids, strict=True)
-            if s.idempotency_key is not None
-        ]
-        if not claims or self.sessions is None:
-            return
-        try:
-            with self.sessions() as session, session.begin():
-                idempotency.release(session, claims)
-        except _STORE_DOWN as exc:
-            log.warning("idempotency keys of a refused chunk kept: %s", type(exc).__name__)
 
     def _submit_chunk(self, submissions: Sequence[Submission]) -> list[Outcome]:
         try:
@@ -507,17 +532,26 @@ class JobQueue:
             except ValidationError:
                 log.error("job %s: the stored result is not a verdict", job_id)
                 result = _internal_error("the worker returned an unreadable result")
+            if result.reason == Reason.JOB_LOST:
+                # Buried as lost (see ``_read``); a late delivery returned that verdict.
+                return _lost(job_id)
             return JobStatus(jobId=job_id, status="done", result=result)
         log.error("job %s ended in state %s", job_id, state)
         return JobStatus(
             jobId=job_id, status="done", result=_internal_error(f"the job ended in state {state}")
         )
 
-    def _is_lost(self, owner: Owner, job_id: str) -> bool:
-        [status] = self._read([(owner, job_id)], consult_store=True)
+    def _is_lost(self, owner: Owner, job_id: str, session: Session) -> bool:
+        [status] = self._read([(owner, job_id)], consult_store=True, session=session)
         return status.status == "lost"
 
-    def _read(self, wanted: Sequence[tuple[Owner, str]], *, consult_store: bool) -> list[JobStatus]:
+    def _read(
+        self,
+        wanted: Sequence[tuple[Owner, str]],
+        *,
+        consult_store: bool,
+        session: Session | None = None,
+    ) -> list[JobStatus]:
         """The statuses of (owner, job id) pairs.
 
         Order of the reads: the batches' results (one read for all); for jobs no result
@@ -525,6 +559,12 @@ class JobQueue:
         worker stores a verdict in the store, then the result, then removes the ledger entry,
         so a job missing from the result and then from the ledger is in the store if it was
         ever decided; a job in the store is done whatever the ledger says.
+
+        A job found nowhere was lost with the broker's data. It is buried before it is
+        answered ``lost``: a verdict row that says so, which a worker still holding its
+        message (one that took it before Redis forgot it) finds when it records its own, so
+        that it decides nothing and ``lost`` stays true. ``session``, when given, is the
+        transaction the burial joins.
         """
         located: dict[int, tuple[str, int]] = {}
         answers: dict[int, JobStatus] = {}
@@ -569,7 +609,7 @@ class JobQueue:
             # Jobs the ledger holds are looked up too: the store is the truth, and a verdict
             # stored there by a worker whose result write is still retrying (a result backend
             # that restarted) is final already.
-            recorded = self._recorded([wanted[n] for n in missing])
+            recorded = self._recorded([wanted[n] for n in missing], session)
             for n in list(missing):
                 owner, job_id = wanted[n]
                 verdict = recorded.get(job_id)
@@ -578,29 +618,78 @@ class JobQueue:
                         job_id, {"status": states.SUCCESS, "result": verdict[1]}
                     )
                     del missing[n]
+        gone = [n for n in missing if n not in on_the_way]
+        if gone and consult_store and self.sessions is not None and self.ledger is not None:
+            answers.update(self._bury({n: wanted[n] for n in gone}, session))
         for n in missing:
-            job_id = wanted[n][1]
-            if n in on_the_way:
-                answers[n] = JobStatus(jobId=job_id, status="pending")
-            elif not consult_store or self.sessions is None:
-                # Without a look at the store nothing final can be said.
-                answers[n] = JobStatus(jobId=job_id, status="pending")
-            elif self.ledger is not None:
-                answers[n] = _lost(job_id)
-            else:
-                # Brokers without a ledger keep queued messages themselves: still on its way.
-                answers[n] = JobStatus(jobId=job_id, status="pending")
+            if n not in answers:
+                # On its way (in the ledger), or: without a look at the store nothing final
+                # can be said; brokers without a ledger keep queued messages themselves.
+                answers[n] = JobStatus(jobId=wanted[n][1], status="pending")
         return [answers[n] for n in range(len(wanted))]
 
-    def _recorded(
-        self, wanted: Sequence[tuple[Owner, str]]
-    ) -> dict[str, tuple[str | None, dict[str, Any]]]:
+    def _in_store(self, session: Session | None, action: Callable[[Session], _T]) -> _T:
+        """Run ``action`` in ``session``, or in a transaction of its own; a store that cannot
+        be reached raises ``QueueUnavailable``."""
         assert self.sessions is not None
         try:
-            with self.sessions() as session:
-                return bulk.get_verdicts_of(session, [job_id for _, job_id in wanted])
+            if session is not None:
+                return action(session)
+            with self.sessions() as own, own.begin():
+                return action(own)
         except _STORE_DOWN as exc:
             raise QueueUnavailable(f"the store is unavailable ({type(exc).__name__})") from exc
+
+    def _recorded(
+        self, wanted: Sequence[tuple[Owner, str]], session: Session | None = None
+    ) -> dict[str, tuple[str | None, dict[str, Any]]]:
+        job_ids = [job_id for _, job_id in wanted]
+        return self._in_store(session, lambda s: bulk.get_verdicts_of(s, job_ids))
+
+    def _bury(
+        self, gone: Mapping[int, tuple[Owner, str]], session: Session | None
+    ) -> dict[int, JobStatus]:
+        """Record a ``job_lost`` verdict for each job found nowhere, unless a verdict appeared
+        meanwhile; return their statuses (``lost``, or ``done`` with that verdict)."""
+        now = datetime.now(UTC)
+        tombstone = VerificationResult.rejection(
+            kind=None,
+            key_id=None,
+            reason=Reason.JOB_LOST,
+            detail="the job's queue message was lost with the broker's data",
+        ).to_json_dict()
+        rows = [
+            {
+                "job_id": job_id,
+                "kind": "lost",
+                "key_id": None,
+                "app_id": None,
+                "ok": False,
+                "reason": Reason.JOB_LOST.value,
+                "result": tombstone,
+                "decided_at": now,
+                "submitted_by": owner.name,
+            }
+            for owner, job_id in gone.values()
+        ]
+
+        def bury(s: Session) -> tuple[set[str], dict[str, tuple[str | None, dict[str, Any]]]]:
+            buried = bulk.record_verdicts(s, rows)
+            late = [job_id for _, job_id in gone.values() if job_id not in buried]
+            return buried, bulk.get_verdicts_of(s, late) if late else {}
+
+        buried, recorded = self._in_store(session, bury)
+        answers: dict[int, JobStatus] = {}
+        for n, (owner, job_id) in gone.items():
+            verdict = recorded.get(job_id)
+            if job_id in buried:
+                log.warning("job %s: lost with the broker's data; recorded as lost", job_id)
+                answers[n] = _lost(job_id)
+            elif verdict is not None and verdict[0] in (None, owner.name):
+                answers[n] = self._status_of(
+                    job_id, {"status": states.SUCCESS, "result": verdict[1]}
+                )
+        return answers
 
     def statuses_of(
         self, wanted: Sequence[tuple[Owner, str]], *, consult_store: bool = True

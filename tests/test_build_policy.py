@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import NOW
 from tests.factory import APP_ID, Device, TestCA
@@ -41,13 +42,12 @@ from worker.core import (
     Rejected,
     TrustStore,
     parse_bundle_version,
-    verify_assertion,
     verify_attestation,
 )
 from worker.embedded import worker_environment
 from worker.service import VerificationService
 from worker.settings import load_settings
-from worker.store.db import create_store_engine, session_factory
+from worker.store.db import create_store_engine, session_factory, upgrade
 from worker.store.models import DeviceKey
 
 OTHER_APP_ID = "TEAMID1234.com.example.other"
@@ -202,48 +202,68 @@ def test_registration_is_held_to_the_rules(
     assert attest(ca, policy_for(ca, strict), extensions) is reason
 
 
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    upgrade(engine)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def registered(ca: TestCA, service: VerificationService) -> Device:
+    """A device registered from an allowed build (category 4, version 2.0)."""
+    device = Device(ca=ca)
+    body = device.registration_body("c", now=NOW, extensions=ext(4, "2.0"))
+    assert service.handle(parse_request(body), now=NOW).ok
+    return device
+
+
 @pytest.mark.parametrize(("extensions", "require", "reason"), CASES)
 def test_every_assertion_is_held_to_the_rules(
-    ca: TestCA, extensions: dict[str, object] | None, require: bool, reason: Reason | None
+    ca: TestCA,
+    sessions: sessionmaker[Session],
+    extensions: dict[str, object] | None,
+    require: bool,
+    reason: Reason | None,
 ) -> None:
     strict = rules(
         allowed_validation_categories=frozenset({4}),
         min_bundle_version="2.0",
         require_extensions=require,
     )
-    device = Device(ca=ca)
-    token = device.assertion_object(b"p" * 32, extensions=extensions)
-    try:
-        verified = verify_assertion(
-            assertion_object=token,
-            client_data_hash=b"p" * 32,
-            public_key=device.public_point,
-            app_id=APP_ID,
-            previous_counter=0,
-            extension_rules=strict,
-        )
-    except Rejected as exc:
-        assert exc.reason is reason
-        return
-    assert reason is None
-    assert verified.counter == 1
+    service = VerificationService(policy=policy_for(ca, strict), sessions=sessions)
+    device = registered(ca, service)
+    # Each assertion on its own: the registration passed, its assertion may not.
+    result = service.handle(parse_request(device.assertion_body("p", extensions=extensions)))
+    assert result.reason == reason, result.detail
+    assert result.ok is (reason is None)
+    if reason is None:
+        assert result.counter == 1
 
 
-def test_a_forged_assertion_is_a_bad_signature_before_its_build(ca: TestCA) -> None:
-    device = Device(ca=ca)
-    token = device.assertion_object(
-        b"p" * 32, extensions=ext(1, "1.0"), signing_key=Device(ca=ca).private_key
+def test_the_signature_and_the_keys_state_come_before_the_build(
+    ca: TestCA, sessions: sessionmaker[Session]
+) -> None:
+    service = VerificationService(policy=policy_for(ca, strict_rules()), sessions=sessions)
+    device = registered(ca, service)
+    forged = device.assertion_body(
+        "p", extensions=ext(1, "1.0"), signing_key=Device(ca=ca).private_key
     )
-    with pytest.raises(Rejected) as info:
-        verify_assertion(
-            assertion_object=token,
-            client_data_hash=b"p" * 32,
-            public_key=device.public_point,
-            app_id=APP_ID,
-            previous_counter=0,
-            extension_rules=strict_rules(),
-        )
-    assert info.value.reason is Reason.SIGNATURE_INVALID
+    assert service.handle(parse_request(forged)).reason is Reason.SIGNATURE_INVALID
+    # A key of an App ID no longer configured is told so, not its build.
+    other_app_only = Policy.build(
+        trust=TrustStore.replacing_apple_root(ca.root_pem),
+        production_apps=[OTHER_APP_ID],
+        extensions=strict_rules(),
+    )
+    other = VerificationService(policy=other_app_only, sessions=sessions)
+    result = other.handle(parse_request(device.assertion_body("q", extensions=ext(1, "1.0"))))
+    assert result.reason is Reason.APP_ID_MISMATCH
+    # A refused assertion stores no counter: the next one from an allowed build is accepted.
+    retired = service.handle(parse_request(device.assertion_body("r", extensions=ext(4, "1.0"))))
+    assert retired.reason is Reason.BUNDLE_VERSION_TOO_OLD
+    result = service.handle(parse_request(device.assertion_body("s", extensions=ext(4, "2.0"))))
+    assert result.ok and result.counter == 4
 
 
 def test_per_app_rules_replace_the_global_ones_rule_by_rule(ca: TestCA) -> None:
@@ -298,7 +318,6 @@ def test_per_app_rules_replace_the_global_ones_rule_by_rule(ca: TestCA) -> None:
 def test_a_run_stored_by_the_previous_release_resumes_under_its_policy(tmp_path: Path) -> None:
     from worker.service.reverify import RunFilters, RunMismatch, start_run
     from worker.store import reverify as runs
-    from worker.store.db import upgrade
 
     engine = create_store_engine(f"sqlite:///{tmp_path / 'keys.db'}")
     upgrade(engine)

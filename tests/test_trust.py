@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ import httpx
 import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import SecretStr
 from sqlalchemy import select
 
 from producer.batching import Owner, new_batch_id, open_job_id, seal_job_id
@@ -46,10 +48,10 @@ from tests.test_faults import (
     wait_until,
 )
 from worker.core import Reason, Rejected, verify_assertion
-from worker.ledger import LEDGER_KEY
+from worker.ledger import JOBS_KEY, LEDGER_KEY
 from worker.store import idempotency
 from worker.store.db import create_store_engine, session_factory, upgrade
-from worker.store.models import IdempotencyKey, Verdict
+from worker.store.models import DeviceKey, IdempotencyKey, Verdict
 
 ALICE = f"alice-{secrets.token_urlsafe(16)}"
 BOB = f"bob-{secrets.token_urlsafe(16)}"
@@ -261,6 +263,72 @@ def test_a_forged_assertion_learns_nothing_and_spends_nothing(stack: Stack, ca: 
         assert result["ok"] and result["counter"] == 4
 
 
+def test_a_forger_learns_nothing_of_a_revoked_key(stack: Stack, ca: TestCA) -> None:
+    """A revoked key's state (revoked, by which run, why) is told only to a caller who holds
+    the key: a forged assertion for it is signature_invalid, the device's own is
+    key_revoked."""
+    forger = ec.generate_private_key(ec.SECP256R1())
+    with (
+        http_api(producer_settings(stack.settings, ALICE), key=ALICE) as api,
+        sessions_for(stack.settings.store_url) as sessions,
+    ):
+        device = Device(ca=ca)
+        body = device.registration_body(issue_http(api, "registration"), now=_now())
+        assert api.post("/v1/attestations", params={"wait": 20}, json=body).json()["result"]["ok"]
+        with sessions() as session, session.begin():
+            key = session.get(DeviceKey, device.key_id_b64)
+            assert key is not None
+            key.revoked_at, key.revoked_reason = _now(), "certificate_chain_invalid"
+        forged = device.assertion_body(issue_http(api, "assertion"), signing_key=forger)
+        result = api.post("/v1/assertions", params={"wait": 20}, json=forged).json()["result"]
+        assert result["reason"] == "signature_invalid", result
+        assert "revoked" not in (result["detail"] or "")
+        genuine = device.assertion_body(issue_http(api, "assertion"))
+        result = api.post("/v1/assertions", params={"wait": 20}, json=genuine).json()["result"]
+        assert result["reason"] == "key_revoked", result
+
+
+def test_hostile_headers_and_key_ids_get_clear_refusals(stack: Stack, ca: TestCA) -> None:
+    """A NUL (or any control character) in a keyId is invalid_request, on every route that
+    takes one, not a 500 from the database; two Idempotency-Key headers are refused rather
+    than one of them silently taken."""
+    with http_api(producer_settings(stack.settings, ALICE), key=ALICE) as api:
+        device = Device(ca=ca)
+        for key_id in ("abc\x00def", "abc\ndef", "caf\u00e9"):
+            answer = api.post("/v1/challenges", json={"purpose": "assertion", "keyId": key_id})
+            assert_error(answer, 422, "invalid_request")
+        for path, body in (
+            ("/v1/attestations", device.registration_body("a challenge", now=_now())),
+            ("/v1/assertions", device.assertion_body("some challenge")),
+        ):
+            assert_error(api.post(path, json=body | {"keyId": "ab\x00cd"}), 422, "invalid_request")
+        body = device.registration_body(issue_http(api, "registration"), now=_now())
+        twice = [("Idempotency-Key", "one"), ("Idempotency-Key", "two")]
+        assert_error(api.post("/v1/attestations", json=body, headers=twice), 422, "invalid_request")
+        # Nothing was queued by the refused request: the body is still good.
+        answer = api.post("/v1/attestations", params={"wait": 20}, json=body)
+        assert answer.status_code == 200 and answer.json()["result"]["ok"], answer.text
+
+
+def test_an_old_bare_key_shaped_like_name_and_key_still_works(stack: Stack) -> None:
+    """``APPATTEST_API_KEYS`` entries of an earlier release were bare keys; one that looks
+    like ``name:key`` is accepted whole, as before, and by its part after the name."""
+    old = f"team:{secrets.token_urlsafe(16)}"
+    with http_api(producer_settings(stack.settings, old), key=old) as api:
+        assert api.post("/v1/challenges", json={"purpose": "registration"}).status_code == 201
+        short = {"Authorization": f"Bearer {old.split(':', 1)[1]}"}
+        assert (
+            api.post("/v1/challenges", json={"purpose": "registration"}, headers=short).status_code
+            == 201
+        )
+        wrong = {"Authorization": "Bearer team"}
+        assert_error(
+            api.post("/v1/challenges", json={"purpose": "registration"}, headers=wrong),
+            401,
+            "unauthorized",
+        )
+
+
 def test_the_signature_is_checked_before_the_counter_and_the_app_id(ca: TestCA) -> None:
     device = Device(ca=ca)
     forger = ec.generate_private_key(ec.SECP256R1())
@@ -400,7 +468,7 @@ def _kill_and_restart(server: Any) -> None:
 
 
 def test_statuses_come_from_postgresql_when_redis_forgets(
-    ca: TestCA, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ca: TestCA, pg_url: str, tmp_path: Path
 ) -> None:
     """Redis without persistence is killed and comes back empty: every job already decided
     reads done from the verdicts table with its verdict; a job accepted but whose message died
@@ -465,14 +533,100 @@ def test_statuses_come_from_postgresql_when_redis_forgets(
             f"done-read-from-api={len(ids)} lost={len(waiting)} pending=0"
         )
 
-        # A retry with the key of a lost job (old enough not to be a concurrent first try)
-        # gets a new job, and that one is decided: the lost one never spent its challenge.
-        monkeypatch.setattr("producer.jobs._LOST_AFTER", timedelta(0))
-        for (body, key), lost in zip(retries, waiting, strict=True):
+        # A retry with the key of a lost job gets a new job, and that one is decided: the lost
+        # one never spent its challenge. Concurrent retries of one key share that new job.
+        (body, key), lost = retries[0], waiting[0]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: api.post(
+                        "/v1/attestations", params={"wait": 20}, json=body, headers=key
+                    ),
+                    range(4),
+                )
+            )
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        assert len({a.json()["jobId"] for a in answers}) == 1
+        assert answers[0].json()["jobId"] != lost
+        assert all(a.json()["result"]["ok"] for a in answers)
+        assert sum("Idempotent-Replayed" in a.headers for a in answers) == 3
+        for (body, key), lost in zip(retries[1:], waiting[1:], strict=True):
             answer = api.post("/v1/attestations", params={"wait": 20}, json=body, headers=key)
             assert answer.status_code == 200, answer.text
             assert answer.json()["jobId"] != lost and answer.json()["result"]["ok"]
             assert "Idempotent-Replayed" not in answer.headers
+
+
+def test_a_lost_job_stays_lost_when_a_worker_delivers_it_late(
+    ca: TestCA, pg_url: str, tmp_path: Path
+) -> None:
+    """Redis forgot a job's ledger entry while its message still existed (a worker had taken
+    it before Redis died, and runs it later). The status read that finds the job nowhere
+    answers lost and records it so: the late delivery decides nothing (no key stored, no
+    challenge spent) and the job still reads lost, so the caller's retry with its
+    idempotency key gets a new job that registers the device."""
+    with ExitStack() as cleanup:
+        server = _enter(cleanup, redis_server(persistent=False))
+        stack = cleanup.enter_context(
+            fault_stack(ca, tmp_path, store_url=pg_url, redis=server, env={})
+        )
+        sessions = cleanup.enter_context(sessions_for(pg_url))
+        api = cleanup.enter_context(http_api(producer_settings(stack.settings, ALICE), key=ALICE))
+        broker = redis.Redis.from_url(server.url(0))
+        cleanup.callback(broker.close)
+        device = Device(ca=ca)
+        body = device.registration_body(issue_http(api, "registration"), now=_now())
+        key = {"Idempotency-Key": f"late-{uuid.uuid4()}"}
+        first = api.post("/v1/attestations", json=body, headers=key)
+        assert first.status_code == 202, first.text
+        job_id = first.json()["jobId"]
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "pending"
+        # Redis forgets the ledger; the message stays for a worker to run.
+        broker.delete(LEDGER_KEY, JOBS_KEY)
+        lost = api.get(f"/v1/jobs/{job_id}").json()
+        assert lost["status"] == "lost" and lost["error"]["code"] == "job_lost", lost
+
+        stack.start_worker(name="late")
+        results = redis.Redis.from_url(server.url(1))
+        cleanup.callback(results.close)
+        wait_until(lambda: results.dbsize() > 0, 30, "the late delivery ran")
+        again = api.get(f"/v1/jobs/{job_id}").json()
+        assert again["status"] == "lost", again
+        with sessions() as session:
+            rows = session.execute(select(Verdict).where(Verdict.job_id == job_id)).scalars().all()
+            assert [(r.kind, r.ok, r.reason) for r in rows] == [("lost", False, "job_lost")]
+            assert session.get(DeviceKey, device.key_id_b64) is None
+
+        retry = api.post("/v1/attestations", params={"wait": 20}, json=body, headers=key)
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["jobId"] != job_id and retry.json()["result"]["ok"], retry.text
+        assert stored_counter(sessions, device.key_id_b64) == 0
+
+
+def test_concurrent_requests_with_one_idempotency_key_share_one_job(
+    stack: Stack, ca: TestCA
+) -> None:
+    """Eight identical requests with one key at the same moment: one job, which none of them
+    reads as lost or pending for ever (the claim becomes visible only with the job queued)."""
+    from producer import create_app
+    from tests.test_producer_api import serve
+
+    settings = stack.settings.model_copy(update={"api_keys": [SecretStr(f"alice:{ALICE}")]})
+    with serve(create_app(settings)) as url, _client(url, ALICE) as api:
+        body = Device(ca=ca).registration_body(issue_http(api, "registration"), now=_now())
+        key = {"Idempotency-Key": f"burst-{uuid.uuid4()}"}
+        barrier = threading.Barrier(8)
+
+        def post(_: int) -> httpx.Response:
+            barrier.wait()
+            return api.post("/v1/attestations", params={"wait": 20}, json=body, headers=key)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(8)))
+    assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+    assert len({a.json()["jobId"] for a in answers}) == 1
+    assert all(a.json()["status"] == "done" and a.json()["result"]["ok"] for a in answers)
+    assert sum("Idempotent-Replayed" in a.headers for a in answers) == 7
 
 
 class _HoldsEverything:
@@ -595,8 +749,8 @@ def test_no_503_for_accepted_work(ca: TestCA, pg_url: str, tmp_path: Path) -> No
         print("\nfault=redis-kill-during-wait answer=202-with-job-id retry=same-job verdict=ok")
 
         # A submission refused with 503 (Redis down before its ledger entry) was not accepted:
-        # a retry with its idempotency key, once Redis is back, creates the job and gets its
-        # verdict (the refused attempt left no claim behind).
+        # a retry with its idempotency key, once Redis is back, finds that job nowhere (lost),
+        # creates it anew and gets its verdict.
         body = Device(ca=ca).registration_body(issue_http(api, "registration"), now=_now())
         key = {"Idempotency-Key": f"refused-{uuid.uuid4()}"}
         server.stop(kill=True)

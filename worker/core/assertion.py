@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from worker.core.authdata import AssertionAuthData, AuthDataExtensions, parse_assertion_auth_data
 from worker.core.decoding import MAX_TOKEN_BYTES, decode_cbor_exact
-from worker.core.policy import ALLOW_ALL_EXTENSIONS, ExtensionRules
 from worker.core.reasons import Reason, Rejected
 
 _MAX_COUNTER: Final = 2**32 - 1
@@ -129,13 +128,6 @@ def _check_signature(
         raise Rejected(Reason.SIGNATURE_INVALID, "assertion signature does not verify") from exc
 
 
-def _check_build(auth_data: AssertionAuthData, rules: ExtensionRules) -> None:
-    # Not one of Apple's steps: every assertion is held to the app's rules for the iOS 27
-    # extensions on its own, so that a retired app version is cut off even for keys it
-    # registered while it was still allowed.
-    rules.check(auth_data.extensions)
-
-
 def verify_assertion(
     *,
     assertion_object: bytes,
@@ -143,16 +135,15 @@ def verify_assertion(
     public_key: bytes | ec.EllipticCurvePublicKey,
     app_id: str,
     previous_counter: int,
-    extension_rules: ExtensionRules = ALLOW_ALL_EXTENSIONS,
 ) -> VerifiedAssertion:
     """Verify an assertion object against a registered key.
 
     Takes the CBOR object, the clientDataHash of the payload (32 bytes from the plugin), the
     key's public key (a 65-byte uncompressed point or a loaded key), the App ID the key was
-    registered for, the stored counter and the app's rules for the iOS 27 extensions (the
-    ``extensions`` of its ``AppConfig``; by default none). Returns the new counter, which the
-    caller must store with a compare-and-set against ``previous_counter``. Raises ``Rejected``
-    with the reason of the first failed check.
+    registered for and the stored counter. Returns the new counter, which the caller must
+    store with a compare-and-set against ``previous_counter``, and the extensions, which the
+    caller holds to the app's rules (``AppConfig.extensions.check``) once it told the key's
+    state. Raises ``Rejected`` with the reason of the first failed check.
     """
     if not 0 <= previous_counter <= _MAX_COUNTER:
         raise ValueError("previous_counter must fit in 32 bits")
@@ -163,7 +154,6 @@ def verify_assertion(
     _check_signature(parsed, client_data_hash, key)
     _check_app_id(parsed.auth_data, app_id)
     _check_counter(parsed.auth_data, previous_counter)
-    _check_build(parsed.auth_data, extension_rules)
     return VerifiedAssertion(
         counter=parsed.auth_data.counter, extensions=parsed.auth_data.extensions
     )

@@ -109,14 +109,10 @@ def replace_job(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def release(session: Session, claims: Sequence[IdempotencyClaim]) -> None:
-    """Forget claims whose job was never queued (its publish failed), so that a retry with the
-    same key creates the job instead of answering with one that does not exist."""
-    for c in claims:
-        session.execute(
-            delete(IdempotencyKey).where(
-                IdempotencyKey.owner == c.owner,
-                IdempotencyKey.key_hash == c.key_hash,
-                IdempotencyKey.job_id == c.job_id,
-            )
+def held_job(session: Session, owner: str, key_hash: bytes) -> str | None:
+    """The job a key names now (None when it names none)."""
+    return session.execute(
+        select(IdempotencyKey.job_id).where(
+            IdempotencyKey.owner == owner, IdempotencyKey.key_hash == key_hash
         )
+    ).scalar_one_or_none()

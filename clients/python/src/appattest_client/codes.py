@@ -40,6 +40,10 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "internal_error"
     KEY_REVOKED = "key_revoked"
     RECEIPT_INVALID = "receipt_invalid"
+    # The job was accepted, but its queue message was lost with the broker's data before any
+    # worker decided it: recorded so that a late delivery decides nothing. Reported as the
+    # job status ``lost``; submit the request again.
+    JOB_LOST = "job_lost"
     VALIDATION_CATEGORY_NOT_ALLOWED = "validation_category_not_allowed"
     BUNDLE_VERSION_TOO_OLD = "bundle_version_too_old"
     EXTENSIONS_MISSING = "extensions_missing"
