@@ -61,9 +61,9 @@ from producer.schemas import (
     StatusRequest,
     StatusResponse,
 )
-from worker.celery_app import create_celery_app
 from worker.contract import AssertionRequest, Kind, RegistrationRequest
 from worker.core import Rejected
+from worker.queue.app import create_celery_app
 from worker.settings import Settings, load_settings
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory

@@ -44,7 +44,7 @@ from worker.core import (
     parse_bundle_version,
     verify_attestation,
 )
-from worker.embedded import worker_environment
+from worker.queue.embedded import worker_environment
 from worker.service import VerificationService
 from worker.settings import load_settings
 from worker.store.db import create_store_engine, session_factory, upgrade
@@ -784,7 +784,7 @@ def test_reverify_apply_revokes_the_keys_a_stricter_policy_refuses(
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "appattest",
             "reverify",
             *policy_args,
             *WINDOW,
@@ -825,7 +825,7 @@ def test_reverify_apply_revokes_the_keys_a_stricter_policy_refuses(
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "appattest",
                 "reverify",
                 *policy_args[:-1],
                 "3.0",
@@ -849,7 +849,7 @@ def test_reverify_apply_revokes_the_keys_a_stricter_policy_refuses(
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "appattest",
                 "reverify",
                 *policy_args[:-4],
                 *WINDOW,
@@ -875,7 +875,7 @@ def test_reverify_apply_revokes_the_keys_a_stricter_policy_refuses(
 
 
 def test_the_supervised_worker_gets_the_policy_options_of_its_supervisor(tmp_path: Path) -> None:
-    from worker import cli
+    from worker.cli import commands as cli
 
     root = tmp_path / "root.pem"
     given = cli.PolicyOptions(

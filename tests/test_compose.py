@@ -188,8 +188,8 @@ def test_producer_healthcheck_targets_a_real_route(compose: dict[str, Any]) -> N
 def test_worker_healthcheck_pings_its_own_default_node(compose: dict[str, Any]) -> None:
     worker = _services(compose)["worker"]
     probe = list(worker["healthcheck"]["test"])
-    assert probe[:4] == ["CMD", "python", "-m", "worker.healthcheck"]
-    assert importlib.util.find_spec("worker.healthcheck") is not None
+    assert probe[:4] == ["CMD", "python", "-m", "worker.queue.healthcheck"]
+    assert importlib.util.find_spec("worker.queue.healthcheck") is not None
     # The check's default node is celery@HOST, the worker's own name only while the worker
     # command does not choose another.
     assert not any(arg.startswith("--hostname") for arg in _command(worker))
@@ -206,7 +206,7 @@ def _seconds(duration: str) -> float:
 
 def _healthcheck(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.healthcheck", *args],
+        [sys.executable, "-m", "worker.queue.healthcheck", *args],
         env=env,
         capture_output=True,
         text=True,

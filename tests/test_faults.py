@@ -13,7 +13,7 @@ timeout, an outage that must last); everything else polls with a deadline.
 
 Kombu's Redis transport takes a message off the queue (``BRPOP``) and only then, in a second
 command, records it as unacknowledged; a Redis that dies between the two loses that message.
-The ledger (``worker.ledger``) closes that gap, and ``test_redis_crash_mid_burst`` requires
+The ledger (``worker.queue.ledger``) closes that gap, and ``test_redis_crash_mid_burst`` requires
 every accepted job to get its right verdict.
 """
 
@@ -66,9 +66,9 @@ from tests.faults import (
 )
 from tests.stack import Stack, service_stack
 from tests.stack import key_owner as stack_key_owner
-from worker.celery_app import create_celery_app
 from worker.contract import PluginRequest
-from worker.messaging import QUEUE, VERIFY_BATCH_TASK, VERIFY_TASK, decode, publish
+from worker.queue.app import create_celery_app
+from worker.queue.messaging import QUEUE, VERIFY_BATCH_TASK, VERIFY_TASK, decode, publish
 from worker.settings import Settings
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory
@@ -699,7 +699,7 @@ def test_redis_crash_mid_burst(ca: TestCA, pg_url: str, tmp_path: Path) -> None:
     append-only file fsynced on every write (``appendonly yes``, ``appendfsync always``), and
     what follows holds only for a Redis configured that way. A message a worker took off the
     queue as Redis died, before the broker recorded it as held, comes back through the ledger
-    (``worker.ledger``); the log says how many did."""
+    (``worker.queue.ledger``); the log says how many did."""
     with ExitStack() as cleanup:
         server = _enter(cleanup, redis_server(persistent=True))
         stack = cleanup.enter_context(

@@ -16,8 +16,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from worker.contract import VerificationResult, kind_of, parse_request
 from worker.core import IntermediateCache, Reason, Rejected
-from worker.ledger import Ledger, ledger_for
-from worker.messaging import (
+from worker.queue.ledger import Ledger, ledger_for
+from worker.queue.messaging import (
     MAX_BATCH_JOBS,
     REVERIFY_TASK,
     VERIFY_BATCH_TASK,
@@ -262,7 +262,7 @@ def run_reverify(task: Task, settings: Settings, payload: Any) -> dict[str, Any]
 
 
 class LedgeredTask(Task):  # type: ignore[misc]
-    """A task whose message is in the ledger (see ``worker.messaging.publish``): once its
+    """A task whose message is in the ledger (see ``worker.queue.messaging.publish``): once its
     result is stored, its entry leaves the ledger."""
 
     def after_return(
@@ -288,7 +288,7 @@ class LedgeredTask(Task):  # type: ignore[misc]
 
 
 def register(app: Celery, settings: Settings) -> None:
-    """Register the tasks on ``app``: one per message of ``worker.messaging``, each decoding
+    """Register the tasks on ``app``: one per message of ``worker.queue.messaging``, each decoding
     its message there."""
 
     def task(name: str) -> Any:
