@@ -44,7 +44,6 @@ import httpx
 import pytest
 from celery import states
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi.routing import APIRoute
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, SecretStr
 from sqlalchemy import select, text
@@ -55,6 +54,7 @@ from producer import create_app
 from producer.batching import Owner, new_batch_id, open_job_id, seal_job_id
 from producer.jobs import JobQueue, check_request
 from producer.ratelimit import RateLimiter, retry_after_seconds
+from producer.routes import api_routes
 from tests.factory import APP_ID, Device, TestCA
 from tests.faults import (
     PostgresServer,
@@ -1298,11 +1298,7 @@ def test_every_verdict_has_an_audit_record_the_api_cannot_change(stack: Stack, c
 
         # No route writes to existing jobs or verdicts: /v1/jobs only takes new jobs (whose
         # ids the producer picks), a job is only read, and nothing else names verdicts.
-        methods = {
-            route.path: set(route.methods or ())
-            for route in app.routes
-            if isinstance(route, APIRoute)
-        }
+        methods = {route.path: set(route.methods or ()) for route in api_routes()}
         assert methods["/v1/jobs"] == {"POST"} and methods["/v1/jobs/{jobId}"] == {"GET"}
         for path, allowed in methods.items():
             assert allowed <= {"GET", "POST"}, path
