@@ -199,3 +199,34 @@ print(",".join(loaded))
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", result.stdout
+
+
+def test_settings_do_not_import_the_service_layer() -> None:
+    # Settings are read by every process, the producer's included: they describe the policy
+    # (worker.core.PolicySpec) but never reach into the service that runs it.
+    reached = set()
+    todo = ["worker.settings"]
+    while todo:
+        module = todo.pop()
+        for target in GRAPH[module]:
+            if target not in reached and target.startswith("worker"):
+                reached.add(target)
+                todo.append(target)
+    assert not sorted(t for t in reached if _ring(t) == "service")
+
+
+def test_one_place_builds_the_verification_policy() -> None:
+    # Policy.build is called by PolicySpec.build only: the commands, the settings, the
+    # workers and re-verification all describe a policy as a PolicySpec and build it there.
+    callers = set()
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in {"build", "replacing_apple_root", "apple"}
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in {"Policy", "TrustStore"}
+            ):
+                callers.add(module)
+    assert callers == {"worker.core.spec"}

@@ -6,13 +6,15 @@ result is passed to ``create_app(settings)`` and ``create_celery_app(settings)``
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.core import Policy, TrustStore
+from worker.core import Policy, PolicySpec, parse_bundle_version
 from worker.store.db import DEFAULT_STORE_URL
 
 
@@ -20,6 +22,32 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+_CATEGORY = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
+def _check_bundle_version(value: str | None) -> str | None:
+    if value is not None and parse_bundle_version(value) is None:
+        raise ValueError(
+            f"{value!r} is not a bundle version (one to three period-separated non-negative "
+            "integers, such as 2.0)"
+        )
+    return value
+
+
+class AppPolicy(BaseModel):
+    """One App ID's own rules for the iOS 27 extensions (``APPATTEST_APP_POLICIES``); each rule
+    it gives replaces the global one for that app, the others stay global. An explicit null
+    means every category, or no minimum."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allowed_validation_categories: list[_CATEGORY] | None = None
+    min_bundle_version: str | None = None
+    require_extensions: bool = False
+
+    _version = field_validator("min_bundle_version")(_check_bundle_version)
 
 
 class Settings(BaseSettings):
@@ -34,6 +62,13 @@ class Settings(BaseSettings):
     app_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
     dev_app_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
     root_ca: Path | None = None
+    # Rules for the iOS 27 authenticator-data extensions (see worker.core.policy.ExtensionRules):
+    # None allows every validation category and sets no minimum bundle version.
+    allowed_validation_categories: Annotated[list[_CATEGORY] | None, NoDecode] = None
+    min_bundle_version: str | None = None
+    require_extensions: bool = False
+    # Per App ID, JSON: {"TEAMID.bundle.id": {"min_bundle_version": "3.0", ...}}.
+    app_policies: Annotated[dict[str, AppPolicy], NoDecode] = Field(default_factory=dict)
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     challenge_ttl_seconds: int = Field(default=300, ge=1, le=86_400)
@@ -83,16 +118,60 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("allowed_validation_categories", mode="before")
+    @classmethod
+    def _categories(cls, value: object) -> object:
+        # An empty variable is the default (every category), not "no category at all".
+        return (_split_csv(value) or None) if isinstance(value, str) else value
+
+    _version = field_validator("min_bundle_version")(_check_bundle_version)
+
+    @field_validator("app_policies", mode="before")
+    @classmethod
+    def _app_policies(cls, value: object) -> object:
+        # Read here rather than by pydantic-settings, whose error for bad JSON names neither
+        # the variable nor the problem.
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return {}
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                "APPATTEST_APP_POLICIES must be a JSON object keyed by App ID, such as "
+                f'{{"TEAMID.bundle.id": {{"min_bundle_version": "2.0"}}}}: {exc}'
+            ) from exc
+
+    def policy_spec(
+        self,
+        *,
+        distrusted_certificates: Iterable[str] = (),
+        distrusted_key_ids: Iterable[str] = (),
+    ) -> PolicySpec:
+        """The verification policy these settings describe, as configuration (normalized);
+        ``distrusted_*`` are a re-verification run's lists. Raises OSError when the root
+        certificate file cannot be read."""
+        categories = self.allowed_validation_categories
+        return PolicySpec(
+            app_ids=tuple(self.app_ids),
+            dev_app_ids=tuple(self.dev_app_ids),
+            root_pem=self.root_ca.read_text() if self.root_ca is not None else None,
+            distrusted_certificates=tuple(distrusted_certificates),
+            distrusted_key_ids=tuple(distrusted_key_ids),
+            allowed_validation_categories=None if categories is None else tuple(categories),
+            min_bundle_version=self.min_bundle_version,
+            require_extensions=self.require_extensions,
+            app_rules={
+                app_id: rules.model_dump(exclude_unset=True)
+                for app_id, rules in self.app_policies.items()
+            },
+        ).normalized()
+
     def policy(self) -> Policy:
-        """The verification policy these settings describe; fails closed when incomplete."""
-        trust = (
-            TrustStore.replacing_apple_root(self.root_ca.read_bytes())
-            if self.root_ca is not None
-            else TrustStore.apple()
-        )
-        return Policy.build(
-            trust=trust, production_apps=self.app_ids, development_apps=self.dev_app_ids
-        )
+        """The verification policy these settings describe; fails closed when incomplete
+        (``ValueError`` subclasses, or OSError for an unreadable root certificate)."""
+        return self.policy_spec().build()
 
 
 def load_settings(**overrides: object) -> Settings:

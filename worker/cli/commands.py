@@ -3,6 +3,7 @@ command (``appattest.cli``) adds the ones that run the HTTP API, `api` and `serv
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -12,10 +13,11 @@ import sys
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 from celery import Celery, signals
@@ -25,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.cli.lines import parse_line, read_lines
 from worker.contract import PluginRequest, VerificationResult
-from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
+from worker.core import Reason
 from worker.queue.app import create_celery_app
 from worker.queue.ledger import Sweeper, ledger_for
 from worker.queue.logs import omit_task_results
@@ -63,24 +65,6 @@ def _parse_instant(value: str) -> datetime:
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not an ISO 8601 instant") from exc
     return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant
-
-
-def _build_policy(
-    app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None
-) -> Policy:
-    try:
-        trust = (
-            TrustStore.replacing_apple_root(root_ca.read_bytes())
-            if root_ca is not None
-            else TrustStore.apple()
-        )
-        return Policy.build(trust=trust, production_apps=app_ids, development_apps=dev_app_ids)
-    except OSError as exc:
-        raise click.UsageError(f"cannot read --root-ca: {exc}") from exc
-    except (TrustStoreError, PolicyError) as exc:
-        if not app_ids and not dev_app_ids:
-            raise click.UsageError(NO_APP_ID) from exc
-        raise click.UsageError(str(exc)) from exc
 
 
 def _open_store(store_url: str) -> Engine:
@@ -144,6 +128,123 @@ def main(verbose: bool) -> None:
     )
 
 
+_POLICY_OPTIONS = (
+    click.option(
+        "--app-id",
+        "app_ids",
+        multiple=True,
+        metavar="APPID",
+        help="Accept production keys for this App ID (TEAMID.bundle.id). Repeatable.",
+    ),
+    click.option(
+        "--dev-app-id",
+        "dev_app_ids",
+        multiple=True,
+        metavar="APPID",
+        help="Accept development and production keys for this App ID. Repeatable.",
+    ),
+    click.option(
+        "--root-ca",
+        type=click.Path(dir_okay=False, path_type=Path),
+        metavar="PEM",
+        help="Trust this root certificate instead of Apple's App Attestation Root CA.",
+    ),
+    click.option(
+        "--allow-validation-category",
+        "allowed_categories",
+        multiple=True,
+        type=click.IntRange(0, 2**32 - 1),
+        metavar="N",
+        help="Accept only devices whose apple_validation_category_01 is N. Repeatable "
+        "(default: every category; APPATTEST_ALLOWED_VALIDATION_CATEGORIES).",
+    ),
+    click.option(
+        "--min-bundle-version",
+        metavar="V",
+        help="Refuse devices whose apple_bundle_version_01 is below V, compared as up to "
+        "three numbers (10.0 > 2.0; APPATTEST_MIN_BUNDLE_VERSION).",
+    ),
+    click.option(
+        "--require-extensions/--no-require-extensions",
+        default=None,
+        help="Refuse devices that send no extensions map, every device before iOS 27 "
+        "(default: off; APPATTEST_REQUIRE_EXTENSIONS).",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """The verification policy options of one command line (``policy_options``).
+
+    Each option given overrides its ``APPATTEST_*`` setting; the policy itself is then built
+    from the settings (``Settings.policy_spec``, ``PolicySpec.build``), the one way every
+    command, the workers and re-verification build it.
+    """
+
+    app_ids: tuple[str, ...] = ()
+    dev_app_ids: tuple[str, ...] = ()
+    root_ca: Path | None = None
+    allowed_categories: tuple[int, ...] = ()
+    min_bundle_version: str | None = None
+    require_extensions: bool | None = None
+
+    def overrides(self) -> dict[str, object]:
+        """The settings that the options given override (none: an empty dict)."""
+        overrides: dict[str, object] = {}
+        if self.app_ids:
+            overrides["app_ids"] = list(self.app_ids)
+        if self.dev_app_ids:
+            overrides["dev_app_ids"] = list(self.dev_app_ids)
+        if self.root_ca is not None:
+            overrides["root_ca"] = self.root_ca
+        if self.allowed_categories:
+            overrides["allowed_validation_categories"] = list(self.allowed_categories)
+        if self.min_bundle_version is not None:
+            overrides["min_bundle_version"] = self.min_bundle_version
+        if self.require_extensions is not None:
+            overrides["require_extensions"] = self.require_extensions
+        return overrides
+
+    def arguments(self) -> list[str]:
+        """The command-line options that give another ``appattest`` command these options."""
+        arguments = [f"--app-id={app_id}" for app_id in self.app_ids]
+        arguments += [f"--dev-app-id={app_id}" for app_id in self.dev_app_ids]
+        if self.root_ca is not None:
+            arguments.append(f"--root-ca={self.root_ca.resolve()}")
+        arguments += [f"--allow-validation-category={c}" for c in self.allowed_categories]
+        if self.min_bundle_version is not None:
+            arguments.append(f"--min-bundle-version={self.min_bundle_version}")
+        if self.require_extensions is not None:
+            arguments.append(
+                "--require-extensions" if self.require_extensions else "--no-require-extensions"
+            )
+        return arguments
+
+
+def _policy_decorator(
+    options: tuple[Callable[[Callable[..., None]], Callable[..., None]], ...],
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def with_policy(*args: Any, **kwargs: Any) -> None:
+            given = {f.name: kwargs.pop(f.name) for f in fields(PolicyOptions) if f.name in kwargs}
+            command(*args, policy=PolicyOptions(**given), **kwargs)
+
+        for option in reversed(options):
+            with_policy = option(with_policy)
+        return with_policy
+
+    return decorate
+
+
+# Give a command the policy options (App IDs, root, the rules for the iOS 27 extensions),
+# handed to it as one ``policy: PolicyOptions`` argument; ``app_options`` gives only the App
+# IDs and the root, to a command that checks the configuration but does not verify (``api``).
+policy_options = _policy_decorator(_POLICY_OPTIONS)
+app_options = _policy_decorator(_POLICY_OPTIONS[:3])
+
+
 _store_option = click.option(
     "--store",
     "store_url",
@@ -156,26 +257,7 @@ _store_option = click.option(
 
 @main.command()
 @click.argument("input_file", type=click.File("rb"), default="-")
-@click.option(
-    "--app-id",
-    "app_ids",
-    multiple=True,
-    metavar="APPID",
-    help="Accept production keys for this App ID (TEAMID.bundle.id). Repeatable.",
-)
-@click.option(
-    "--dev-app-id",
-    "dev_app_ids",
-    multiple=True,
-    metavar="APPID",
-    help="Accept development and production keys for this App ID. Repeatable.",
-)
-@click.option(
-    "--root-ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="PEM",
-    help="Trust this root certificate instead of Apple's App Attestation Root CA.",
-)
+@policy_options
 @click.option(
     "--at",
     "at_text",
@@ -187,7 +269,7 @@ _store_option = click.option(
     "--queue",
     is_flag=True,
     help="Send the lines through the Celery workers (APPATTEST_BROKER_URL) instead of "
-    "verifying in this process; the workers' apps and root apply.",
+    "verifying in this process; the workers' configured policy applies.",
 )
 @click.option("--run-id", help="With --queue: resume the run with this id (printed at start).")
 @click.option(
@@ -197,9 +279,7 @@ _store_option = click.option(
 )
 def verify(
     input_file: BinaryIO,
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
+    policy: PolicyOptions,
     at_text: str | None,
     store_url: str,
     queue: bool,
@@ -215,18 +295,16 @@ def verify(
     usage error or unreadable input.
     """
     if queue:
-        if app_ids or dev_app_ids or root_ca:
-            raise click.UsageError("with --queue the workers' configured apps and root apply")
+        if policy.overrides():
+            raise click.UsageError("with --queue the workers' configured policy applies")
         _verify_through_queue(input_file, at_text, run_id, report_dir)
         return
     if run_id or report_dir:
         raise click.UsageError("--run-id and --report-dir go with --queue")
-    if not app_ids and not dev_app_ids:
-        app_ids, dev_app_ids = _configured_app_ids()
-    policy = _build_policy(app_ids, dev_app_ids, root_ca)
+    built = _settings_with(policy).policy()
     at = _parse_instant(at_text) if at_text else None
     engine = _open_store(store_url)
-    service = VerificationService(policy=policy, sessions=session_factory(engine))
+    service = VerificationService(policy=built, sessions=session_factory(engine))
     counts: Counter[str] = Counter()
     out = sys.stdout
     try:
@@ -331,15 +409,6 @@ def _decide_chunk(
     return [(number, _verify_line(service, raw, at)) for number, raw in chunk]
 
 
-def _configured_app_ids() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The App IDs of APPATTEST_APP_IDS and APPATTEST_DEV_APP_IDS."""
-    try:
-        settings = load_settings()
-    except ValueError as exc:
-        raise click.UsageError(f"invalid configuration: {exc}") from exc
-    return tuple(settings.app_ids), tuple(settings.dev_app_ids)
-
-
 def _print_line_summary(counts: Counter[str]) -> None:
     total = sum(counts.values())
     click.echo(
@@ -418,56 +487,27 @@ def migrate(store_url: str) -> None:
         click.echo(f"the key store at {where} is up to date (revision {change.after})")
 
 
-def _settings_with(
-    app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None, **extra: object
-) -> Settings:
-    """Settings from the environment, with command-line options taking precedence."""
-    overrides: dict[str, object] = dict(extra)
-    if app_ids:
-        overrides["app_ids"] = list(app_ids)
-    if dev_app_ids:
-        overrides["dev_app_ids"] = list(dev_app_ids)
-    if root_ca is not None:
-        overrides["root_ca"] = root_ca
+def _settings_with(policy: PolicyOptions, **extra: object) -> Settings:
+    """Settings from the environment, with the command line's policy options and ``extra``
+    taking precedence; the policy they describe is built once (``Settings.policy``) so that a
+    wrong one stops the command with a usage error before it does anything."""
     try:
-        settings = load_settings(**overrides)
-    except (ValueError, OSError) as exc:
+        settings = load_settings(**{**extra, **policy.overrides()})
+    except ValueError as exc:
         raise click.UsageError(f"invalid configuration: {exc}") from exc
     if not settings.app_ids and not settings.dev_app_ids:
         raise click.UsageError(NO_APP_ID)
     try:
         settings.policy()
-    except (ValueError, OSError) as exc:
-        raise click.UsageError(f"invalid configuration: {exc}") from exc
+    except OSError as exc:
+        raise click.UsageError(f"cannot read the root certificate (--root-ca): {exc}") from exc
+    except ValueError as exc:
+        raise click.UsageError(f"invalid policy: {exc}") from exc
     return settings
 
 
-_app_id_option = click.option(
-    "--app-id",
-    "app_ids",
-    multiple=True,
-    metavar="APPID",
-    help="Accept production keys for this App ID (TEAMID.bundle.id). Repeatable.",
-)
-_dev_app_id_option = click.option(
-    "--dev-app-id",
-    "dev_app_ids",
-    multiple=True,
-    metavar="APPID",
-    help="Accept development and production keys for this App ID. Repeatable.",
-)
-_root_ca_option = click.option(
-    "--root-ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="PEM",
-    help="Trust this root certificate instead of Apple's App Attestation Root CA.",
-)
-
-
 @main.command()
-@_app_id_option
-@_dev_app_id_option
-@_root_ca_option
+@policy_options
 @click.option(
     "--concurrency", type=click.IntRange(min=1), help="Worker processes (default: cores)."
 )
@@ -509,9 +549,7 @@ _root_ca_option = click.option(
 )
 @click.option("--parent-pid", type=int, hidden=True, help="Stop when this process is gone.")
 def worker(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
+    policy: PolicyOptions,
     concurrency: int | None,
     pool: str,
     loglevel: str,
@@ -530,7 +568,7 @@ def worker(
     """
     from worker.queue.supervise import Backoff, Supervisor, stop_with_parent
 
-    settings = _settings_with(app_ids, dev_app_ids, root_ca)
+    settings = _settings_with(policy)
     if supervise:
         try:
             backoff = Backoff(
@@ -539,9 +577,7 @@ def worker(
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
         supervisor = Supervisor(
-            _unsupervised_worker_command(
-                app_ids, dev_app_ids, root_ca, concurrency, pool, loglevel, hostname
-            ),
+            _unsupervised_worker_command(policy, concurrency, pool, loglevel, hostname),
             backoff=backoff,
         )
         logging.getLogger("appattest.supervise").setLevel(loglevel.upper())
@@ -584,9 +620,7 @@ def worker(
 
 
 def _unsupervised_worker_command(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
+    policy: PolicyOptions,
     concurrency: int | None,
     pool: str,
     loglevel: str,
@@ -596,10 +630,7 @@ def _unsupervised_worker_command(
     options, run in a child that stops when this process is gone."""
     command = [sys.executable, "-m", "worker.cli.commands", "worker", "--no-supervise"]
     command += [f"--parent-pid={os.getpid()}", f"--pool={pool}", f"--loglevel={loglevel}"]
-    command += [f"--app-id={app_id}" for app_id in app_ids]
-    command += [f"--dev-app-id={app_id}" for app_id in dev_app_ids]
-    if root_ca is not None:
-        command.append(f"--root-ca={root_ca.resolve()}")
+    command += policy.arguments()
     if concurrency:
         command.append(f"--concurrency={concurrency}")
     if hostname:
@@ -631,9 +662,7 @@ def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
 
 
 @main.command()
-@_app_id_option
-@_dev_app_id_option
-@_root_ca_option
+@policy_options
 @click.option(
     "--distrust-cert",
     "distrust_certs",
@@ -697,9 +726,7 @@ def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
     help="SQLAlchemy URL of the key store (default: the settings' store).",
 )
 def reverify(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
+    policy: PolicyOptions,
     distrust_certs: tuple[str, ...],
     distrust_keys: tuple[str, ...],
     only_app_ids: tuple[str, ...],
@@ -717,7 +744,8 @@ def reverify(
     """Re-verify stored registrations against today's policy, through the workers.
 
     Each stored attestation is verified again as of the instant it was first verified, against
-    the given (or configured) apps, environment rules, trust root and distrust lists. Without
+    the given (or configured) apps, environment rules, trust root, distrust lists and build
+    policy (validation categories, minimum bundle version, required extensions). Without
     --apply nothing changes; with it, keys that now fail are revoked and their assertions get
     key_revoked. A run is resumable: run again with its --run-id to continue where it stopped.
     """
@@ -730,19 +758,13 @@ def reverify(
         reverify_local,
         reverify_rows,
     )
-    from worker.service.reverify import Reverifier, RunFilters, RunMismatch, RunPolicy, start_run
+    from worker.service.reverify import Reverifier, RunFilters, RunMismatch, start_run
 
     extra = {"store_url": store_url} if store_url else {}
-    settings = _settings_with(app_ids, dev_app_ids, root_ca, **extra)
+    settings = _settings_with(policy, **extra)
     try:
-        run_policy = RunPolicy(
-            # Sorted and without repeats: the same policy given in another order is the same
-            # run when it is resumed.
-            app_ids=tuple(sorted(set(settings.app_ids))),
-            dev_app_ids=tuple(sorted(set(settings.dev_app_ids))),
-            root_pem=settings.root_ca.read_text() if settings.root_ca else None,
-            distrusted_certificates=tuple(sorted(h.lower() for h in distrust_certs)),
-            distrusted_key_ids=tuple(sorted(distrust_keys)),
+        run_policy = settings.policy_spec(
+            distrusted_certificates=distrust_certs, distrusted_key_ids=distrust_keys
         )
         run_policy.build()
     except (ValueError, OSError) as exc:

@@ -19,9 +19,17 @@ if TYPE_CHECKING:
     from worker.core.authdata import AuthDataExtensions
     from worker.core.chain import IntermediateCache
     from worker.core.decoding import b64decode_strict
-    from worker.core.policy import AppConfig, Environment, Policy, PolicyError
+    from worker.core.policy import (
+        AppConfig,
+        Environment,
+        ExtensionRules,
+        Policy,
+        PolicyError,
+        parse_bundle_version,
+    )
     from worker.core.reasons import Reason, Rejected
     from worker.core.receipt import Receipt, ReceiptTrustStore, parse_receipt, verify_receipt
+    from worker.core.spec import PolicySpec
     from worker.core.trust import APPLE_APP_ATTEST_ROOT_SHA256, TrustStore, TrustStoreError
 
 # Where each public name is defined, by module.
@@ -30,9 +38,11 @@ _EXPORTS = {
     "AppConfig": "worker.core.policy",
     "AuthDataExtensions": "worker.core.authdata",
     "Environment": "worker.core.policy",
+    "ExtensionRules": "worker.core.policy",
     "IntermediateCache": "worker.core.chain",
     "Policy": "worker.core.policy",
     "PolicyError": "worker.core.policy",
+    "PolicySpec": "worker.core.spec",
     "Reason": "worker.core.reasons",
     "Receipt": "worker.core.receipt",
     "ReceiptTrustStore": "worker.core.receipt",
@@ -42,6 +52,7 @@ _EXPORTS = {
     "VerifiedAssertion": "worker.core.assertion",
     "VerifiedAttestation": "worker.core.attestation",
     "b64decode_strict": "worker.core.decoding",
+    "parse_bundle_version": "worker.core.policy",
     "parse_receipt": "worker.core.receipt",
     "verify_assertion": "worker.core.assertion",
     "verify_attestation": "worker.core.attestation",
@@ -59,9 +70,11 @@ __all__ = [
     "AppConfig",
     "AuthDataExtensions",
     "Environment",
+    "ExtensionRules",
     "IntermediateCache",
     "Policy",
     "PolicyError",
+    "PolicySpec",
     "Reason",
     "Receipt",
     "ReceiptTrustStore",
@@ -72,6 +85,7 @@ __all__ = [
     "VerifiedAttestation",
     "b64decode_strict",
     "client_data_hash",
+    "parse_bundle_version",
     "parse_receipt",
     "verify_assertion",
     "verify_attestation",

@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from worker.settings import Settings
 
@@ -92,8 +92,16 @@ def _env_value(value: object) -> str:
     if isinstance(value, list | tuple):
         return ",".join(_env_value(item) for item in value)
     if isinstance(value, dict):
-        return json.dumps(value)
+        return json.dumps(value, default=_json_value)
     return str(value)
+
+
+def _json_value(value: object) -> object:
+    # A model inside a mapping setting (an App ID's own policy, APPATTEST_APP_POLICIES) is
+    # written with the fields it was given only: a rule it leaves out stays the global one.
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    raise TypeError(f"{type(value).__name__} is not a setting value")
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:

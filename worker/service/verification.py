@@ -444,6 +444,9 @@ class VerificationService:
             raise Rejected(
                 Reason.ENVIRONMENT_MISMATCH, f"{app.app_id} no longer accepts {environment} keys"
             )
+        # Last, the app's rules for the iOS 27 extensions, on every assertion on its own: an
+        # assertion from an app version retired since its key registered is refused.
+        app.extensions.check(verified.extensions)
         job.new_counter = verified.counter
         job.result = VerificationResult(
             ok=True,

@@ -44,6 +44,9 @@ class Reason(StrEnum):
     # worker decided it: recorded so that a late delivery decides nothing. Reported as the
     # job status ``lost``; submit the request again.
     JOB_LOST = "job_lost"
+    VALIDATION_CATEGORY_NOT_ALLOWED = "validation_category_not_allowed"
+    BUNDLE_VERSION_TOO_OLD = "bundle_version_too_old"
+    EXTENSIONS_MISSING = "extensions_missing"
 
 
 class Environment(StrEnum):
