@@ -41,6 +41,7 @@ import redis
 from celery import Celery, states
 
 from worker.messaging import decode, publish, read_task_metas
+from worker.metrics import worker_metrics
 
 log = logging.getLogger("appattest.ledger")
 
@@ -235,7 +236,9 @@ class Sweeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.sweep_once()
+                report = self.sweep_once()
+                if report is not None and report.resent:
+                    worker_metrics().ledger_republished.inc(len(report.resent))
             except Exception as exc:  # a down broker, or a bug: log it, try again next round
                 log.warning("ledger sweep failed: %s: %s", type(exc).__name__, exc)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -29,6 +31,7 @@ from worker.messaging import (
     VerifyOne,
     decode,
 )
+from worker.metrics import CacheCounts, WorkerMetrics, observe_verdicts, worker_metrics
 from worker.service import VerificationService
 from worker.service.reverify import Reverifier
 from worker.settings import Settings
@@ -53,6 +56,31 @@ class ProcessResources:
     reverifier: Reverifier
     cache: IntermediateCache
     ledger: Ledger | None
+    # --- metrics (issue 11): this process's worker metrics, the App IDs that may be labels,
+    # and what the caches had counted when the metrics last saw them.
+    metrics: WorkerMetrics = field(default_factory=worker_metrics)
+    known_apps: frozenset[str] = frozenset()
+    intermediate_counts: CacheCounts = field(default_factory=lambda: CacheCounts("intermediate"))
+    key_counts: CacheCounts = field(default_factory=lambda: CacheCounts("public_key"))
+
+    def observe(
+        self, results: list[dict[str, Any]], seconds: float, submitted_at: datetime | None
+    ) -> None:
+        """Count one task's verdicts and the caches' hits and misses in the metrics."""
+        observe_verdicts(
+            self.metrics,
+            results,
+            known_apps=self.known_apps,
+            seconds=seconds,
+            submitted_at=submitted_at,
+            now=datetime.now(UTC),
+        )
+        self.intermediate_counts.update(self.metrics, self.cache.hits, self.cache.misses)
+        self.key_counts.update(
+            self.metrics,
+            self.service.public_key_hits + self.offline.public_key_hits,
+            self.service.public_key_misses + self.offline.public_key_misses,
+        )
 
     @classmethod
     def build(cls, app: Celery, settings: Settings) -> ProcessResources:
@@ -75,6 +103,7 @@ class ProcessResources:
             reverifier=Reverifier(sessions=sessions, cache=cache),
             cache=cache,
             ledger=ledger_for(app),
+            known_apps=frozenset(settings.app_ids) | frozenset(settings.dev_app_ids),
         )
 
 
@@ -149,7 +178,10 @@ def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         service = resources.offline if message.challenges_given else resources.service
         # Operator imports may verify as of the instant the registrations were made.
         at = message.at if message.challenges_given else None
+        started = time.perf_counter()
         result: dict[str, Any] = service.handle(request, job_id=job_id, now=at).to_json_dict()
+        resources.observe([result], time.perf_counter() - started, message.submitted_at)
+        _log_verdict(job_id, result, None)
         return result
     except Rejected as exc:
         return _rejection(body, exc.reason, exc.detail)
@@ -207,9 +239,13 @@ def run_batch(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         except Rejected as exc:
             rejection = _rejection(job.body, exc.reason, exc.detail)
             items.append((job.job_id, VerificationResult.model_validate(rejection)))
+    request_ids: list[str | None] = [job.request_id for job in batch.jobs]
     try:
-        service = resources_of(task.app, settings).service
-        results = service.handle_batch(items, submitted_by=owners)
+        resources = resources_of(task.app, settings)
+        started = time.perf_counter()
+        results = resources.service.handle_batch(
+            items, submitted_by=owners, request_ids=request_ids
+        )
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("batch %s: %s, retries exhausted", task.request.id, type(exc).__name__)
@@ -225,13 +261,42 @@ def run_batch(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
             "results": [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs],
             "jobIds": job_ids,
         }
+    decided = [result.to_json_dict() for result in results]
+    resources.observe(decided, time.perf_counter() - started, batch.submitted_at)
+    resources.metrics.batch_jobs.observe(len(decided))
+    for job_id, request_id, result in zip(job_ids, request_ids, decided, strict=True):
+        _log_verdict(job_id, result, request_id)
     # The job ids beside the results: a reader finds a job's verdict by its id.
-    return {"results": [result.to_json_dict() for result in results], "jobIds": job_ids}
+    return {"results": decided, "jobIds": job_ids}
+
+
+def _log_verdict(job_id: str | None, result: dict[str, Any], request_id: str | None) -> None:
+    """One line per decided job: its ids, kind, App ID and reason (never its body)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    reason = "ok" if result.get("ok") else result.get("reason")
+    kind, app_id = result.get("kind"), result.get("appId")
+    log.info(
+        "job %s: %s %s (app %s, request %s)",
+        job_id,
+        kind,
+        reason,
+        app_id,
+        request_id,
+        extra={
+            "job_id": job_id,
+            "kind": kind,
+            "reason": reason,
+            "app_id": app_id,
+            "request_id": request_id,
+        },
+    )
 
 
 def _retry_or_raise(task: Task, settings: Settings, exc: Exception) -> None:
     retries = task.request.retries
     if retries < settings.task_max_retries:
+        resources_of(task.app, settings).metrics.retries.labels(task.name).inc()
         countdown = min(settings.task_retry_backoff_max, 2**retries)
         log.warning(
             "task %s: %s, retry %d in %ds",
