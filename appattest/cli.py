@@ -17,6 +17,7 @@ from producer.server import server_config
 from worker import cli as worker_cli
 from worker.cli import _app_id_option, _dev_app_id_option, _root_ca_option, _settings_with
 from worker.embedded import DataDirInUse, data_dir_lock, embedded_overrides, ensure_api_key
+from worker.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -74,6 +75,7 @@ def serve(
             app_ids, dev_app_ids, root_ca, **embedded_overrides(data_dir, os.environ)
         )
         settings, generated = ensure_api_key(settings)
+        configure_logging(settings.log_format)
         if generated:
             click.echo(
                 f"APPATTEST_API_KEYS was not set; this run's API key is: {generated}", err=True
@@ -105,6 +107,7 @@ def api(
     settings = _settings_with(app_ids, dev_app_ids, root_ca)
     if not settings.api_keys:
         raise click.UsageError("set APPATTEST_API_KEYS: the API refuses every call without keys")
+    configure_logging(settings.log_format)
     uvicorn.Server(server_config(create_app(settings), settings, host=host, port=port)).run()
 
 

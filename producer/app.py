@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Final
 from uuid import UUID
 
@@ -24,6 +25,7 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
@@ -31,7 +33,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from producer.auth import ApiKeys, Caller
 from producer.docs import add_offline_docs
@@ -44,6 +46,7 @@ from producer.jobs import (
     check_batch_item,
     check_request,
 )
+from producer.metrics import ProducerMetrics, RequestContext
 from producer.middleware import InternalErrors, RequestGuard
 from producer.ratelimit import RateLimiter, WaitBudget, retry_after_seconds
 from producer.schemas import (
@@ -64,6 +67,8 @@ from producer.schemas import (
 from worker.celery_app import create_celery_app
 from worker.contract import AssertionRequest, Kind, RegistrationRequest
 from worker.core import Rejected
+from worker.messaging import queues as messaging_queues
+from worker.metrics import BrokerQueues
 from worker.settings import Settings, load_settings
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory
@@ -107,6 +112,7 @@ def _charge(request: Request, cost: int, *, take: bool = True) -> None:
     wait = limiter.acquire(key, cost) if take else limiter.wait_time(key, cost)
     if wait > 0:
         seconds = retry_after_seconds(wait)
+        _metrics(request).rate_limited.inc()
         log.info("rate limited %s %s: retry after %ds", request.method, request.url.path, seconds)
         raise ApiError(
             429,
@@ -133,6 +139,11 @@ async def _authenticate(
     # The key's stored hash identifies it to the limiter; the key itself is not kept.
     request.state.api_key = matched.digest
     request.state.caller = matched
+
+
+def _metrics(request: Request) -> ProducerMetrics:
+    metrics: ProducerMetrics = request.app.state.metrics
+    return metrics
 
 
 def _caller(request: Request) -> Caller:
@@ -278,6 +289,7 @@ async def _answer(
         else:
             if status.done:
                 return _json(status, 200, headers=headers)
+            _metrics(request).wait_timeouts.inc()
     return _json(JobAccepted(jobId=outcome.job_id), 202, headers=headers)
 
 
@@ -298,6 +310,8 @@ async def _submit(
             idempotency_key=idempotency_key,
         )
     )
+    if outcome.error is None and not outcome.replayed:
+        _metrics(request).jobs_submitted.labels(kind).inc()
     return await _answer(request, resources.queue, outcome, wait)
 
 
@@ -315,7 +329,9 @@ async def readyz(resources: Resources) -> JSONResponse:
     return _json(result, 200 if result.status == "ready" else 503)
 
 
-def create_challenge(body: ChallengeRequest, resources: Resources) -> IssuedChallenge:
+def create_challenge(
+    request: Request, body: ChallengeRequest, resources: Resources
+) -> IssuedChallenge:
     """A fresh challenge for one registration or assertion, valid for the configured TTL;
     with ``keyId``, only that key may use it."""
     # A plain function: FastAPI runs it in a worker thread, so the database call blocks no one.
@@ -327,6 +343,7 @@ def create_challenge(body: ChallengeRequest, resources: Resources) -> IssuedChal
             ttl=timedelta(seconds=resources.settings.challenge_ttl_seconds),
             now=datetime.now(UTC),
         )
+    _metrics(request).challenges_issued.labels(body.purpose).inc()
     return IssuedChallenge(
         challenge=challenge, expiresAt=expires_at, purpose=body.purpose, keyId=body.key_id
     )
@@ -370,7 +387,11 @@ def _batch_items(raw: bytes, max_jobs: int) -> list[Any]:
 
 
 def _submit_batch(
-    raw: bytes, resources: _Resources, charge: Callable[[int], None], caller: Caller
+    raw: bytes,
+    resources: _Resources,
+    charge: Callable[[int], None],
+    caller: Caller,
+    metrics: ProducerMetrics,
 ) -> BatchResponse:
     # A batch costs one token per job, in one charge, so that a batch larger than the burst
     # is admitted on a full bucket (see RateLimiter.acquire); a refused batch costs one.
@@ -391,7 +412,12 @@ def _submit_batch(
         else:
             valid.append((index, Submission(request, caller.owner, idempotency_key)))
     accepted = resources.queue.accept_many([s for _, s in valid]) if valid else []
-    for (index, _), outcome in zip(valid, accepted, strict=True):
+    for (index, submission), outcome in zip(valid, accepted, strict=True):
+        if outcome.error is None and not outcome.replayed:
+            kind = (
+                "assertion" if isinstance(submission.request, AssertionRequest) else "registration"
+            )
+            metrics.jobs_submitted.labels(kind).inc()
         if outcome.error is None:
             outcomes.append(BatchJob(index=index, jobId=outcome.job_id, status="pending"))
         else:
@@ -403,7 +429,12 @@ async def submit_jobs(request: Request, resources: Resources) -> JSONResponse:
     """Queue ``{"jobs": [{"type", "body"}, ...]}``; one entry per item, queued or rejected."""
     # Parsing and queueing a large batch takes a while: in a worker thread, off the loop.
     result = await run_in_threadpool(
-        _submit_batch, await request.body(), resources, partial(_charge, request), _caller(request)
+        _submit_batch,
+        await request.body(),
+        resources,
+        partial(_charge, request),
+        _caller(request),
+        _metrics(request),
     )
     # Without nulls: an accepted item has no error, a rejected one no job id.
     return _json(result, 202, exclude_none=True)
@@ -423,9 +454,11 @@ async def get_job(
         status = await run_in_threadpool(partial(resources.queue.status, str(job_id), owner=owner))
     else:
         status = await resources.queue.wait_async(str(job_id), wait, owner=owner)
+        if not status.final:
+            _metrics(request).wait_timeouts.inc()
     if status.status == "not_found":
         assert status.error is not None
-        raise ApiError(404, ErrorCode.JOB_NOT_FOUND, status.error.detail)
+        raise ApiError(404, ErrorCode(status.error.code), status.error.detail)
     return status
 
 
@@ -449,6 +482,8 @@ async def get_jobs(request: Request, resources: Resources, wait: Wait = None) ->
     else:
         with _waiting_on(request, len(asked.job_ids)):
             found = await resources.queue.wait_many_async(asked.job_ids, wait, owner=owner)
+        if not all(status.final for status in found):
+            _metrics(request).wait_timeouts.inc()
     return StatusResponse(jobs=found)
 
 
@@ -639,6 +674,7 @@ def create_app(
     *,
     celery_app: Celery | None = None,
     rate_limiter: RateLimiter | None = None,
+    worker_metrics_dir: FilePath | None = None,
 ) -> FastAPI:
     """Build the producer's FastAPI app for these settings.
 
@@ -648,9 +684,13 @@ def create_app(
     app must run with its lifespan (uvicorn does; use ``TestClient`` as a context manager).
     ``rate_limiter`` holds the per-key limits; without one, it is built from the settings
     (``rate_limit_per_second``, ``rate_limit_burst``). Raises ``ValueError`` when those are
-    out of range.
+    out of range. ``worker_metrics_dir`` is the folder of an embedded worker's metrics
+    (``appattest serve``), which ``GET /metrics`` then shows too.
     """
     api_keys = ApiKeys(settings.api_keys)
+    metrics = ProducerMetrics()
+    if worker_metrics_dir is not None:
+        metrics.add_worker_folder(worker_metrics_dir)
     limiter = rate_limiter if rate_limiter is not None else RateLimiter.from_settings(settings)
     if not api_keys:
         log.warning("no API keys are configured: every /v1 request will be refused")
@@ -668,13 +708,18 @@ def create_app(
                 celery,
                 sessions=sessions,
                 idempotency_ttl=settings.idempotency_ttl_seconds,
+                verdict_retention_days=settings.verdict_retention_days,
             ),
             engine=engine,
             sessions=sessions,
         )
+        queues = BrokerQueues(settings.broker_url, messaging_queues())
+        metrics.registry.register(queues)
         try:
             yield
         finally:
+            metrics.registry.unregister(queues)
+            queues.close()
             app.state.resources.queue.close()
             del app.state.resources
             engine.dispose()
@@ -691,9 +736,15 @@ def create_app(
     )
     add_offline_docs(app)
     app.state.api_keys = api_keys
+    app.state.metrics = metrics
     app.state.rate_limiter = limiter
     app.state.wait_budget = WaitBudget(settings.max_waits_per_key)
     _add_routes(app)
+    if settings.metrics_enabled:
+        # Prometheus scrapes without an API key; APPATTEST_METRICS_ENABLED=false removes it.
+        app.add_api_route(
+            "/metrics", partial(_metrics_page, metrics), methods=["GET"], include_in_schema=False
+        )
 
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(Rejected, _on_rejected)
@@ -724,7 +775,14 @@ def create_app(
     )
     # Added last, so outermost: it also catches what the guard might raise.
     app.add_middleware(InternalErrors)
+    # Outside even that: every answer, a 500 included, carries the request id and is counted.
+    app.add_middleware(RequestContext, metrics=metrics, routes=app.routes)
     return app
+
+
+def _metrics_page(metrics: ProducerMetrics) -> Response:
+    """The Prometheus text exposition of the producer (and of an embedded worker)."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def from_environment() -> FastAPI:

@@ -100,6 +100,10 @@ PRODUCER_MAY_USE = {
     "worker.core.reasons",
     "worker.celery_app",
     "worker.ledger",
+    # Operating it: the structured log format and request id, the metrics of the broker's
+    # queues and of the embedded worker (``appattest serve``).
+    "worker.logs",
+    "worker.metrics",
 }
 
 

@@ -28,7 +28,13 @@ from worker.ledger import Sweeper, ledger_for
 from worker.lines import parse_line, read_lines
 from worker.logs import configure_logging, omit_task_results
 from worker.messaging import QUEUE
-from worker.metrics import MULTIPROC_ENV, enable_multiprocess, multiprocess_registry, process_exited
+from worker.metrics import (
+    MULTIPROC_ENV,
+    WorkerCpu,
+    enable_multiprocess,
+    multiprocess_registry,
+    process_exited,
+)
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
@@ -545,7 +551,9 @@ def _serve_worker_metrics(settings: Settings) -> None:
     enable_multiprocess(directory, clear=True)
     if port is not None:
         try:
-            start_http_server(port, registry=multiprocess_registry(directory))
+            registry = multiprocess_registry(directory)
+            registry.register(WorkerCpu())
+            start_http_server(port, registry=registry)
         except OSError as exc:
             raise click.UsageError(f"cannot serve metrics on port {port}: {exc}") from exc
         log.info("worker metrics on port %d", port)

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, values
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from worker.messaging import REVERIFY_TASK, VERIFY_BATCH_TASK, VERIFY_TASK
 
 log = logging.getLogger("appattest.metrics")
 
@@ -41,6 +43,8 @@ _LATENCY_BUCKETS: Final = (
 )  # fmt: skip
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
+PURGED_TABLES: Final = ("challenges", "verdicts", "idempotency_keys")
+CACHES: Final = ("intermediate", "public_key")
 KINDS: Final = frozenset({"registration", "assertion"})
 ENVIRONMENTS: Final = frozenset({"production", "development"})
 OTHER: Final = "other"
@@ -105,6 +109,15 @@ class WorkerMetrics:
             ["table"],
             registry=registry,
         )
+        # Every label value known in advance is shown from the start (at 0), so that
+        # dashboards and alerts find the series before the first event.
+        for task in (VERIFY_TASK, VERIFY_BATCH_TASK, REVERIFY_TASK):
+            self.retries.labels(task)
+        for table in PURGED_TABLES:
+            self.purged.labels(table)
+        for cache in CACHES:
+            self.cache_hits.labels(cache)
+            self.cache_misses.labels(cache)
 
 
 _lock = threading.Lock()
@@ -196,6 +209,45 @@ class CacheCounts:
         if misses > self._misses:
             metrics.cache_misses.labels(self.name).inc(misses - self._misses)
         self._hits, self._misses = hits, misses
+
+
+class WorkerCpu(Collector):
+    """``appattest_worker_cpu_seconds_total``: CPU time of this worker's main process and of
+    its pool processes (read from /proc at each scrape; nothing on systems without it)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid or os.getpid()
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    @staticmethod
+    def _stat(pid: str) -> tuple[int, float] | None:
+        """(parent pid, user + system ticks) of a process."""
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = raw[raw.rindex(")") + 2 :].split()  # after the command name
+        return int(fields[1]), float(fields[11]) + float(fields[12])
+
+    def collect(self) -> Iterable[Metric]:
+        cpu = CounterMetricFamily(
+            "appattest_worker_cpu_seconds",
+            "CPU time of the worker's main process and its pool processes.",
+        )
+        own = self._stat(str(self.pid))
+        if own is None:
+            return []
+        ticks = own[1]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                found = self._stat(entry.name)
+                if found is not None and found[0] == self.pid:
+                    ticks += found[1]
+        cpu.add_metric([], ticks / self._tick)
+        return [cpu]
 
 
 # The broker's queues ------------------------------------------------------------------------
