@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from worker.metrics import worker_metrics
 from worker.settings import Settings
 from worker.store.db import session_factory
-from worker.store.retention import Cutoffs, PurgeCounts, count_purgeable, purge, try_purge_lock
+from worker.store.retention import Cutoffs, PurgeCounts, count_purgeable, purge, purge_lock
 
 log = logging.getLogger("appattest.retention")
 
@@ -44,8 +44,8 @@ def run_purge(
         with sessions() as session:
             return count_purgeable(session, cutoffs)
     metrics = worker_metrics()
-    with engine.connect() as lock_holder:
-        if not try_purge_lock(lock_holder):
+    with engine.connect() as lock_holder, purge_lock(lock_holder) as taken:
+        if not taken:
             return None
         counts = purge(
             sessions,
@@ -54,7 +54,6 @@ def run_purge(
             on_batch=lambda table, rows: metrics.purged.labels(table).inc(rows),
             should_stop=stop.is_set if stop is not None else lambda: False,
         )
-        lock_holder.rollback()
     if any(rows for _, rows in counts.items()):
         log.info(
             "purged %s", ", ".join(f"{rows} {table}" for table, rows in counts.items() if rows)

@@ -17,7 +17,8 @@ on PostgreSQL an advisory lock keeps it to one at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Final
@@ -155,9 +156,19 @@ def purge(
     return PurgeCounts(**done)
 
 
-def try_purge_lock(connection: Connection) -> bool:
-    """Take the purge's advisory lock on ``connection`` (PostgreSQL; held until the connection
-    closes). True when taken, or on a database without advisory locks."""
+@contextmanager
+def purge_lock(connection: Connection) -> Iterator[bool]:
+    """Hold the purge's advisory lock on ``connection`` for the block (PostgreSQL); yields
+    whether it was taken (always True on a database without advisory locks). It is released
+    at the end, since a pooled connection outlives the block."""
     if connection.dialect.name != "postgresql":
-        return True
-    return bool(connection.scalar(text("SELECT pg_try_advisory_lock(:id)"), {"id": PURGE_LOCK_ID}))
+        yield True
+        return
+    taken = bool(connection.scalar(text("SELECT pg_try_advisory_lock(:id)"), {"id": PURGE_LOCK_ID}))
+    connection.commit()
+    try:
+        yield taken
+    finally:
+        if taken:
+            connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": PURGE_LOCK_ID})
+            connection.commit()
