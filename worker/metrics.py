@@ -175,23 +175,33 @@ def observe_verdicts(
     now: datetime,
 ) -> None:
     """Count the verdicts of one task (their JSON), share its ``seconds`` among them, and
-    observe the time since ``submitted_at``."""
-    decided = list(results)
-    if not decided:
-        return
-    share = seconds / len(decided)
-    waited = (now - submitted_at).total_seconds() if submitted_at is not None else None
-    for result in decided:
+    observe the time since ``submitted_at``. Jobs of one batch share their labels mostly, so
+    each distinct label set is counted once, by the number of its jobs."""
+    counts: dict[tuple[str, str, str, str], int] = {}
+    kinds: dict[str, int] = {}
+    for result in results:
         kind = result.get("kind")
         kind = kind if kind in KINDS else "unknown"
         reason = "ok" if result.get("ok") else str(result.get("reason") or "unknown")
         environment = result.get("environment")
         environment = environment if environment in ENVIRONMENTS else "none"
-        app_id = app_id_label(result.get("appId"), known_apps)
-        metrics.verdicts.labels(kind, reason, app_id, environment).inc()
-        metrics.verification_seconds.labels(kind).observe(share)
-        if waited is not None:
-            metrics.submission_to_verdict.labels(kind).observe(max(0.0, waited))
+        labels = (kind, reason, app_id_label(result.get("appId"), known_apps), environment)
+        counts[labels] = counts.get(labels, 0) + 1
+        kinds[kind] = kinds.get(kind, 0) + 1
+    jobs = sum(kinds.values())
+    if not jobs:
+        return
+    for labels, n in counts.items():
+        metrics.verdicts.labels(*labels).inc(n)
+    share = seconds / jobs
+    waited = max(0.0, (now - submitted_at).total_seconds()) if submitted_at is not None else None
+    for kind, n in kinds.items():
+        verification = metrics.verification_seconds.labels(kind)
+        latency = metrics.submission_to_verdict.labels(kind) if waited is not None else None
+        for _ in range(n):
+            verification.observe(share)
+            if latency is not None and waited is not None:
+                latency.observe(waited)
 
 
 class CacheCounts:

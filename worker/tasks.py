@@ -181,7 +181,8 @@ def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         started = time.perf_counter()
         result: dict[str, Any] = service.handle(request, job_id=job_id, now=at).to_json_dict()
         resources.observe([result], time.perf_counter() - started, message.submitted_at)
-        _log_verdict(job_id, result, None)
+        if settings.log_verdicts:
+            _log_verdict(job_id, result, None)
         return result
     except Rejected as exc:
         return _rejection(body, exc.reason, exc.detail)
@@ -264,8 +265,9 @@ def run_batch(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
     decided = [result.to_json_dict() for result in results]
     resources.observe(decided, time.perf_counter() - started, batch.submitted_at)
     resources.metrics.batch_jobs.observe(len(decided))
-    for job_id, request_id, result in zip(job_ids, request_ids, decided, strict=True):
-        _log_verdict(job_id, result, request_id)
+    if settings.log_verdicts:
+        for job_id, request_id, result in zip(job_ids, request_ids, decided, strict=True):
+            _log_verdict(job_id, result, request_id)
     # The job ids beside the results: a reader finds a job's verdict by its id.
     return {"results": decided, "jobIds": job_ids}
 

@@ -106,7 +106,7 @@ def count_purgeable(session: Session, cutoffs: Cutoffs) -> PurgeCounts:
     )
 
 
-def purge_batch(session: Session, table: str, cutoffs: Cutoffs, limit: int) -> int:
+def _purge_batch(session: Session, table: str, cutoffs: Cutoffs, limit: int) -> int:
     """Delete at most ``limit`` purgeable rows of ``table`` (a field of ``PurgeCounts``) in
     ``session``'s transaction; return how many."""
     if table == "challenges":
@@ -147,7 +147,7 @@ def purge(
         done[table] = 0
         while not should_stop():
             with sessions() as session, session.begin():
-                deleted = purge_batch(session, table, cutoffs, batch_size)
+                deleted = _purge_batch(session, table, cutoffs, batch_size)
             done[table] += deleted
             if on_batch is not None and deleted:
                 on_batch(table, deleted)
