@@ -425,3 +425,88 @@ def test_the_compose_monitoring_profile_parses() -> None:
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for needed in ("by reason", "p50, p99", "queue depth", "cpu"):
         assert needed in titles
+
+
+def test_ledger_republishes_and_verdict_lines_off(
+    ca: TestCA, pg_url: str, redis_server: str, tmp_path: Path
+) -> None:
+    """A job whose message never reached the queue is published again by the worker's ledger
+    sweep: ``appattest_ledger_republished_total`` counts it once. With
+    APPATTEST_LOG_VERDICTS=false the worker writes no per-job line."""
+    port = free_port()
+    env = {
+        "APPATTEST_LEDGER_SWEEP_SECONDS": "0.5",
+        "APPATTEST_LEDGER_RESEND_SECONDS": "1",
+        "APPATTEST_LOG_VERDICTS": "false",
+    }
+    with service_stack(
+        store_url=pg_url, root_pem=ca.root_pem, workdir=tmp_path, app_ids=APP_ID, extra_env=env
+    ) as stack:
+        stack.start_worker(args=[f"--metrics-port={port}"])
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert total(scrape(url), "appattest_ledger_republished_total") == 0
+        with api_client(stack) as api:
+            body = Device(ca=ca).registration_body(
+                challenge(api, "registration"), now=datetime.now(UTC)
+            )
+            app = create_celery_app(stack.settings)
+            try:
+                ledger = __import__("worker.ledger", fromlist=["ledger_for"]).ledger_for(app)
+                task_id = str(uuid.uuid4())
+                # Entered in the ledger, never sent: the message was lost.
+                ledger.record([(task_id, "appattest.verify", {"body": body})])
+                wait_for(
+                    lambda: app.backend.get_task_meta(task_id).get("status") == "SUCCESS",
+                    30,
+                    "the lost job's verdict",
+                )
+                assert app.backend.get_task_meta(task_id)["result"]["ok"] is True
+                ledger.close()
+            finally:
+                app.close()
+        page = scrape(url)
+        assert total(page, "appattest_ledger_republished_total") == 1
+        assert total(page, "appattest_verdicts_total", kind="registration", reason="ok") == 1
+        # The resend stamps a message that had no submission time (this one, entered by hand).
+        assert total(page, "appattest_submission_to_verdict_seconds_count") == 1
+    log = "\n".join(p.read_text() for p in tmp_path.glob("worker-*.log"))
+    assert "published again" in log
+    assert f"job {task_id}:" not in log
+
+
+# kombu's SQL transport (the embedded broker) uses an API SQLAlchemy 2 deprecates.
+@pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SADeprecationWarning")
+@pytest.mark.parametrize("broker", ["redis", "embedded"])
+def test_queue_depth_and_oldest_age_are_read_from_the_broker(
+    broker: str, ca: TestCA, pg_url: str, redis_server: str, tmp_path: Path
+) -> None:
+    """With no worker running, jobs wait in the queue: the producer's page shows how many
+    messages and how old the oldest is; on Redis and on the embedded (SQL) broker."""
+    extra: dict[str, str] = {}
+    if broker == "embedded":
+        extra = {"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}"}
+    with (
+        service_stack(
+            store_url=pg_url,
+            root_pem=ca.root_pem,
+            workdir=tmp_path,
+            app_ids=APP_ID,
+            **extra,  # type: ignore[arg-type]
+        ) as stack,
+        api_client(stack) as api,
+    ):
+        page = scrape(str(api.base_url.join("/metrics")))
+        assert total(page, "appattest_queue_messages", queue=QUEUE) == 0
+        for _ in range(3):
+            body = Device(ca=ca).registration_body(
+                challenge(api, "registration"), now=datetime.now(UTC)
+            )
+            response = api.post("/v1/attestations", json=body)
+            assert response.status_code == 202, response.text
+            time.sleep(0.3)  # one batch message each
+        time.sleep(1.0)
+        page = scrape(str(api.base_url.join("/metrics")))
+    assert total(page, "appattest_broker_up") == 1
+    assert total(page, "appattest_queue_messages", queue=QUEUE) == 3
+    age = total(page, "appattest_queue_oldest_age_seconds", queue=QUEUE)
+    assert 1.5 <= age <= 30, age

@@ -4,13 +4,16 @@ in bounded batches, by hand (``appattest purge``) and periodically in a running 
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -264,15 +267,31 @@ def test_a_running_worker_purges_periodically(
     ) as stack:
         sessions = _sessions(store_url)
         _seed(sessions, datetime.now(UTC), margin=timedelta(minutes=10))
-        stack.start_worker(concurrency=1)
+        port = _free_port()
+        stack.start_worker(concurrency=1, args=[f"--metrics-port={port}"])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with sessions() as session:
-                if session.scalar(select(func.count()).select_from(Challenge)) == 2:
+                # The purge takes challenges, then verdicts, then idempotency keys.
+                if session.scalar(select(func.count()).select_from(IdempotencyKey)) == 1:
                     break
             time.sleep(0.2)
         left = _remaining(sessions)
+        page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert left["challenges"] == {"keep-in-grace", "keep-live"}
     assert left["verdicts"] == {"keep-young", "keep-named-by-live-key"}
     assert left["idempotency_keys"] == {"keep-named-by-live-key"}
     assert left["device_keys"] == {"device-ancient"}
+    purged = {
+        s.labels["table"]: s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+        if s.name == "appattest_purged_rows_total"
+    }
+    assert purged == {"challenges": 6, "verdicts": 2, "idempotency_keys": 1}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

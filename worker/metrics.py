@@ -268,8 +268,8 @@ class BrokerQueues(Collector):
     read from the broker at each scrape.
 
     Redis: the length of the queue's list and the ``submittedAt`` of the message workers take
-    next (``worker.messaging``). The embedded broker (kombu's SQL transport): visible rows and
-    the oldest row's time. RabbitMQ: the message count of a passive declare (it has no age of
+    next (``worker.messaging``). The embedded broker (kombu's SQL transport): its visible rows,
+    and the ``submittedAt`` of the first. RabbitMQ: the message count of a passive declare (it has no age of
     the oldest message to give). A broker that does not answer yields no sample and
     ``appattest_broker_up 0``.
     """
@@ -371,20 +371,26 @@ class _SqlQueues:
                     yield queue, 0, time.time()
                 return
             for queue in queues:
-                row = conn.execute(
+                count = conn.scalar(
                     text(
-                        "SELECT COUNT(*), MIN(m.timestamp) FROM kombu_message m "
+                        "SELECT COUNT(*) FROM kombu_message m "
                         "JOIN kombu_queue q ON m.queue_id = q.id "
                         "WHERE q.name = :queue AND m.visible"
                     ),
                     {"queue": queue},
-                ).one()
-                count, oldest = int(row[0]), row[1]
-                if isinstance(oldest, str):
-                    oldest = datetime.fromisoformat(oldest)
-                # kombu writes naive local times (datetime.now()).
-                stamp = oldest.timestamp() if isinstance(oldest, datetime) else time.time()
-                yield queue, count, stamp
+                )
+                # kombu stamps a row only when it is taken: the age is the oldest message's
+                # submittedAt, as on Redis.
+                head = conn.scalar(
+                    text(
+                        "SELECT m.payload FROM kombu_message m "
+                        "JOIN kombu_queue q ON m.queue_id = q.id "
+                        "WHERE q.name = :queue AND m.visible ORDER BY m.id LIMIT 1"
+                    ),
+                    {"queue": queue},
+                )
+                raw = head.encode() if isinstance(head, str) else None
+                yield queue, int(count or 0), _submitted_at(raw) if count else time.time()
 
     def close(self) -> None:
         self.engine.dispose()
