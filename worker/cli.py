@@ -3,9 +3,11 @@ command (``appattest.cli``) adds the ones that run the HTTP API, `api` and `serv
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -471,6 +473,12 @@ def worker(
         logging.getLogger("appattest.supervise").setLevel(loglevel.upper())
         if parent_pid is not None:
             stop_with_parent(parent_pid, grace=supervisor.stop_timeout + 10)
+        if settings.worker_metrics_port is not None and not os.environ.get(MULTIPROC_ENV):
+            # One metrics folder for every restart of the worker (each clears it as it
+            # starts), removed when the supervisor stops.
+            with tempfile.TemporaryDirectory(prefix="appattest-metrics-") as folder:
+                os.environ[MULTIPROC_ENV] = folder
+                sys.exit(supervisor.run())
         sys.exit(supervisor.run())
     if parent_pid is not None:
         stop_with_parent(parent_pid)
@@ -547,7 +555,17 @@ def _serve_worker_metrics(settings: Settings) -> None:
     given = os.environ.get(MULTIPROC_ENV)
     if port is None and not given:
         return
-    directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="appattest-metrics-"))
+    if given:
+        directory = Path(given)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="appattest-metrics-"))
+        owner = os.getpid()
+
+        def remove() -> None:
+            if os.getpid() == owner:  # never from a pool process that runs exit handlers
+                shutil.rmtree(directory, ignore_errors=True)
+
+        atexit.register(remove)
     enable_multiprocess(directory, clear=True)
     if port is not None:
         try:

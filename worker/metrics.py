@@ -269,9 +269,9 @@ class BrokerQueues(Collector):
 
     Redis: the length of the queue's list and the ``submittedAt`` of the message workers take
     next (``worker.messaging``). The embedded broker (kombu's SQL transport): its visible rows,
-    and the ``submittedAt`` of the first. RabbitMQ: the message count of a passive declare (it has no age of
-    the oldest message to give). A broker that does not answer yields no sample and
-    ``appattest_broker_up 0``.
+    and the ``submittedAt`` of the first. RabbitMQ: the message count of a passive declare
+    (it has no age of the oldest message to give). A broker that does not answer yields no
+    sample and ``appattest_broker_up 0``.
     """
 
     def __init__(self, broker_url: str, queues: Sequence[str]) -> None:
