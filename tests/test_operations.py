@@ -510,3 +510,31 @@ def test_queue_depth_and_oldest_age_are_read_from_the_broker(
     assert total(page, "appattest_queue_messages", queue=QUEUE) == 3
     age = total(page, "appattest_queue_oldest_age_seconds", queue=QUEUE)
     assert 1.5 <= age <= 30, age
+
+
+def test_infrastructure_retries_are_counted(
+    ca: TestCA, pg_url: str, redis_server: str, tmp_path: Path
+) -> None:
+    """A worker whose store cannot be reached retries the batch (APPATTEST_TASK_MAX_RETRIES=3
+    in the stack), then ends it as internal_error: the retry counter moves by exactly 3 and
+    the verdict is counted as internal_error."""
+    port = free_port()
+    with service_stack(
+        store_url=pg_url, root_pem=ca.root_pem, workdir=tmp_path, app_ids=APP_ID
+    ) as stack:
+        # Only the worker's store is a port where nothing listens; the API's works.
+        stack.env["APPATTEST_STORE_URL"] = (
+            f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"
+        )
+        stack.start_worker(args=[f"--metrics-port={port}"])
+        with api_client(stack) as api:
+            body = Device(ca=ca).registration_body(
+                challenge(api, "registration"), now=datetime.now(UTC)
+            )
+            response = api.post("/v1/attestations", params={"wait": 30}, json=body)
+            assert response.status_code == 200, response.text
+            assert response.json()["result"]["reason"] == "internal_error"
+        page = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert total(page, "appattest_task_retries_total", task="appattest.verify_batch") == 3
+    assert total(page, "appattest_task_retries_total") == 3
+    assert total(page, "appattest_verdicts_total", reason="internal_error") == 1

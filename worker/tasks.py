@@ -170,6 +170,7 @@ def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         _refused(task, exc)
         return _rejection(body, Reason.INVALID_REQUEST, exc.detail)
     assert isinstance(message, VerifyOne)
+    started = time.perf_counter()
     try:
         if message.body is None:
             raise Rejected(Reason.INVALID_REQUEST, "job has no body")
@@ -178,23 +179,23 @@ def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         service = resources.offline if message.challenges_given else resources.service
         # Operator imports may verify as of the instant the registrations were made.
         at = message.at if message.challenges_given else None
-        started = time.perf_counter()
-        result: dict[str, Any] = service.handle(request, job_id=job_id, now=at).to_json_dict()
-        resources.observe([result], time.perf_counter() - started, message.submitted_at)
-        if settings.log_verdicts:
-            _log_verdict(job_id, result, None)
-        return result
+        verdict = service.handle(request, job_id=job_id, now=at).to_json_dict()
     except Rejected as exc:
-        return _rejection(body, exc.reason, exc.detail)
+        verdict = _rejection(body, exc.reason, exc.detail)
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("job %s: %s, retries exhausted", job_id, type(exc).__name__)
-        return _rejection(
-            body, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
-        )
+        detail = "the store was unavailable; retries exhausted"
+        verdict = _rejection(body, Reason.INTERNAL_ERROR, detail)
     except Exception:
         log.exception("job %s: unexpected error", job_id)
-        return _rejection(body, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
+        verdict = _rejection(body, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
+    # Every verdict is counted and logged, those reached without the service included.
+    elapsed = time.perf_counter() - started
+    resources_of(task.app, settings).observe([verdict], elapsed, message.submitted_at)
+    if settings.log_verdicts:
+        _log_verdict(job_id, verdict, None)
+    return verdict
 
 
 def _refused_batch(payload: Any, exc: MessageError) -> dict[str, Any]:
@@ -241,28 +242,23 @@ def run_batch(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
             rejection = _rejection(job.body, exc.reason, exc.detail)
             items.append((job.job_id, VerificationResult.model_validate(rejection)))
     request_ids: list[str | None] = [job.request_id for job in batch.jobs]
+    resources = resources_of(task.app, settings)
+    started = time.perf_counter()
     try:
-        resources = resources_of(task.app, settings)
-        started = time.perf_counter()
         results = resources.service.handle_batch(
             items, submitted_by=owners, request_ids=request_ids
         )
+        decided = [result.to_json_dict() for result in results]
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("batch %s: %s, retries exhausted", task.request.id, type(exc).__name__)
         detail = "the store was unavailable; retries exhausted"
-        return {
-            "results": [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs],
-            "jobIds": job_ids,
-        }
+        decided = [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs]
     except Exception:
         log.exception("batch %s: unexpected error", task.request.id)
         detail = "unexpected error; see the worker log"
-        return {
-            "results": [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs],
-            "jobIds": job_ids,
-        }
-    decided = [result.to_json_dict() for result in results]
+        decided = [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs]
+    # Every verdict is counted and logged, internal errors included.
     resources.observe(decided, time.perf_counter() - started, batch.submitted_at)
     resources.metrics.batch_jobs.observe(len(decided))
     if settings.log_verdicts:
