@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Log lines as JSON objects (one per line) or as text, for api, worker and serve.
     log_format: Literal["text", "json"] = "text"
-    # One INFO line per decided job (its ids, kind, App ID, reason): about 40 us of worker
-    # CPU per job as text, 60 as JSON (a job costs 300 us and more); false: none.
+    # One INFO line per decided job (its ids, kind, App ID, reason): 20 to 40 us of worker
+    # CPU per job as text, 40 to 60 as JSON (a job costs 300 us and more); false: none.
     log_verdicts: bool = True
     # Celery's task events (sent, received, started, succeeded...), for Flower and exporters.
     celery_events: bool = True
