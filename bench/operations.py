@@ -3,9 +3,9 @@ the retention purge's rate, in one run.
 
 What it does:
 
-1. times ``worker.metrics.observe_verdicts`` on batches of 200 verdicts with the metrics in
+1. times ``worker.queue.metrics.observe_verdicts`` on batches of 200 verdicts with the metrics in
    multiprocess mode (files, as a worker with a metrics port runs them), per job;
-2. times the per-job verdict log line (``worker.tasks._log_verdict``) written to a file, as
+2. times the per-job verdict log line (``worker.queue.tasks._log_verdict``) written to a file, as
    text and as JSON, per job;
 3. times one ECDSA P-256 signature verification, the floor of an assertion's cost, and prints
    each cost above as a ratio to it;
@@ -38,12 +38,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import create_engine, insert, text
 
-from worker.logs import TEXT_FORMAT, JsonFormatter
-from worker.metrics import enable_multiprocess, observe_verdicts, worker_metrics
+from worker.queue.logs import TEXT_FORMAT, JsonFormatter
+from worker.queue.metrics import enable_multiprocess, observe_verdicts, worker_metrics
+from worker.queue.tasks import _log_verdict
 from worker.store.db import create_store_engine, session_factory, upgrade
 from worker.store.models import Challenge
 from worker.store.retention import Cutoffs, purge
-from worker.tasks import _log_verdict
 
 
 def _per_call(action: object, calls: int) -> float:

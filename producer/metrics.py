@@ -1,7 +1,7 @@
 """The producer's Prometheus metrics and its request context (``X-Request-ID``).
 
 Each app has a registry of its own (tests build many apps in one process). ``GET /metrics``
-answers with it, the broker's queues (``worker.metrics.BrokerQueues``) and, under
+answers with it, the broker's queues (``worker.queue.metrics.BrokerQueues``) and, under
 ``appattest serve``, the embedded worker's metrics read from their multiprocess folder.
 Labels are bounded: a route is its path template (``other`` when nothing matched), a method
 one of the HTTP methods, a status the number.
@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, multiproces
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.logs import request_id_var
+from worker.queue.logs import request_id_var
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 # A caller's request id is kept when it is this (else the producer makes one): short, and

@@ -57,7 +57,7 @@ def run_queue(
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "worker.cli.commands",
             "verify",
             str(source),
             "--queue",
@@ -85,7 +85,7 @@ def run_in_process(
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "worker.cli.commands",
             "verify",
             str(source),
             "--store",

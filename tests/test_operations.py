@@ -30,9 +30,9 @@ from producer.batching import BATCH_PREFIX, Owner, seal_job_id
 from tests.factory import APP_ID, Device, TestCA
 from tests.faults import serve_app
 from tests.stack import Stack, key_owner, service_stack
-from worker.celery_app import create_celery_app
-from worker.logs import JsonFormatter
-from worker.messaging import QUEUE
+from worker.queue.app import create_celery_app
+from worker.queue.logs import JsonFormatter
+from worker.queue.messaging import QUEUE
 from worker.store.db import create_store_engine, session_factory
 from worker.store.models import Verdict
 
@@ -451,7 +451,7 @@ def test_ledger_republishes_and_verdict_lines_off(
             )
             app = create_celery_app(stack.settings)
             try:
-                ledger = __import__("worker.ledger", fromlist=["ledger_for"]).ledger_for(app)
+                ledger = __import__("worker.queue.ledger", fromlist=["ledger_for"]).ledger_for(app)
                 task_id = str(uuid.uuid4())
                 # Entered in the ledger, never sent: the message was lost.
                 ledger.record([(task_id, "appattest.verify", {"body": body})])

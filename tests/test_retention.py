@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from appattest.cli import main as cli
 from tests.factory import APP_ID, TestCA
 from tests.stack import service_stack
-from worker.retention import cutoffs_for, run_purge
+from worker.queue.retention import cutoffs_for, run_purge
 from worker.settings import Settings
 from worker.store.db import create_store_engine, session_factory, upgrade
 from worker.store.models import Challenge, DeviceKey, IdempotencyKey, Verdict

@@ -16,12 +16,12 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.cli.lines import parse_line
+from worker.cli.progress import RunProgress
 from worker.contract import VerificationResult, kind_of
 from worker.core import Reason
-from worker.ledger import ledger_for
-from worker.lines import parse_line
-from worker.messaging import ReverifyBatch, VerifyOne, publish, read_task_metas
-from worker.progress import RunProgress
+from worker.queue.ledger import ledger_for
+from worker.queue.messaging import ReverifyBatch, VerifyOne, publish, read_task_metas
 from worker.service.reverify import Reverifier, iter_pending_batches, results, run_state
 
 REPORT_COLUMNS = ("keyId", "ok", "reason", "detail", "appId", "environment", "decidedAt")
@@ -137,7 +137,7 @@ def verify_queued(
     id returns the verdicts already decided instead of deciding them again.
     """
     backend = app.backend
-    # Entered in the ledger before publishing, like the producer's jobs (see worker.ledger).
+    # Entered in the ledger before publishing, like the producer's jobs (see worker.queue.ledger).
     ledger = ledger_for(app)
     ready: dict[int, VerificationResult] = {}
     waiting_by_key: dict[str, deque[_Line]] = {}

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, multiproces
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from worker.messaging import REVERIFY_TASK, VERIFY_BATCH_TASK, VERIFY_TASK
+from worker.queue.messaging import REVERIFY_TASK, VERIFY_BATCH_TASK, VERIFY_TASK
 
 log = logging.getLogger("appattest.metrics")
 
@@ -268,10 +268,10 @@ class BrokerQueues(Collector):
     read from the broker at each scrape.
 
     Redis: the length of the queue's list and the ``submittedAt`` of the message workers take
-    next (``worker.messaging``). The embedded broker (kombu's SQL transport): its visible rows,
-    and the ``submittedAt`` of the first. RabbitMQ: the message count of a passive declare
-    (it has no age of the oldest message to give). A broker that does not answer yields no
-    sample and ``appattest_broker_up 0``.
+    next (``worker.queue.messaging``). The embedded broker (kombu's SQL transport): its
+    visible rows, and the ``submittedAt`` of the first. RabbitMQ: the message count of a
+    passive declare (it has no age of the oldest message to give). A broker that does not
+    answer yields no sample and ``appattest_broker_up 0``.
     """
 
     def __init__(self, broker_url: str, queues: Sequence[str]) -> None:

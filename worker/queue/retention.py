@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
-from worker.metrics import worker_metrics
+from worker.queue.metrics import worker_metrics
 from worker.settings import Settings
 from worker.store.db import session_factory
 from worker.store.retention import Cutoffs, PurgeCounts, count_purgeable, purge, purge_lock

@@ -18,8 +18,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from worker.contract import VerificationResult, kind_of, parse_request
 from worker.core import IntermediateCache, Reason, Rejected
-from worker.ledger import Ledger, ledger_for
-from worker.messaging import (
+from worker.queue.ledger import Ledger, ledger_for
+from worker.queue.messaging import (
     MAX_BATCH_JOBS,
     REVERIFY_TASK,
     VERIFY_BATCH_TASK,
@@ -31,7 +31,7 @@ from worker.messaging import (
     VerifyOne,
     decode,
 )
-from worker.metrics import CacheCounts, WorkerMetrics, observe_verdicts, worker_metrics
+from worker.queue.metrics import CacheCounts, WorkerMetrics, observe_verdicts, worker_metrics
 from worker.service import VerificationService
 from worker.service.reverify import Reverifier
 from worker.settings import Settings
@@ -325,7 +325,7 @@ def run_reverify(task: Task, settings: Settings, payload: Any) -> dict[str, Any]
 
 
 class LedgeredTask(Task):  # type: ignore[misc]
-    """A task whose message is in the ledger (see ``worker.messaging.publish``): once its
+    """A task whose message is in the ledger (see ``worker.queue.messaging.publish``): once its
     result is stored, its entry leaves the ledger."""
 
     def after_return(
@@ -351,7 +351,7 @@ class LedgeredTask(Task):  # type: ignore[misc]
 
 
 def register(app: Celery, settings: Settings) -> None:
-    """Register the tasks on ``app``: one per message of ``worker.messaging``, each decoding
+    """Register the tasks on ``app``: one per message of ``worker.queue.messaging``, each decoding
     its message there."""
 
     def task(name: str) -> Any:

@@ -23,20 +23,21 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.celery_app import create_celery_app
+from worker.cli.lines import parse_line, read_lines
 from worker.contract import VerificationResult
 from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
-from worker.ledger import Sweeper, ledger_for
-from worker.lines import parse_line, read_lines
-from worker.logs import configure_logging, omit_task_results
-from worker.messaging import QUEUE
-from worker.metrics import (
+from worker.queue.app import create_celery_app
+from worker.queue.ledger import Sweeper, ledger_for
+from worker.queue.logs import configure_logging, omit_task_results
+from worker.queue.messaging import QUEUE
+from worker.queue.metrics import (
     MULTIPROC_ENV,
     WorkerCpu,
     enable_multiprocess,
     multiprocess_registry,
     process_exited,
 )
+from worker.queue.tasks import resources_of, start_process
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
@@ -47,7 +48,6 @@ from worker.store.db import (
     session_factory,
     upgrade,
 )
-from worker.tasks import resources_of, start_process
 from worker.version import __version__
 
 log = logging.getLogger("appattest")
@@ -273,9 +273,9 @@ def _print_line_summary(counts: Counter[str]) -> None:
 def _verify_through_queue(
     input_file: BinaryIO, at_text: str | None, run_id: str | None, report_dir: Path | None
 ) -> None:
-    from worker.batch import verify_queued
-    from worker.progress import RunProgress
-    from worker.reports import print_summary, write_reports
+    from worker.cli.progress import RunProgress
+    from worker.cli.reports import print_summary, write_reports
+    from worker.cli.runs import verify_queued
 
     at = _parse_instant(at_text) if at_text else None
     settings = load_settings()
@@ -452,7 +452,7 @@ def worker(
     it exits with an error or is killed, after 1, 2, 4, ... seconds (see --restart-delay);
     SIGTERM or SIGINT stop both, and a worker that exits cleanly is not restarted.
     """
-    from worker.supervise import Backoff, Supervisor, stop_with_parent
+    from worker.queue.supervise import Backoff, Supervisor, stop_with_parent
 
     extra = {"worker_metrics_port": metrics_port} if metrics_port is not None else {}
     settings = _settings_with(app_ids, dev_app_ids, root_ca, **extra)
@@ -483,7 +483,7 @@ def worker(
     if parent_pid is not None:
         stop_with_parent(parent_pid)
     configure_logging(settings.log_format)
-    # Before any metric exists and before the pool forks (see worker.metrics).
+    # Before any metric exists and before the pool forks (see worker.queue.metrics).
     _serve_worker_metrics(settings)
     app = create_celery_app(settings)
     # A worker must not lose a verdict to a result backend that blinked: storing the result
@@ -506,7 +506,7 @@ def worker(
         lambda **_: log.info("appattest-backend %s: worker ready", __version__), weak=False
     )
     # The database driver is imported once here, before the pool forks its processes, and
-    # each process builds its resources (``worker.tasks.ProcessResources``) and connects as it
+    # each process builds its resources (``worker.queue.tasks.ProcessResources``) and connects as it
     # starts rather than inside its first batch; the solo and threads pools have no process
     # init, and share the main process's resources, built as the worker starts.
     create_store_engine(settings.store_url).dispose()
@@ -533,7 +533,7 @@ def _unsupervised_worker_command(
 ) -> list[str]:
     """The command line of the Celery worker that ``appattest worker`` supervises: the same
     options, run in a child that stops when this process is gone."""
-    command = [sys.executable, "-m", "worker.cli", "worker", "--no-supervise"]
+    command = [sys.executable, "-m", "worker.cli.commands", "worker", "--no-supervise"]
     command += [f"--parent-pid={os.getpid()}", f"--pool={pool}", f"--loglevel={loglevel}"]
     command += [f"--app-id={app_id}" for app_id in app_ids]
     command += [f"--dev-app-id={app_id}" for app_id in dev_app_ids]
@@ -578,9 +578,9 @@ def _serve_worker_metrics(settings: Settings) -> None:
 
 
 def _purge_while_running(settings: Settings) -> None:
-    """Run the retention purge (``worker.retention``) in this worker's main process once it is
+    """Run the retention purge (``worker.queue.retention``) in this worker's main process once it is
     ready, until it shuts down."""
-    from worker.retention import Purger
+    from worker.queue.retention import Purger
 
     purger = Purger(create_store_engine(settings.store_url), settings)
     signals.worker_ready.connect(lambda **_: purger.start(), weak=False)
@@ -588,7 +588,7 @@ def _purge_while_running(settings: Settings) -> None:
 
 
 def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
-    """Run the ledger sweeper (``worker.ledger``) in this worker's main process once it is
+    """Run the ledger sweeper (``worker.queue.ledger``) in this worker's main process once it is
     ready, until it shuts down. Nothing to do for brokers that need no ledger."""
     ledger = ledger_for(app)
     if ledger is None:
@@ -701,15 +701,15 @@ def reverify(
     --apply nothing changes; with it, keys that now fail are revoked and their assertions get
     key_revoked. A run is resumable: run again with its --run-id to continue where it stopped.
     """
-    from worker.batch import (
+    from worker.cli.progress import RunProgress
+    from worker.cli.reports import print_summary, write_reports
+    from worker.cli.runs import (
         REPORT_COLUMNS,
         Stalled,
         reverify_distributed,
         reverify_local,
         reverify_rows,
     )
-    from worker.progress import RunProgress
-    from worker.reports import print_summary, write_reports
     from worker.service.reverify import Reverifier, RunFilters, RunMismatch, RunPolicy, start_run
 
     extra = {"store_url": store_url} if store_url else {}
@@ -793,7 +793,7 @@ def purge(dry_run: bool, store_url: str | None) -> None:
     """Delete expired challenges, verdicts past APPATTEST_VERDICT_RETENTION_DAYS and expired
     idempotency keys, in batches of APPATTEST_PURGE_BATCH_SIZE rows (what the workers do every
     APPATTEST_PURGE_INTERVAL_SECONDS). Device keys are never deleted. Prints the counts."""
-    from worker.retention import run_purge
+    from worker.queue.retention import run_purge
 
     try:
         settings = load_settings(**({"store_url": store_url} if store_url else {}))
