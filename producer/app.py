@@ -156,7 +156,9 @@ def create_app(
     _add_guard(app, settings, api_keys)
     # Outside even InternalErrors: every answer, a 500 included, carries the request id and
     # is counted.
-    app.add_middleware(RequestContext, metrics=metrics, routes=app.routes)
+    # Routes are matched one by one for their path template: the API's (an included router is
+    # one entry of app.routes), then the app's own (/metrics, the documentation).
+    app.add_middleware(RequestContext, metrics=metrics, routes=[*api_routes(), *app.routes])
     return app
 
 
