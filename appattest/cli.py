@@ -17,6 +17,7 @@ from producer.server import server_config
 from worker.cli import commands as worker_cli
 from worker.cli.commands import PolicyOptions, _settings_with, app_options, policy_options
 from worker.queue.embedded import DataDirInUse, data_dir_lock, embedded_overrides, ensure_api_key
+from worker.queue.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -68,6 +69,7 @@ def serve(
             raise click.UsageError(f"cannot use --data-dir: {exc}") from exc
         settings = _settings_with(policy, **embedded_overrides(data_dir, os.environ))
         settings, generated = ensure_api_key(settings)
+        configure_logging(settings.log_format)
         if generated:
             click.echo(
                 f"APPATTEST_API_KEYS was not set; this run's API key is: {generated}", err=True
@@ -91,6 +93,7 @@ def api(policy: PolicyOptions, host: str, port: int) -> None:
     settings = _settings_with(policy)
     if not settings.api_keys:
         raise click.UsageError("set APPATTEST_API_KEYS: the API refuses every call without keys")
+    configure_logging(settings.log_format)
     uvicorn.Server(server_config(create_app(settings), settings, host=host, port=port)).run()
 
 

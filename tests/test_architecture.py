@@ -102,6 +102,10 @@ PRODUCER_MAY_USE = {
     "worker.queue.app",
     "worker.queue.messaging",
     "worker.queue.ledger",
+    # Operating it: the structured log format and request id, the metrics of the broker's
+    # queues and of the embedded worker (``appattest serve``).
+    "worker.queue.logs",
+    "worker.queue.metrics",
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -112,6 +112,28 @@ class Settings(BaseSettings):
     # on (?wait) at once. One request asking for more is admitted only when the key has no
     # other wait in progress.
     max_waits_per_key: int = Field(default=5000, ge=1, le=1_000_000)
+
+    # --- Operating it (metrics, logs, events, retention) -----------------------------------
+    # The producer's GET /metrics (no API key); false turns the route off (404).
+    metrics_enabled: bool = True
+    # The port a worker serves its metrics on (all its processes aggregated); None: off.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Log lines as JSON objects (one per line) or as text, for api, worker and serve.
+    log_format: Literal["text", "json"] = "text"
+    # One INFO line per decided job (its ids, kind, App ID, reason): 20 to 40 us of worker
+    # CPU per job as text, 40 to 60 as JSON (a job costs 300 us and more); false: none.
+    log_verdicts: bool = True
+    # Celery's task events (sent, received, started, succeeded...), for Flower and exporters.
+    celery_events: bool = True
+    # Verdict rows older than this many days are purged; 0 keeps them forever.
+    verdict_retention_days: int = Field(default=30, ge=0, le=36_500)
+    # Challenges are purged this long after they expired (a job still queued with one gets
+    # challenge_expired, not challenge_unknown, within it).
+    challenge_purge_grace_seconds: int = Field(default=3600, ge=0, le=30 * 86_400)
+    # How often a worker runs the purge (one worker at a time), and the rows per transaction.
+    purge_interval_seconds: float = Field(default=600.0, gt=0, le=86_400, allow_inf_nan=False)
+    purge_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # --- end of operating settings ---------------------------------------------------------
 
     @field_validator("app_ids", "dev_app_ids", "api_keys", mode="before")
     @classmethod

@@ -3,13 +3,16 @@ command (``appattest.cli``) adds the ones that run the HTTP API, `api` and `serv
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
 import os
 import queue
+import shutil
 import stat
 import sys
+import tempfile
 import threading
 import uuid
 from collections import Counter
@@ -21,6 +24,7 @@ from typing import Any, BinaryIO
 
 import click
 from celery import Celery, signals
+from prometheus_client import start_http_server
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -30,8 +34,15 @@ from worker.contract import PluginRequest, VerificationResult
 from worker.core import Reason
 from worker.queue.app import create_celery_app
 from worker.queue.ledger import Sweeper, ledger_for
-from worker.queue.logs import omit_task_results
+from worker.queue.logs import configure_logging, omit_task_results
 from worker.queue.messaging import QUEUE
+from worker.queue.metrics import (
+    MULTIPROC_ENV,
+    WorkerCpu,
+    enable_multiprocess,
+    multiprocess_registry,
+    process_exited,
+)
 from worker.queue.tasks import resources_of, start_process
 from worker.service import VerificationService
 from worker.service.verification import ORDERED_CHUNK, ConcurrentChange
@@ -547,6 +558,12 @@ def _settings_with(policy: PolicyOptions, **extra: object) -> Settings:
     help="A worker that ran this many seconds before it died is restarted after the first "
     "delay again.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve this worker's Prometheus metrics (all its processes) on this port "
+    "(default: APPATTEST_WORKER_METRICS_PORT; off when neither is set).",
+)
 @click.option("--parent-pid", type=int, hidden=True, help="Stop when this process is gone.")
 def worker(
     policy: PolicyOptions,
@@ -558,6 +575,7 @@ def worker(
     restart_delay: float,
     restart_delay_max: float,
     healthy_after: float,
+    metrics_port: int | None,
     parent_pid: int | None,
 ) -> None:
     """Run a Celery worker that verifies queued jobs (settings from APPATTEST_* variables).
@@ -568,7 +586,8 @@ def worker(
     """
     from worker.queue.supervise import Backoff, Supervisor, stop_with_parent
 
-    settings = _settings_with(policy)
+    extra = {"worker_metrics_port": metrics_port} if metrics_port is not None else {}
+    settings = _settings_with(policy, **extra)
     if supervise:
         try:
             backoff = Backoff(
@@ -577,15 +596,25 @@ def worker(
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
         supervisor = Supervisor(
-            _unsupervised_worker_command(policy, concurrency, pool, loglevel, hostname),
+            _unsupervised_worker_command(policy, concurrency, pool, loglevel, hostname)
+            + ([f"--metrics-port={metrics_port}"] if metrics_port is not None else []),
             backoff=backoff,
         )
         logging.getLogger("appattest.supervise").setLevel(loglevel.upper())
         if parent_pid is not None:
             stop_with_parent(parent_pid, grace=supervisor.stop_timeout + 10)
+        if settings.worker_metrics_port is not None and not os.environ.get(MULTIPROC_ENV):
+            # One metrics folder for every restart of the worker (each clears it as it
+            # starts), removed when the supervisor stops.
+            with tempfile.TemporaryDirectory(prefix="appattest-metrics-") as folder:
+                os.environ[MULTIPROC_ENV] = folder
+                sys.exit(supervisor.run())
         sys.exit(supervisor.run())
     if parent_pid is not None:
         stop_with_parent(parent_pid)
+    configure_logging(settings.log_format)
+    # Before any metric exists and before the pool forks (see worker.queue.metrics).
+    _serve_worker_metrics(settings)
     app = create_celery_app(settings)
     # A worker must not lose a verdict to a result backend that blinked: storing the result
     # retries, for a few minutes (randomised exponential backoff up to 5 s between attempts);
@@ -599,6 +628,10 @@ def worker(
     )
     omit_task_results()
     _sweep_ledger_while_running(app, settings)
+    _purge_while_running(settings)
+    signals.worker_process_shutdown.connect(
+        lambda pid=None, **_: process_exited(pid or os.getpid()), weak=False
+    )
     signals.worker_ready.connect(
         lambda **_: log.info("appattest-backend %s: worker ready", __version__), weak=False
     )
@@ -636,6 +669,47 @@ def _unsupervised_worker_command(
     if hostname:
         command.append(f"--hostname={hostname}")
     return command
+
+
+def _serve_worker_metrics(settings: Settings) -> None:
+    """With a metrics port, or a metrics folder given (``PROMETHEUS_MULTIPROC_DIR``, as
+    ``appattest serve`` does), the worker's processes write their metrics to files there
+    (a temporary folder when only the port is given); with a port, this process serves them
+    all on it."""
+    port = settings.worker_metrics_port
+    given = os.environ.get(MULTIPROC_ENV)
+    if port is None and not given:
+        return
+    if given:
+        directory = Path(given)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="appattest-metrics-"))
+        owner = os.getpid()
+
+        def remove() -> None:
+            if os.getpid() == owner:  # never from a pool process that runs exit handlers
+                shutil.rmtree(directory, ignore_errors=True)
+
+        atexit.register(remove)
+    enable_multiprocess(directory, clear=True)
+    if port is not None:
+        try:
+            registry = multiprocess_registry(directory)
+            registry.register(WorkerCpu())
+            start_http_server(port, registry=registry)
+        except OSError as exc:
+            raise click.UsageError(f"cannot serve metrics on port {port}: {exc}") from exc
+        log.info("worker metrics on port %d", port)
+
+
+def _purge_while_running(settings: Settings) -> None:
+    """Run the retention purge (``worker.queue.retention``) in this worker's main process once it is
+    ready, until it shuts down."""
+    from worker.queue.retention import Purger
+
+    purger = Purger(create_store_engine(settings.store_url), settings)
+    signals.worker_ready.connect(lambda **_: purger.start(), weak=False)
+    signals.worker_shutdown.connect(lambda **_: purger.stop(), weak=False)
 
 
 def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
@@ -820,6 +894,39 @@ def reverify(
     engine.dispose()
     print_summary(summary, sys.stderr, title=f"reverify {run_id}")
     click.echo(f"results: {jsonl} {csv_path}", err=True)
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted, and delete nothing.")
+@click.option(
+    "--store",
+    "store_url",
+    envvar="APPATTEST_STORE_URL",
+    default=None,
+    help="SQLAlchemy URL of the key store (default: the settings' store).",
+)
+def purge(dry_run: bool, store_url: str | None) -> None:
+    """Delete expired challenges, verdicts past APPATTEST_VERDICT_RETENTION_DAYS and expired
+    idempotency keys, in batches of APPATTEST_PURGE_BATCH_SIZE rows (what the workers do every
+    APPATTEST_PURGE_INTERVAL_SECONDS). Device keys are never deleted. Prints the counts."""
+    from worker.queue.retention import run_purge
+
+    try:
+        settings = load_settings(**({"store_url": store_url} if store_url else {}))
+    except ValueError as exc:
+        raise click.UsageError(f"invalid configuration: {exc}") from exc
+    engine = _open_store(settings.store_url)
+    try:
+        counts = run_purge(engine, settings, dry_run=dry_run)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"the purge failed: {type(exc).__name__}") from exc
+    finally:
+        engine.dispose()
+    if counts is None:
+        raise click.ClickException("another purge is running; try again later")
+    verb = "would delete" if dry_run else "deleted"
+    for table, rows in counts.items():
+        click.echo(f"{verb} {rows} {table}")
 
 
 main.add_command(simulate_command)

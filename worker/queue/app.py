@@ -47,7 +47,11 @@ def queue_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         # Hide task arguments (tokens, challenges) from Celery's own logs and events.
         worker_log_format="%(asctime)s %(levelname)s %(processName)s %(message)s",
-        task_send_sent_event=False,
+        # Celery's task events (-E, and "task-sent" from publishers) for Flower and exporters;
+        # APPATTEST_CELERY_EVENTS=false turns them off. Arguments in events are redacted
+        # (worker.messaging.REDACTED_ARGS).
+        worker_send_task_events=settings.celery_events,
+        task_send_sent_event=settings.celery_events,
     )
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # Verdicts take milliseconds, so a message unacknowledged for this long belongs to a

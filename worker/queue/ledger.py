@@ -41,6 +41,7 @@ import redis
 from celery import Celery, states
 
 from worker.queue.messaging import decode, publish, read_task_metas
+from worker.queue.metrics import worker_metrics
 
 log = logging.getLogger("appattest.ledger")
 
@@ -238,7 +239,9 @@ class Sweeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.sweep_once()
+                report = self.sweep_once()
+                if report is not None and report.resent:
+                    worker_metrics().ledger_republished.inc(len(report.resent))
             except Exception as exc:  # a down broker, or a bug: log it, try again next round
                 log.warning("ledger sweep failed: %s: %s", type(exc).__name__, exc)
 

@@ -18,7 +18,7 @@ are unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Final, Protocol
 
 from celery import Celery, states
@@ -104,6 +104,13 @@ class Message(BaseModel):
     task: ClassVar[str]
     queue: ClassVar[str] = QUEUE
 
+    # When the work was handed to ``publish`` (set there when absent; a resend keeps the
+    # first): the workers' submission-to-verdict histogram and the broker's oldest-job age
+    # read it. Optional, so older workers ignore it and messages without it still read.
+    submitted_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
+        default=None, validation_alias="submittedAt", serialization_alias="submittedAt"
+    )
+
 
 class VerifyJob(BaseModel):
     """One job of a verify batch: its (sealed) id, the plugin body, the submitting key's name."""
@@ -114,6 +121,10 @@ class VerifyJob(BaseModel):
     body: Any
     submitted_by: _Id | None = Field(
         default=None, validation_alias="submittedBy", serialization_alias="submittedBy"
+    )
+    # The HTTP request that submitted the job (``X-Request-ID``), for log correlation.
+    request_id: _Id | None = Field(
+        default=None, validation_alias="requestId", serialization_alias="requestId"
     )
 
 
@@ -154,6 +165,11 @@ class ReverifyBatch(Message):
 _MESSAGES: Final[dict[str, type[Message]]] = {
     m.task: m for m in (VerifyBatch, VerifyOne, ReverifyBatch)
 }
+
+
+def queues() -> tuple[str, ...]:
+    """Every queue a message is published to, in a stable order (for monitoring)."""
+    return tuple(sorted({m.queue for m in _MESSAGES.values()}))
 
 
 def encode(message: Message) -> dict[str, Any]:
@@ -220,6 +236,8 @@ def publish(
     not ``send_task``: with the Redis result backend it subscribes to every job's result
     channel. The headers carry ``REDACTED_ARGS``, never the message.
     """
+    if message.submitted_at is None:
+        message = message.model_copy(update={"submitted_at": datetime.now(UTC)})
     payload = encode(message)
     if ledger is not None:
         ledger.record([(task_id, message.task, payload)])

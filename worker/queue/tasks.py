@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -29,6 +31,7 @@ from worker.queue.messaging import (
     VerifyOne,
     decode,
 )
+from worker.queue.metrics import CacheCounts, WorkerMetrics, observe_verdicts, worker_metrics
 from worker.service import VerificationService
 from worker.service.reverify import Reverifier
 from worker.settings import Settings
@@ -53,6 +56,31 @@ class ProcessResources:
     reverifier: Reverifier
     cache: IntermediateCache
     ledger: Ledger | None
+    # --- metrics (issue 11): this process's worker metrics, the App IDs that may be labels,
+    # and what the caches had counted when the metrics last saw them.
+    metrics: WorkerMetrics = field(default_factory=worker_metrics)
+    known_apps: frozenset[str] = frozenset()
+    intermediate_counts: CacheCounts = field(default_factory=lambda: CacheCounts("intermediate"))
+    key_counts: CacheCounts = field(default_factory=lambda: CacheCounts("public_key"))
+
+    def observe(
+        self, results: list[dict[str, Any]], seconds: float, submitted_at: datetime | None
+    ) -> None:
+        """Count one task's verdicts and the caches' hits and misses in the metrics."""
+        observe_verdicts(
+            self.metrics,
+            results,
+            known_apps=self.known_apps,
+            seconds=seconds,
+            submitted_at=submitted_at,
+            now=datetime.now(UTC),
+        )
+        self.intermediate_counts.update(self.metrics, self.cache.hits, self.cache.misses)
+        self.key_counts.update(
+            self.metrics,
+            self.service.public_key_hits + self.offline.public_key_hits,
+            self.service.public_key_misses + self.offline.public_key_misses,
+        )
 
     @classmethod
     def build(cls, app: Celery, settings: Settings) -> ProcessResources:
@@ -75,6 +103,7 @@ class ProcessResources:
             reverifier=Reverifier(sessions=sessions, cache=cache),
             cache=cache,
             ledger=ledger_for(app),
+            known_apps=frozenset(settings.app_ids) | frozenset(settings.dev_app_ids),
         )
 
 
@@ -141,6 +170,7 @@ def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         _refused(task, exc)
         return _rejection(body, Reason.INVALID_REQUEST, exc.detail)
     assert isinstance(message, VerifyOne)
+    started = time.perf_counter()
     try:
         if message.body is None:
             raise Rejected(Reason.INVALID_REQUEST, "job has no body")
@@ -149,19 +179,23 @@ def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         service = resources.offline if message.challenges_given else resources.service
         # Operator imports may verify as of the instant the registrations were made.
         at = message.at if message.challenges_given else None
-        result: dict[str, Any] = service.handle(request, job_id=job_id, now=at).to_json_dict()
-        return result
+        verdict = service.handle(request, job_id=job_id, now=at).to_json_dict()
     except Rejected as exc:
-        return _rejection(body, exc.reason, exc.detail)
+        verdict = _rejection(body, exc.reason, exc.detail)
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("job %s: %s, retries exhausted", job_id, type(exc).__name__)
-        return _rejection(
-            body, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
-        )
+        detail = "the store was unavailable; retries exhausted"
+        verdict = _rejection(body, Reason.INTERNAL_ERROR, detail)
     except Exception:
         log.exception("job %s: unexpected error", job_id)
-        return _rejection(body, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
+        verdict = _rejection(body, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
+    # Every verdict is counted and logged, those reached without the service included.
+    elapsed = time.perf_counter() - started
+    resources_of(task.app, settings).observe([verdict], elapsed, message.submitted_at)
+    if settings.log_verdicts:
+        _log_verdict(job_id, verdict, None)
+    return verdict
 
 
 def _refused_batch(payload: Any, exc: MessageError) -> dict[str, Any]:
@@ -207,31 +241,60 @@ def run_batch(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         except Rejected as exc:
             rejection = _rejection(job.body, exc.reason, exc.detail)
             items.append((job.job_id, VerificationResult.model_validate(rejection)))
+    request_ids: list[str | None] = [job.request_id for job in batch.jobs]
+    resources = resources_of(task.app, settings)
+    started = time.perf_counter()
     try:
-        service = resources_of(task.app, settings).service
-        results = service.handle_batch(items, submitted_by=owners)
+        results = resources.service.handle_batch(
+            items, submitted_by=owners, request_ids=request_ids
+        )
+        decided = [result.to_json_dict() for result in results]
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("batch %s: %s, retries exhausted", task.request.id, type(exc).__name__)
         detail = "the store was unavailable; retries exhausted"
-        return {
-            "results": [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs],
-            "jobIds": job_ids,
-        }
+        decided = [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs]
     except Exception:
         log.exception("batch %s: unexpected error", task.request.id)
         detail = "unexpected error; see the worker log"
-        return {
-            "results": [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs],
-            "jobIds": job_ids,
-        }
+        decided = [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs]
+    # Every verdict is counted and logged, internal errors included.
+    resources.observe(decided, time.perf_counter() - started, batch.submitted_at)
+    resources.metrics.batch_jobs.observe(len(decided))
+    if settings.log_verdicts:
+        for job_id, request_id, result in zip(job_ids, request_ids, decided, strict=True):
+            _log_verdict(job_id, result, request_id)
     # The job ids beside the results: a reader finds a job's verdict by its id.
-    return {"results": [result.to_json_dict() for result in results], "jobIds": job_ids}
+    return {"results": decided, "jobIds": job_ids}
+
+
+def _log_verdict(job_id: str | None, result: dict[str, Any], request_id: str | None) -> None:
+    """One line per decided job: its ids, kind, App ID and reason (never its body)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    reason = "ok" if result.get("ok") else result.get("reason")
+    kind, app_id = result.get("kind"), result.get("appId")
+    log.info(
+        "job %s: %s %s (app %s, request %s)",
+        job_id,
+        kind,
+        reason,
+        app_id,
+        request_id,
+        extra={
+            "job_id": job_id,
+            "kind": kind,
+            "reason": reason,
+            "app_id": app_id,
+            "request_id": request_id,
+        },
+    )
 
 
 def _retry_or_raise(task: Task, settings: Settings, exc: Exception) -> None:
     retries = task.request.retries
     if retries < settings.task_max_retries:
+        resources_of(task.app, settings).metrics.retries.labels(task.name).inc()
         countdown = min(settings.task_retry_backoff_max, 2**retries)
         log.warning(
             "task %s: %s, retry %d in %ds",

@@ -119,6 +119,7 @@ class _Job:
     attestation: VerifiedAttestation | None = None
     new_counter: int | None = None
     submitted_by: str | None = None
+    request_id: str | None = None
 
     @property
     def kind(self) -> Kind:
@@ -172,6 +173,9 @@ class VerificationService:
         self._public_key_cache_size = public_key_cache_size
         self._public_keys: OrderedDict[bytes, ec.EllipticCurvePublicKey] = OrderedDict()
         self._public_keys_lock = threading.Lock()
+        # Counted for the workers' metrics (the cache's hits and misses since it was built).
+        self.public_key_hits = 0
+        self.public_key_misses = 0
 
     def _public_key(self, point: bytes) -> ec.EllipticCurvePublicKey:
         """The loaded form of a stored public key, from a bounded per-process cache: loading a
@@ -180,7 +184,9 @@ class VerificationService:
             key = self._public_keys.get(point)
             if key is not None:
                 self._public_keys.move_to_end(point)
+                self.public_key_hits += 1
                 return key
+            self.public_key_misses += 1
         key = load_public_key(point)
         with self._public_keys_lock:
             self._public_keys[point] = key
@@ -200,17 +206,20 @@ class VerificationService:
         *,
         now: datetime | None = None,
         submitted_by: Sequence[str | None] | None = None,
+        request_ids: Sequence[str | None] | None = None,
     ) -> list[VerificationResult]:
         """Decide a batch of jobs, given as (job id or None, request); return the verdicts in
         the same order. An item may already be a verdict (a body that failed the contract),
         which is then only recorded. ``submitted_by`` names, per item, who submitted it (an
-        API key's name), recorded with the verdict."""
+        API key's name), recorded with the verdict; ``request_ids`` likewise names the HTTP
+        request that submitted each (for log correlation)."""
         at = now or self.clock()
         owners = list(submitted_by) if submitted_by is not None else [None] * len(items)
-        if len(owners) != len(items):
-            raise ValueError("submitted_by must name one submitter per item")
+        requests = list(request_ids) if request_ids is not None else [None] * len(items)
+        if len(owners) != len(items) or len(requests) != len(items):
+            raise ValueError("submitted_by and request_ids must name one per item")
         for _ in range(_ATTEMPTS):
-            decided = self._attempt(items, owners, at)
+            decided = self._attempt(items, owners, at, requests)
             if decided is not None:
                 return decided
         raise RuntimeError("verdicts of a batch kept conflicting with another delivery")
@@ -303,12 +312,13 @@ class VerificationService:
         items: Sequence[tuple[str | None, PluginRequest | VerificationResult]],
         owners: Sequence[str | None],
         at: datetime,
+        request_ids: Sequence[str | None],
     ) -> list[VerificationResult] | None:
         jobs = [
-            _Job(job_id, None, result=item, submitted_by=owner)
+            _Job(job_id, None, result=item, submitted_by=owner, request_id=request_id)
             if isinstance(item, VerificationResult)
-            else _Job(job_id, item, submitted_by=owner)
-            for (job_id, item), owner in zip(items, owners, strict=True)
+            else _Job(job_id, item, submitted_by=owner, request_id=request_id)
+            for (job_id, item), owner, request_id in zip(items, owners, request_ids, strict=True)
         ]
         challenges, keys = self._read(jobs)
         for job in jobs:
@@ -545,6 +555,7 @@ class VerificationService:
                     "result": result.to_json_dict(),
                     "decided_at": at,
                     "submitted_by": job.submitted_by,
+                    "request_id": job.request_id,
                 }
             )
         return len(bulk.record_verdicts(session, rows)) == len(rows)

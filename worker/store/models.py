@@ -84,6 +84,8 @@ class Verdict(Base):
     # The name (or fingerprint) of the API key that submitted the job; null for jobs queued
     # by an operator (bulk imports) or before it was recorded.
     submitted_by: Mapped[str | None] = mapped_column(String(64))
+    # The X-Request-ID of the HTTP request that submitted the job (log correlation).
+    request_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class IdempotencyKey(Base):
