@@ -44,6 +44,7 @@ from producer.jobs import (
     check_batch_item,
     check_request,
 )
+from producer.keys import KeyIdPath, read_key_state_async
 from producer.middleware import InternalErrors, RequestGuard
 from producer.ratelimit import RateLimiter, WaitBudget, retry_after_seconds
 from producer.schemas import (
@@ -56,6 +57,7 @@ from producer.schemas import (
     IssuedChallenge,
     JobAccepted,
     JobStatus,
+    KeyStateResponse,
     Liveness,
     Readiness,
     StatusRequest,
@@ -468,6 +470,13 @@ def _status_request(raw: bytes, max_jobs: int) -> StatusRequest:
     return asked
 
 
+async def get_key(request: Request, key_id: KeyIdPath, resources: Resources) -> KeyStateResponse:
+    """A registered key's state, for the API key that registered it (404 ``not_found`` for
+    any other, like a key never registered; see producer.keys)."""
+    owner = _caller(request).owner
+    return await read_key_state_async(resources.sessions, key_id, owner.name)
+
+
 def _add_routes(app: FastAPI) -> None:
     """Register the routes on ``app`` itself (not through an included router), so that
     ``app.routes`` lists every path."""
@@ -549,6 +558,16 @@ def _add_routes(app: FastAPI) -> None:
         dependencies=batch_auth,
         openapi_extra=_request_body(BatchRequest, "Up to max_batch_jobs items."),
         tags=["jobs"],
+    )
+    app.add_api_route(
+        "/v1/keys/{keyId:path}",
+        get_key,
+        methods=["GET"],
+        summary="A registered key's state: counter, revocation, receipt dates, risk metric",
+        response_model=KeyStateResponse,
+        responses=_errors(401, 404, 422, 429, 500, 503),
+        dependencies=auth,
+        tags=["keys"],
     )
     app.add_api_route(
         "/v1/jobs/{jobId}",

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.core import Policy, TrustStore
+from worker.core.refreshed import APPLE_DATA_DEVELOPMENT_URL, APPLE_DATA_URL
 from worker.store.db import DEFAULT_STORE_URL
 
 
@@ -74,6 +75,23 @@ class Settings(BaseSettings):
     # on (?wait) at once. One request asking for more is admitted only when the key has no
     # other wait in progress.
     max_waits_per_key: int = Field(default=5000, ge=1, le=1_000_000)
+
+    # Apple's fraud-metric service (see worker.service.receipts): the team's DeviceCheck key
+    # (team id, 10-character key id, the .p8 file), the service's URLs (tests point them at a
+    # local fake), the root receipts must chain to (Apple Root CA - G3 unless a test root is
+    # given explicitly), a rate limit shared by every worker (kept in Redis), how often a key
+    # is refreshed, and the optional policy refusing assertions of keys above a risk metric.
+    apple_team_id: str | None = None
+    apple_key_id: str | None = None
+    apple_private_key_file: Path | None = None
+    apple_data_url: str = APPLE_DATA_URL
+    apple_data_development_url: str = APPLE_DATA_DEVELOPMENT_URL
+    apple_timeout_seconds: float = Field(default=10.0, gt=0, le=120, allow_inf_nan=False)
+    receipt_root_ca: Path | None = None
+    apple_rate_limit_per_second: float = Field(default=20.0, gt=0, le=10_000, allow_inf_nan=False)
+    apple_rate_limit_burst: int = Field(default=20, ge=1, le=10_000)
+    receipt_refresh_interval_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    max_risk_metric: int | None = Field(default=None, ge=0)
 
     @field_validator("app_ids", "dev_app_ids", "api_keys", mode="before")
     @classmethod

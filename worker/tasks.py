@@ -65,6 +65,7 @@ class ProcessResources:
             sessions=sessions,
             cache=cache,
             public_key_cache_size=settings.public_key_cache_size,
+            max_risk_metric=settings.max_risk_metric,
         )
         return cls(
             pid=os.getpid(),

@@ -39,8 +39,10 @@ from worker.core import (
     verify_attestation,
 )
 from worker.core.assertion import load_public_key
+from worker.core.receipt import parse_receipt
 from worker.service.plugin import DecodedRequest, decode_plugin_fields
 from worker.store import bulk
+from worker.store import receipts as receipt_store
 from worker.store.bulk import IssuedChallenge, StoredKey
 from worker.store.challenges import Purpose, challenge_digest
 
@@ -56,6 +58,26 @@ PUBLIC_KEY_CACHE_SIZE = 50_000
 def utc_now() -> datetime:
     """The wall clock, in UTC. The only place the service reads it."""
     return datetime.now(UTC)
+
+
+def receipt_state(key_id: str, receipt: bytes) -> dict[str, Any]:
+    """The first receipt state of a newly registered key: its attestation receipt with the
+    dates it carries, so that its first refresh can be scheduled. The receipt is parsed, not
+    verified (registration does not gate on it); one that does not parse leaves the dates
+    empty and the key due at once."""
+    try:
+        parsed = parse_receipt(receipt)
+    except Rejected:
+        return {"key_id": key_id, "receipt": receipt}
+    return {
+        "key_id": key_id,
+        "receipt": receipt,
+        "receipt_type": parsed.receipt_type,
+        "created_at": parsed.creation_time,
+        "not_before": parsed.not_before,
+        "expires_at": parsed.expiration_time,
+        "next_refresh_at": parsed.not_before,
+    }
 
 
 def _extensions(ext: AuthDataExtensions | None) -> Extensions | None:
@@ -90,6 +112,8 @@ class _Job:
     attestation: VerifiedAttestation | None = None
     new_counter: int | None = None
     submitted_by: str | None = None
+    # The key's current risk metric and when it was measured (assertions).
+    risk: tuple[int, datetime | None] | None = None
 
     @property
     def kind(self) -> Kind:
@@ -132,6 +156,7 @@ class VerificationService:
         clock: Callable[[], datetime] = utc_now,
         issued_challenges: bool = False,
         public_key_cache_size: int = PUBLIC_KEY_CACHE_SIZE,
+        max_risk_metric: int | None = None,
     ) -> None:
         if public_key_cache_size < 0:
             raise ValueError("public_key_cache_size must not be negative")
@@ -140,6 +165,8 @@ class VerificationService:
         self.cache = cache if cache is not None else IntermediateCache()
         self.clock = clock
         self.issued_challenges = issued_challenges
+        # Optional policy: assertions of a key whose risk metric is above it are refused.
+        self.max_risk_metric = max_risk_metric
         self._public_key_cache_size = public_key_cache_size
         self._public_keys: OrderedDict[bytes, ec.EllipticCurvePublicKey] = OrderedDict()
         self._public_keys_lock = threading.Lock()
@@ -230,6 +257,10 @@ class VerificationService:
                 else {}
             )
             keys = bulk.get_keys(session, [j.key_id for j in open_jobs])
+            asserting = [j for j in open_jobs if j.kind == "assertion"]
+            risks = receipt_store.get_risk_metrics(session, [j.key_id for j in asserting])
+            for job in asserting:
+                job.risk = risks.get(job.key_id)
         return challenges, keys
 
     def _decode(self, job: _Job) -> None:
@@ -324,6 +355,11 @@ class VerificationService:
             raise Rejected(
                 Reason.ENVIRONMENT_MISMATCH, f"{app.app_id} no longer accepts {environment} keys"
             )
+        limit = self.max_risk_metric
+        if limit is not None and job.risk is not None and job.risk[0] > limit:
+            raise Rejected(
+                Reason.RISK_METRIC_EXCEEDED, f"risk metric {job.risk[0]} is above {limit}"
+            )
         assert job.decoded is not None
         verified = verify_assertion(
             assertion_object=job.decoded.token,
@@ -342,6 +378,8 @@ class VerificationService:
             counter=verified.counter,
             extensions=_extensions(verified.extensions),
             verifiedAt=at,
+            riskMetric=job.risk[0] if job.risk else None,
+            riskMetricAt=job.risk[1] if job.risk else None,
         )
 
     # The transaction -----------------------------------------------------------------------
@@ -395,9 +433,14 @@ class VerificationService:
                     "verified_at": at,
                     "leaf_fingerprint": verified.leaf_fingerprint,
                     "intermediate_fingerprint": verified.intermediate_fingerprint,
+                    "registered_by": job.submitted_by,
                 }
             )
         inserted = bulk.insert_keys(session, rows)
+        receipt_store.insert_receipt_states(
+            session,
+            [receipt_state(r["key_id"], r["receipt"]) for r in rows if r["key_id"] in inserted],
+        )
         for key_id, job in first.items():
             if key_id not in inserted:
                 job.reject(Reason.KEY_ALREADY_REGISTERED, "keyId is already registered")

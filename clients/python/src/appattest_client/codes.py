@@ -44,6 +44,9 @@ class Reason(StrEnum):
     # worker decided it: recorded so that a late delivery decides nothing. Reported as the
     # job status ``lost``; submit the request again.
     JOB_LOST = "job_lost"
+    # Optional policy (APPATTEST_MAX_RISK_METRIC): the key's risk metric, from Apple's last
+    # refreshed receipt, is above the configured limit.
+    RISK_METRIC_EXCEEDED = "risk_metric_exceeded"
 
 
 class Environment(StrEnum):
