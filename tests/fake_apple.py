@@ -7,7 +7,9 @@ JWT (ES256, the expected ``kid`` and ``iss``, the signature with the public half
 ATTEST receipt or a RECEIPT this fake issued. It answers 200 with a fresh DER RECEIPT under
 that CA (risk metric ``risk_metric``, not-before a day later), 304 when the receipt sent is
 before its not-before, or whatever status ``force`` asks for. ``forge`` replaces the receipt
-of a 200 answer, for the forged-answer tests.
+of a 200 answer, for the forged-answer tests; ``body`` replaces a 200 answer's body outright
+(malformed answers). Like Apple, it enforces a rate limit when ``rate_limit`` is set: more
+than that many requests within one second are answered 429 (with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class FakeApple:
     risk_metric: int = 1
     not_before_delay: timedelta = timedelta(days=1)
     latency: float = 0.0
+    rate_limit: int | None = None
+    retry_after: str = "1"
+    body: bytes | None = None
+    arrivals: list[float] = field(default_factory=list)
     forced: list[int] = field(default_factory=list)
     force_always: int | None = None
     forge: Callable[[Receipt, datetime], bytes] | None = None
@@ -77,6 +83,12 @@ class FakeApple:
         if self.latency:
             time.sleep(self.latency)
         with self.lock:
+            now_s = time.monotonic()
+            self.arrivals.append(now_s)
+            if self.rate_limit is not None:
+                recent = [t for t in self.arrivals[-(self.rate_limit + 1) :] if t > now_s - 1.0]
+                if len(recent) > self.rate_limit:
+                    return 429, b""
             if self.forced:
                 return self.forced.pop(0), b""
             if self.force_always is not None:
@@ -128,7 +140,20 @@ class FakeApple:
         )
         with self.lock:
             self.issued.add(hashlib.sha256(fresh).digest())
+            if self.body is not None:
+                return 200, self.body
         return 200, base64.b64encode(fresh)
+
+    def busiest_second(self) -> int:
+        """The most requests that arrived within any one second."""
+        with self.lock:
+            times = sorted(self.arrivals)
+        most, start = 0, 0
+        for end, at in enumerate(times):
+            while times[start] <= at - 1.0:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
 
     def _token_ok(self, token: str) -> bool:
         parts = token.split(".")
@@ -175,7 +200,7 @@ def running(fake: FakeApple) -> Iterator[FakeApple]:
                 fake.statuses[status] += 1
             self.send_response(status)
             if status == 429:
-                self.send_header("Retry-After", "30")
+                self.send_header("Retry-After", fake.retry_after)
             self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
             self.wfile.write(answer)

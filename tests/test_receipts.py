@@ -267,6 +267,7 @@ def test_final_statuses(
 def test_throttling_backs_off_the_rest_of_the_batch_without_losing_keys(
     world: World, fake: FakeApple, status: int
 ) -> None:
+    fake.retry_after = "30"
     fake.force(status)
     batch = world.refresher.refresh_batch(_ids(world))
     assert [r.outcome for r in batch.results] == [RefreshOutcome.RETRY_LATER] * 3
@@ -364,6 +365,178 @@ def test_a_forged_answer_is_never_stored(
     assert after.outcome == "receipt_rejected"
     with world.sessions() as session:
         assert session.scalars(select(RiskMetricReading)).all() == []
+
+
+def test_a_replayed_older_receipt_is_never_stored(
+    world: World, fake: FakeApple, receipt_ca: ReceiptCA
+) -> None:
+    # A first refresh stores a receipt created now; an answer created before it (a genuine
+    # receipt of the same key and app, still within ten minutes) would roll the metric back.
+    fake.not_before_delay = timedelta(0)
+    fake.risk_metric = 9
+    world.refresher.refresh_batch(_ids(world)[:1])
+    stored = _state(world, world.devices[0].key_id_b64)
+    assert stored.created_at is not None and stored.risk_metric == 9
+
+    def replay(sent: Receipt, now: datetime) -> bytes:
+        return make_receipt(
+            ca=receipt_ca,
+            app_id=sent.app_id,
+            credential_certificate_der=sent.credential_certificate,
+            client_hash=b"\x00" * 8,
+            receipt_type="RECEIPT",
+            environment=sent.environment,
+            creation_time=stored.created_at - timedelta(seconds=5),  # type: ignore[operator]
+            not_before=now,
+            expiration_time=now + timedelta(days=90),
+            risk_metric=1,
+            der=True,
+        )
+
+    fake.forge = replay
+    (result,) = world.refresher.refresh_batch(_ids(world)[:1]).results
+    assert result.outcome is RefreshOutcome.RECEIPT_REJECTED and result.reason == "replayed"
+    after = _state(world, world.devices[0].key_id_b64)
+    assert after.receipt == stored.receipt and after.risk_metric == 9
+
+
+def test_a_receipt_of_another_registered_key_is_never_stored(
+    world: World, fake: FakeApple, receipt_ca: ReceiptCA
+) -> None:
+    # Apple (or whoever answers) returns a genuine receipt of another key of the same app.
+    with world.sessions() as session:
+        from worker.store.models import DeviceKey
+
+        other = session.get(DeviceKey, world.devices[1].key_id_b64)
+        assert other is not None
+        other_cert = parse_attestation_object(other.attestation).x5c[0]
+
+    def other_key(sent: Receipt, now: datetime) -> bytes:
+        return make_receipt(
+            ca=receipt_ca,
+            app_id=sent.app_id,
+            credential_certificate_der=other_cert,
+            client_hash=b"\x00" * 8,
+            receipt_type="RECEIPT",
+            environment=sent.environment,
+            creation_time=now,
+            not_before=now,
+            expiration_time=now + timedelta(days=90),
+            risk_metric=1,
+            der=True,
+        )
+
+    fake.forge = other_key
+    (result,) = world.refresher.refresh_batch(_ids(world)[:1]).results
+    assert result.outcome is RefreshOutcome.RECEIPT_REJECTED and result.reason == "key_mismatch"
+    assert _state(world, world.devices[0].key_id_b64).risk_metric is None
+
+
+@pytest.mark.parametrize(
+    ("body", "outcome", "reason"),
+    [
+        (b"not base64 at all!", RefreshOutcome.RETRY_LATER, None),
+        (
+            base64.b64encode(b"\x30\x03\x02\x01\x00"),
+            RefreshOutcome.RECEIPT_REJECTED,
+            "receipt_invalid",
+        ),
+        (b"", RefreshOutcome.RECEIPT_REJECTED, "receipt_invalid"),
+    ],
+)
+def test_a_malformed_answer_is_never_stored(
+    world: World, fake: FakeApple, body: bytes, outcome: RefreshOutcome, reason: str | None
+) -> None:
+    fake.body = body
+    (result,) = world.refresher.refresh_batch(_ids(world)[:1]).results
+    assert result.outcome is outcome and result.reason == reason
+    state = _state(world, world.devices[0].key_id_b64)
+    assert state.receipt_type == "ATTEST" and state.risk_metric is None
+    assert state.next_refresh_at is not None  # tried again later, never dropped
+
+
+def test_a_timeout_is_retried_later_and_changes_nothing(
+    world: World, fake: FakeApple, p8_key: ec.EllipticCurvePrivateKey
+) -> None:
+    fake.latency = 1.0
+    slow = ReceiptExchange(
+        token=AppleToken(team_id=TEAM_ID, key_id=KEY_ID, private_key=p8_key),
+        production_url=fake.url("production"),
+        development_url=fake.url("development"),
+        timeout=0.2,
+    )
+    try:
+        answer = slow.exchange(b"receipt", "production")
+    finally:
+        slow.close()
+    assert answer.outcome is ExchangeOutcome.RETRY_LATER
+    assert "Timeout" in answer.detail
+
+
+# --- Runs -----------------------------------------------------------------------------------
+
+
+def test_a_run_records_outcomes_stops_on_401_and_resumes(world: World, fake: FakeApple) -> None:
+    from worker.service.refresh_runs import RefreshFilters, RefreshRunner, run_state, start_run
+
+    runner = RefreshRunner(sessions=world.sessions, refresher=world.refresher)
+    with world.sessions() as session, session.begin():
+        state = start_run(session, run_id="r1", filters=RefreshFilters(), now=datetime.now(UTC))
+    assert (state.total, state.done) == (3, 0)
+    fake.force_always = 401
+    step = runner.decide("r1", _ids(world))
+    assert step.stopped is not None and "401" in step.stopped
+    assert fake.statuses == {401: 1}  # the rest of the batch was not sent
+    # Stopped: a further batch of the run sends nothing at all.
+    assert runner.decide("r1", _ids(world)).decided == 0
+    assert fake.statuses == {401: 1}
+    with world.sessions() as session:
+        assert run_state(session, "r1").pending == 3
+    # The configuration is fixed; the run is resumed by its id.
+    fake.force_always = None
+    with world.sessions() as session, session.begin():
+        state = start_run(session, run_id="r1", filters=RefreshFilters(), now=datetime.now(UTC))
+    assert state.stopped_reason is None
+    step = runner.decide("r1", _ids(world))
+    assert step.decided == 3 and step.stopped is None
+    # Delivered again, the batch exchanges nothing: every key of the run is decided.
+    before = sum(fake.statuses.values())
+    assert runner.decide("r1", _ids(world)).decided == 0
+    assert sum(fake.statuses.values()) == before
+    with world.sessions() as session:
+        assert run_state(session, "r1").pending == 0
+
+
+def test_a_run_id_reused_with_other_filters_is_refused(world: World) -> None:
+    from worker.service.refresh_runs import RefreshFilters, RunMismatch, start_run
+
+    now = datetime.now(UTC)
+    with world.sessions() as session, session.begin():
+        start_run(session, run_id="r2", filters=RefreshFilters(limit=2), now=now)
+    with pytest.raises(RunMismatch), world.sessions() as session, session.begin():
+        start_run(session, run_id="r2", filters=RefreshFilters(limit=3), now=now)
+
+
+def test_retried_keys_that_apple_keeps_refusing_end_as_retry_later(
+    world: World, fake: FakeApple
+) -> None:
+    from worker.service.refresh_runs import RefreshFilters, RefreshRunner, run_state, start_run
+    from worker.store.refresh_runs import results
+
+    runner = RefreshRunner(sessions=world.sessions, refresher=world.refresher)
+    with world.sessions() as session, session.begin():
+        start_run(session, run_id="r3", filters=RefreshFilters(), now=datetime.now(UTC))
+    fake.force(503)
+    step = runner.decide("r3", _ids(world))
+    assert set(step.retry) == set(_ids(world)) and step.decided == 0
+    runner.give_up("r3", step.retry, "retries ended")
+    with world.sessions() as session:
+        assert run_state(session, "r3").pending == 0
+        rows = list(results(session, "r3"))
+        assert {r.outcome for r in rows} == {"retry_later"}
+        # The keys stay due: a later run or the periodic refresh takes them up.
+        later = datetime.now(UTC) + timedelta(hours=7)
+        assert set(due_key_ids(session, now=later)) == set(_ids(world))
 
 
 # --- The signal where callers need it -------------------------------------------------------

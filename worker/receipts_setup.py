@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core.receipt import ReceiptTrustStore
 from worker.service.apple import AppleToken, ReceiptExchange
-from worker.service.apple_rate import RedisTokenBucket
+from worker.service.apple_rate import LocalTokenBucket, RateLimit, RedisTokenBucket
 from worker.service.receipts import ReceiptRefresher
+from worker.service.refresh_runs import RefreshRunner
 from worker.settings import Settings
 
 
@@ -29,8 +30,31 @@ def receipt_trust(settings: Settings) -> ReceiptTrustStore:
     return ReceiptTrustStore.replacing_apple_root(settings.receipt_root_ca.read_bytes())
 
 
+def rate_limit(settings: Settings, client: redis.Redis | None) -> RateLimit:
+    """The token bucket towards Apple: in ``client`` (shared by every worker), or in this
+    process when there is no Redis."""
+    rate, burst = settings.apple_rate_limit_per_second, settings.apple_rate_limit_burst
+    if client is None:
+        return LocalTokenBucket(rate=rate, burst=burst)
+    return RedisTokenBucket(client, rate=rate, burst=burst)
+
+
+def redis_client(settings: Settings) -> redis.Redis | None:
+    """A client of the Redis that holds the shared rate limit and the schedule's lock."""
+    url = settings.rate_limit_redis_url()
+    return None if url is None else redis.Redis.from_url(url, socket_timeout=5.0)
+
+
+def build_runner(
+    settings: Settings, *, sessions: sessionmaker[Session], client: redis.Redis | None
+) -> tuple[RefreshRunner, ReceiptExchange]:
+    """The run-aware refresher of a worker process (see ``build_refresher``)."""
+    refresher, exchange = build_refresher(settings, sessions=sessions, client=client)
+    return RefreshRunner(sessions=sessions, refresher=refresher), exchange
+
+
 def build_refresher(
-    settings: Settings, *, sessions: sessionmaker[Session], client: redis.Redis
+    settings: Settings, *, sessions: sessionmaker[Session], client: redis.Redis | None
 ) -> tuple[ReceiptRefresher, ReceiptExchange]:
     """The refresher and the HTTP client it uses (close it when the process ends).
 
@@ -50,16 +74,13 @@ def build_refresher(
         production_url=settings.apple_data_url,
         development_url=settings.apple_data_development_url,
         timeout=settings.apple_timeout_seconds,
+        max_connections=max(32, settings.receipt_refresh_threads),
     )
     refresher = ReceiptRefresher(
         sessions=sessions,
         exchange=exchange,
         trust=receipt_trust(settings),
-        limit=RedisTokenBucket(
-            client,
-            rate=settings.apple_rate_limit_per_second,
-            burst=settings.apple_rate_limit_burst,
-        ),
+        limit=rate_limit(settings, client),
         interval=timedelta(seconds=settings.receipt_refresh_interval_seconds),
     )
     return refresher, exchange

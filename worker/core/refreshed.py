@@ -49,6 +49,7 @@ class RefreshRejection(StrEnum):
     WRONG_TYPE = "wrong_type"
     NOT_FRESH = "not_fresh"
     EXPIRED = "expired"
+    REPLAYED = "replayed"  # not newer than the receipt it replaces
 
 
 class RefreshRejected(Exception):
@@ -97,6 +98,17 @@ def _check_expiration(receipt: Receipt, now: datetime) -> None:
         raise RefreshRejected(RefreshRejection.EXPIRED, "receipt has expired")
 
 
+def _check_newer(receipt: Receipt, stored_created_at: datetime | None) -> None:
+    # A receipt Apple returns is created after the one it replaces: an older or equal one is
+    # a replayed answer (it would roll the risk metric back).
+    if stored_created_at is not None and receipt.creation_time <= stored_created_at:
+        raise RefreshRejected(
+            RefreshRejection.REPLAYED,
+            f"receipt was created at {receipt.creation_time.isoformat()}, not after the stored "
+            f"one ({stored_created_at.isoformat()})",
+        )
+
+
 def verify_refreshed_receipt(
     *,
     receipt: bytes,
@@ -104,11 +116,13 @@ def verify_refreshed_receipt(
     now: datetime,
     app_ids: frozenset[str],
     credential_certificate: bytes,
+    stored_created_at: datetime | None = None,
 ) -> Receipt:
     """Verify a receipt returned by Apple's fraud-metric service for one stored key.
 
     Takes the receipt bytes, the receipt trust store (Apple Root CA - G3 in production), the
-    instant, the App IDs the key may belong to and the key's credential certificate (DER).
+    instant, the App IDs the key may belong to, the key's credential certificate (DER) and the
+    creation time of the receipt it replaces (the new one must be newer).
     Returns the parsed ``Receipt`` (risk metric, not-before and expiration included). Raises
     ``RefreshRejected`` with the first failing check.
     """
@@ -120,5 +134,6 @@ def verify_refreshed_receipt(
     _check_app_id(parsed, app_ids)
     _check_attested_key(parsed, credential_certificate)
     _check_creation(parsed, now)
+    _check_newer(parsed, stored_created_at)
     _check_expiration(parsed, now)
     return parsed

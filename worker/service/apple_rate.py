@@ -7,13 +7,14 @@ plus the burst. Redis's own clock (``TIME``) is used, so the workers' clocks do 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Final, Protocol
 
 import redis
 
-__all__ = ["RateLimit", "RedisTokenBucket", "Unlimited"]
+__all__ = ["LocalTokenBucket", "RateLimit", "RedisTokenBucket", "Unlimited"]
 
 DEFAULT_KEY: Final = "appattest:apple-rate"
 
@@ -99,6 +100,43 @@ class RedisTokenBucket:
     def take(self) -> float:
         micros = int(self._script(keys=[self._key], args=[repr(self._rate), self._burst]))
         return micros / 1_000_000
+
+    def wait(self) -> None:
+        while (delay := self.take()) > 0:
+            self._sleep(delay)
+
+
+class LocalTokenBucket:
+    """The same bucket in this process only, for a deployment without Redis (the embedded
+    broker on one machine): the threads of one worker share it. Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        rate: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not rate > 0 or burst < 1:
+            raise ValueError("the rate and the burst must be positive")
+        self._rate = rate
+        self._burst = float(burst)
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = float(burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return 0.0
+            return (1 - self._tokens) / self._rate
 
     def wait(self) -> None:
         while (delay := self.take()) > 0:

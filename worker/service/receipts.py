@@ -88,6 +88,14 @@ class RefreshBatch:
     retry: tuple[str, ...] = field(default=())
 
 
+class SavedHook(Protocol):
+    """Called in the transaction that stores a batch's outcomes (see ``refresh_batch``)."""
+
+    def __call__(
+        self, session: Session, results: Sequence[RefreshResult], stopped: bool
+    ) -> None: ...  # pragma: no cover
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -122,8 +130,13 @@ class ReceiptRefresher:
         self.clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
 
-    def refresh_batch(self, key_ids: Sequence[str]) -> RefreshBatch:
-        """Decide every key of the batch (see the class docstring) and store the outcomes."""
+    def refresh_batch(
+        self, key_ids: Sequence[str], *, on_saved: SavedHook | None = None
+    ) -> RefreshBatch:
+        """Decide every key of the batch (see the class docstring) and store the outcomes.
+
+        ``on_saved(session, results, stopped)`` runs in the transaction that stores them (a
+        run records its rows there, so both are stored or neither)."""
         with self.sessions() as session:
             targets = store.get_refresh_targets(session, key_ids)
         results: list[RefreshResult] = []
@@ -164,10 +177,12 @@ class ReceiptRefresher:
                     update = self._decide(target, answer)
             updates.append(update)
             results.append(self._result(update))
-        if updates:
+        if updates or on_saved is not None:
             at = self.clock()
             with self.sessions() as session, session.begin():
                 store.save_refreshes(session, updates, targets, at)
+                if on_saved is not None:
+                    on_saved(session, results, stopped)
         return RefreshBatch(
             results=tuple(results),
             stopped=stopped,
@@ -216,6 +231,7 @@ class ReceiptRefresher:
                 now=now,
                 app_ids=frozenset({target.app_id}),
                 credential_certificate=credential,
+                stored_created_at=target.created_at,
             )
         except RefreshRejected as exc:
             # Never stored; the stored receipt is still the one to send next time.

@@ -172,3 +172,33 @@ class RiskMetricReading(Base):
     key_id: Mapped[str] = mapped_column(String(44), primary_key=True)
     measured_at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
     risk_metric: Mapped[int] = mapped_column(BigInteger)
+
+
+class RefreshRun(Base):
+    """One ``appattest receipts refresh`` run: the keys it selected (its filters, as JSON) and,
+    when it stopped before the end, why (Apple refused the token: a configuration error)."""
+
+    __tablename__ = "refresh_runs"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    filters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    total: Mapped[int] = mapped_column(BigInteger)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stopped_reason: Mapped[str | None] = mapped_column(String(300))
+
+
+class RefreshResult(Base):
+    """One key's outcome in one refresh run; ``status`` is pending until a worker decided it
+    (a key Apple asked to retry later stays pending while its task retries)."""
+
+    __tablename__ = "refresh_results"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(44), primary_key=True)
+    status: Mapped[str] = mapped_column(String(8), index=True)
+    outcome: Mapped[str | None] = mapped_column(String(24))
+    reason: Mapped[str | None] = mapped_column(String(40))
+    detail: Mapped[str | None] = mapped_column(String(300))
+    risk_metric: Mapped[int | None] = mapped_column(BigInteger)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

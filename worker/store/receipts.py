@@ -31,6 +31,7 @@ class RefreshTarget:
     environment: str
     attestation: bytes
     receipt: bytes
+    created_at: datetime | None
     not_before: datetime | None
     expires_at: datetime | None
     outcome: str | None
@@ -110,6 +111,7 @@ def get_refresh_targets(session: Session, key_ids: Iterable[str]) -> dict[str, R
             ReceiptState.expires_at,
             ReceiptState.outcome,
             ReceiptState.key_id,
+            ReceiptState.created_at,
         )
         .outerjoin(ReceiptState, ReceiptState.key_id == DeviceKey.key_id)
         .where(DeviceKey.key_id.in_(wanted))
@@ -121,6 +123,7 @@ def get_refresh_targets(session: Session, key_ids: Iterable[str]) -> dict[str, R
             environment=row[2],
             attestation=row[3],
             receipt=row[6] if row[6] is not None else row[4],
+            created_at=row[11],
             not_before=row[7],
             expires_at=row[8],
             outcome=row[9],

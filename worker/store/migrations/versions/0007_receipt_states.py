@@ -3,8 +3,10 @@
 ``receipt_states`` holds per key the receipt the next exchange with Apple's fraud-metric
 service sends, its dates, the risk metric and the last exchange's outcome; existing keys get
 their attestation receipt, due at once. ``risk_metric_history`` keeps every reading.
-``device_keys.registered_by`` names the API key whose registration stored the key (only it
-may read the key's state); existing keys get it from their registration's verdict.
+``refresh_runs`` and ``refresh_results`` hold the runs of ``appattest receipts refresh`` and
+their per-key outcomes. ``device_keys.registered_by`` names the API key whose registration
+stored the key (only it may read the key's state); existing keys get it from their
+registration's verdict.
 
 Revision ID: 0007
 Revises: 0006
@@ -52,6 +54,29 @@ def upgrade() -> None:
     op.execute(
         "INSERT INTO receipt_states (key_id, receipt) SELECT key_id, receipt FROM device_keys"
     )
+    op.create_table(
+        "refresh_runs",
+        sa.Column("run_id", sa.String(64), nullable=False),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("filters", sa.JSON(), nullable=False),
+        sa.Column("total", sa.BigInteger(), nullable=False),
+        sa.Column("stopped_at", UTCDateTime(), nullable=True),
+        sa.Column("stopped_reason", sa.String(300), nullable=True),
+        sa.PrimaryKeyConstraint("run_id", name=op.f("pk_refresh_runs")),
+    )
+    op.create_table(
+        "refresh_results",
+        sa.Column("run_id", sa.String(64), nullable=False),
+        sa.Column("key_id", sa.String(44), nullable=False),
+        sa.Column("status", sa.String(8), nullable=False),
+        sa.Column("outcome", sa.String(24), nullable=True),
+        sa.Column("reason", sa.String(40), nullable=True),
+        sa.Column("detail", sa.String(300), nullable=True),
+        sa.Column("risk_metric", sa.BigInteger(), nullable=True),
+        sa.Column("decided_at", UTCDateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("run_id", "key_id", name=op.f("pk_refresh_results")),
+    )
+    op.create_index(op.f("ix_refresh_results_status"), "refresh_results", ["status"])
     with op.batch_alter_table("device_keys") as batch:
         batch.add_column(sa.Column("registered_by", sa.String(64), nullable=True))
     op.execute(
@@ -61,6 +86,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_refresh_results_status"), table_name="refresh_results")
+    op.drop_table("refresh_results")
+    op.drop_table("refresh_runs")
     with op.batch_alter_table("device_keys") as batch:
         batch.drop_column("registered_by")
     op.drop_table("risk_metric_history")
