@@ -9,7 +9,8 @@ that CA (risk metric ``risk_metric``, not-before a day later), 304 when the rece
 before its not-before, or whatever status ``force`` asks for. ``forge`` replaces the receipt
 of a 200 answer, for the forged-answer tests; ``body`` replaces a 200 answer's body outright
 (malformed answers). Like Apple, it enforces a rate limit when ``rate_limit`` is set: more
-than that many requests within one second are answered 429 (with ``Retry-After``).
+than that many requests within one second are answered 429. 429 and 5xx answers carry
+``Retry-After: retry_after``.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def running(fake: FakeApple) -> Iterator[FakeApple]:
             with fake.lock:
                 fake.statuses[status] += 1
             self.send_response(status)
-            if status == 429:
+            if status == 429 or status >= 500:
                 self.send_header("Retry-After", fake.retry_after)
             self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
