@@ -179,6 +179,8 @@ def _store_keys(env: Env, app_id: str, count: int, *, due_at: datetime | None = 
 
 
 def _refresh(env: Env, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    if "--report-dir" not in args:
+        args = (*args, "--report-dir", str(env.workdir / f"report-{uuid.uuid4().hex[:8]}"))
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", "receipts", "refresh", *args],
         env=env.stack.env,
@@ -290,6 +292,7 @@ def test_a_killed_run_whose_messages_were_lost_resumes_and_decides_each_key_once
     proc = subprocess.Popen(
         [*command, "--app-id", app_id, "--run-id", run_id, "--batch-size", "10"],
         env=env.stack.env,
+        cwd=env.workdir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
