@@ -436,6 +436,7 @@ def test_a_receipt_of_another_registered_key_is_never_stored(
     ("body", "outcome", "reason"),
     [
         (b"not base64 at all!", RefreshOutcome.RETRY_LATER, None),
+        (b"QUFB" * 100_000, RefreshOutcome.RETRY_LATER, None),  # 400 KB: not read to the end
         (
             base64.b64encode(b"\x30\x03\x02\x01\x00"),
             RefreshOutcome.RECEIPT_REJECTED,

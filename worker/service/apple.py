@@ -150,6 +150,19 @@ def _retry_after(response: httpx.Response) -> float | None:
     return seconds if 0 <= seconds <= 86_400 else None
 
 
+def _bounded_body(response: httpx.Response) -> bytes | None:
+    """The answer's body, read no further than ``_MAX_ANSWER_BYTES``: None when it is longer
+    (a receipt is about 4 KiB; whatever answers is never let fill the memory)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > _MAX_ANSWER_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class ReceiptExchange:
     """Posts receipts to Apple's fraud-metric service over one pooled HTTP client.
 
@@ -189,23 +202,24 @@ class ReceiptExchange:
         if url is None:
             raise ValueError(f"unknown environment {environment!r}")
         try:
-            response = self._client.post(
+            with self._client.stream(
+                "POST",
                 url,
                 content=base64.b64encode(receipt),
                 headers={
                     "Authorization": self._token.token(self._clock()),
                     "Content-Type": "application/octet-stream",
                 },
-            )
+            ) as response:
+                body = _bounded_body(response)
         except httpx.HTTPError as exc:
             return Exchange(ExchangeOutcome.RETRY_LATER, detail=f"{type(exc).__name__}: {exc}")
-        return self._outcome(response)
+        return self._outcome(response, body)
 
-    def _outcome(self, response: httpx.Response) -> Exchange:
+    def _outcome(self, response: httpx.Response, body: bytes | None) -> Exchange:
         status = response.status_code
         if status == 200:
-            body = response.content
-            if len(body) > _MAX_ANSWER_BYTES:
+            if body is None:
                 return Exchange(ExchangeOutcome.RETRY_LATER, detail="answer is too large")
             try:
                 raw = base64.b64decode(body.strip(), validate=True)
