@@ -716,3 +716,45 @@ def test_the_refresher_is_built_from_the_settings(
     with pytest.raises(RefreshNotConfigured):
         build_refresher(load_settings(), sessions=world.sessions, client=client)
     assert receipt_trust(load_settings()).is_apple
+
+
+# --- Commands -------------------------------------------------------------------------------
+
+
+def test_refresh_without_the_devicecheck_key_is_a_usage_error_and_dry_run_lists_keys(
+    world: World, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    for name in ("APPATTEST_APPLE_TEAM_ID", "APPATTEST_APPLE_KEY_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("APPATTEST_STORE_URL", pg_url)
+    refused = CliRunner().invoke(main, ["receipts", "refresh"])
+    assert refused.exit_code == 2
+    assert "APPATTEST_APPLE_TEAM_ID" in refused.output
+    listed = CliRunner().invoke(main, ["receipts", "refresh", "--dry-run", "--limit", "2"])
+    assert listed.exit_code == 0, listed.output
+    lines = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [line["keyId"] for line in lines] == sorted(_ids(world))[:2]
+    assert {line["outcome"] for line in lines} == {"would_refresh"}
+    # Nothing was called and nothing changed.
+    assert _state(world, world.devices[0].key_id_b64).outcome is None
+
+
+@pytest.mark.parametrize(
+    ("queues", "message"),
+    [("bogus", "--queues takes verify and/or receipts"), ("receipts", "APPATTEST_APPLE_KEY_ID")],
+)
+def test_worker_queues_are_checked(
+    monkeypatch: pytest.MonkeyPatch, queues: str, message: str
+) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    monkeypatch.delenv("APPATTEST_APPLE_KEY_ID", raising=False)
+    monkeypatch.setenv("APPATTEST_APP_IDS", APP_ID)
+    result = CliRunner().invoke(main, ["worker", "--no-supervise", f"--queues={queues}"])
+    assert result.exit_code == 2 and message in result.output
