@@ -73,8 +73,9 @@ from worker.version import __version__
 
 log = logging.getLogger("appattest.producer")
 
-# A batch carries up to max_batch_jobs bodies, but is never read past this many bytes.
-MAX_BATCH_BODY_BYTES: Final = 32 * 1024 * 1024
+# A batch carries up to max_batch_jobs bodies, but is never read past this many bytes (a
+# registration body is about 6 KiB; parsed, a batch takes about four times its size).
+MAX_BATCH_BODY_BYTES: Final = 16 * 1024 * 1024
 
 _DATABASE_DOWN = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
 
@@ -278,7 +279,8 @@ async def _answer(
         except QueueUnavailable as exc:
             log.warning("job %s: accepted, but waiting for it failed: %s", outcome.job_id, exc)
         else:
-            if status.done:
+            if status.final:
+                # Done with its verdict, or lost (its message died with the broker's data).
                 return _json(status, 200, headers=headers)
     return _json(JobAccepted(jobId=outcome.job_id), 202, headers=headers)
 
@@ -291,6 +293,9 @@ async def _submit(
     idempotency_key: str | None,
 ) -> JSONResponse:
     wait = _checked_wait(wait, resources.settings)
+    if len(request.headers.getlist("idempotency-key")) > 1:
+        # Which of two keys would the retry match? Neither is taken.
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, "send at most one Idempotency-Key header")
     plugin = check_request(await request.body(), expected=kind)
     outcome = await run_in_threadpool(
         partial(
@@ -740,6 +745,7 @@ def create_app(
         per_path={"/v1/jobs": batch_limit},
         body_timeout=settings.body_timeout_seconds,
         max_in_flight_per_client=settings.max_connections_per_client,
+        max_body_bytes_in_flight=settings.max_body_bytes_in_flight,
     )
     # Added last, so outermost: it also catches what the guard might raise.
     app.add_middleware(InternalErrors)

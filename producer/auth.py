@@ -2,7 +2,9 @@
 them in constant time. With no key configured, every request is refused (fail closed).
 
 Keys are configured as ``name:key`` (the name is what verdicts record as their submitter and
-logs may show) or as a bare key, which is then known by a fingerprint of its hash.
+logs may show) or as a bare key, which is then known by a fingerprint of its hash. A bare key of
+an earlier release that happens to look like ``name:key`` keeps working: such an entry accepts
+the whole entry as well as the part after the name, as the same caller.
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ class ApiKeys:
     """The configured API keys, as hashes."""
 
     def __init__(self, keys: Iterable[SecretStr]) -> None:
-        callers: list[Caller] = []
+        accepted: list[tuple[bytes, Caller]] = []
         names: set[str] = set()
         for entry in keys:
-            name, key = parse_key(entry.get_secret_value())
+            text = entry.get_secret_value()
+            name, key = parse_key(text)
             # An empty key would let an empty bearer token in; it is ignored, not accepted.
             if not key:
                 continue
@@ -60,11 +63,16 @@ class ApiKeys:
             if name in names:
                 raise ValueError(f"API key name {name!r} is configured twice")
             names.add(name)
-            callers.append(Caller(name, digest, Owner.from_secret(name, digest)))
-        self._callers = tuple(callers)
+            caller = Caller(name, digest, Owner.from_secret(name, digest))
+            accepted.append((digest, caller))
+            if key != text:
+                # The whole entry, for callers that were given it as a bare key.
+                accepted.append((_digest(text), caller))
+        self._accepted = tuple(accepted)
+        self._count = len(names)
 
     def __len__(self) -> int:
-        return len(self._callers)
+        return self._count
 
     def match(self, presented: str | None) -> Caller | None:
         """The caller whose key ``presented`` is, or None when it is none of them.
@@ -74,8 +82,8 @@ class ApiKeys:
         """
         digest = _digest(presented or "")
         found: Caller | None = None
-        for caller in self._callers:
-            if hmac.compare_digest(digest, caller.digest):
+        for stored, caller in self._accepted:
+            if hmac.compare_digest(digest, stored):
                 found = caller
         # A missing or empty key hashes like any other and matches nothing: empty keys are
         # never stored.

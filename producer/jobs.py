@@ -311,8 +311,9 @@ class JobQueue:
 
         Idempotency keys are claimed in a transaction that commits only once the batch is in
         the ledger (or published): a concurrent request with the same key waits for it, and
-        never sees a job that is not yet on its way; a publish that fails rolls the claims back,
-        so a retry creates the job instead of answering with one never queued."""
+        never sees a job that is not yet on its way. When the publish fails, the claims stay
+        with a ledger (a retry answers with the job if its entry was written after all, and
+        replaces it, found lost, if not) and roll back without one."""
         batch_id = new_batch_id()
         job_ids = [seal_job_id(s.owner, batch_id, i) for i, s in enumerate(submissions)]
         outcomes = [Outcome(job_id=job_id) for job_id in job_ids]
@@ -329,11 +330,21 @@ class JobQueue:
             self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
             return outcomes
         published = False
+        refused: BaseException | None = None
         try:
             with self.sessions() as session, session.begin():
                 send = self._claim_keys(session, submissions, job_ids, outcomes)
-                self._publish_jobs(producer, batch_id, submissions, job_ids, sorted(send))
-                published = True
+                try:
+                    self._publish_jobs(producer, batch_id, submissions, job_ids, sorted(send))
+                except self._unreachable() as exc:
+                    if self.ledger is None:
+                        raise  # nothing was queued: the claims roll back
+                    # The ledger write failed, or its reply was lost after it was written. The
+                    # claims stay: a retry with the same key finds the job in the ledger and
+                    # answers with it, or finds it nowhere (lost) and creates it anew.
+                    refused = exc
+                else:
+                    published = True
         except _STORE_DOWN as exc:
             if published:
                 # Queued, but the claims may not have been recorded: the jobs stand (a retry
@@ -350,6 +361,8 @@ class JobQueue:
                     ErrorCode.SERVICE_UNAVAILABLE, "the store is unavailable; try again later"
                 )
             self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+        if refused is not None:
+            raise refused
         return outcomes
 
     def _claim_keys(

@@ -116,6 +116,12 @@ class RequestGuard:
     6. The body of a POST to one of ``json_routes`` must parse as JSON (400
        ``invalid_json``); what is JSON but not the route's schema is the route's 422.
 
+    Between 4 and 5, the body's bytes are reserved from ``max_body_bytes_in_flight``, which
+    bounds the bodies (and what the routes build from them) that the process holds at once:
+    its ``Content-Length``, or the path's limit for a chunked body, until the request ends. A
+    request that would pass the budget is 503 ``service_unavailable`` with ``Retry-After``,
+    unless nothing else is held (so one request of any admitted size always gets through).
+
     The accepted body is then handed on whole, so nothing downstream reads past it. The key
     check is repeated by the routes (``producer.app``), which also learn which key it was.
     """
@@ -131,6 +137,7 @@ class RequestGuard:
         json_routes: Collection[str] = (),
         per_path: Mapping[str, int] | None = None,
         protected: str = "/v1/",
+        max_body_bytes_in_flight: int | None = None,
     ) -> None:
         self.app = app
         self.authorized = authorized
@@ -144,6 +151,9 @@ class RequestGuard:
         # it, and an address leaves it when its last request ends, so its size is bounded by
         # the open connections.
         self._in_flight: dict[str, int] = {}
+        self.max_body_bytes_in_flight = max_body_bytes_in_flight
+        # Body bytes reserved by the requests in progress (the event loop alone touches it).
+        self._buffered = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -198,6 +208,34 @@ class RequestGuard:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
+        reserve = declared if declared is not None else limit
+        budget = self.max_body_bytes_in_flight
+        if budget is not None and self._buffered and self._buffered + reserve > budget:
+            log.warning(
+                "refused %s %s: %d body bytes held, %d more would pass the budget of %d",
+                scope["method"],
+                path,
+                self._buffered,
+                reserve,
+                budget,
+            )
+            refusal = _refusal(
+                503,
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "the server holds as many request bodies as it may; try again shortly",
+                {"Retry-After": "1"},
+            )
+            await refusal(scope, receive, send)
+            return
+        self._buffered += reserve
+        try:
+            await self._admitted(scope, receive, send, path, limit, wants_json)
+        finally:
+            self._buffered -= reserve
+
+    async def _admitted(
+        self, scope: Scope, receive: Receive, send: Send, path: str, limit: int, wants_json: bool
+    ) -> None:
         try:
             with anyio.fail_after(self.body_timeout):
                 body = await self._read_body(receive, limit)

@@ -303,6 +303,49 @@ def test_requests_in_progress_per_client_address_are_bounded(settings: Settings)
         assert status == 200
 
 
+def test_body_bytes_held_at_once_are_bounded(settings: Settings) -> None:
+    """Bodies held by one process are bounded by max_body_bytes_in_flight: while a slow upload
+    of 600 KiB (declared) is held, with a budget of 1 MiB, another 600 KiB body is 503
+    ``service_unavailable`` with Retry-After, while a small body still fits; once the upload
+    ends, the large body is served. A single body larger than the budget is admitted when
+    nothing else is held."""
+    large = {"purpose": "registration", "pad": "x" * (600 * 1024)}
+    small = {"purpose": "registration"}
+    with _served(
+        settings, max_body_bytes=MIB, max_body_bytes_in_flight=MIB, body_timeout_seconds=30
+    ) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = socket.create_connection((HOST, port), timeout=10)
+        try:
+            held.sendall(_head("/v1/attestations", length=600 * 1024) + b"{")
+            deadline = time.monotonic() + 10
+            while (
+                answer := httpx.post(f"{url}/v1/challenges", json=large, headers=_auth(KEY_A))
+            ).status_code != 503:
+                # The held upload reaches the app a moment after it was sent.
+                assert answer.status_code == 422, answer.text
+                assert time.monotonic() < deadline, "the held body was never counted"
+                time.sleep(0.05)
+            assert answer.json()["error"]["code"] == "service_unavailable"
+            assert answer.headers["Retry-After"] == "1"
+            fits = httpx.post(f"{url}/v1/challenges", json=small, headers=_auth(KEY_A))
+            assert fits.status_code == 201, fits.text
+        finally:
+            held.close()
+        deadline = time.monotonic() + 10
+        while (
+            answer := httpx.post(f"{url}/v1/challenges", json=large, headers=_auth(KEY_A))
+        ).status_code == 503:
+            assert time.monotonic() < deadline, "the ended upload was never released"
+            time.sleep(0.05)
+        # Read whole and refused by the schema (an unknown field), not by the budget.
+        assert answer.status_code == 422, answer.text
+    with _served(settings, max_body_bytes=4 * MIB, max_body_bytes_in_flight=MIB) as url:
+        big = {"purpose": "registration", "pad": "x" * (2 * MIB)}
+        answer = httpx.post(f"{url}/v1/challenges", json=big, headers=_auth(KEY_A))
+        assert answer.status_code == 422, answer.text
+
+
 # 6: status polling is charged for what it costs -------------------------------------------------
 
 

@@ -263,6 +263,72 @@ def test_a_forged_assertion_learns_nothing_and_spends_nothing(stack: Stack, ca: 
         assert result["ok"] and result["counter"] == 4
 
 
+def test_a_forger_learns_nothing_of_a_revoked_key(stack: Stack, ca: TestCA) -> None:
+    """A revoked key's state (revoked, by which run, why) is told only to a caller who holds
+    the key: a forged assertion for it is signature_invalid, the device's own is
+    key_revoked."""
+    forger = ec.generate_private_key(ec.SECP256R1())
+    with (
+        http_api(producer_settings(stack.settings, ALICE), key=ALICE) as api,
+        sessions_for(stack.settings.store_url) as sessions,
+    ):
+        device = Device(ca=ca)
+        body = device.registration_body(issue_http(api, "registration"), now=_now())
+        assert api.post("/v1/attestations", params={"wait": 20}, json=body).json()["result"]["ok"]
+        with sessions() as session, session.begin():
+            key = session.get(DeviceKey, device.key_id_b64)
+            assert key is not None
+            key.revoked_at, key.revoked_reason = _now(), "certificate_chain_invalid"
+        forged = device.assertion_body(issue_http(api, "assertion"), signing_key=forger)
+        result = api.post("/v1/assertions", params={"wait": 20}, json=forged).json()["result"]
+        assert result["reason"] == "signature_invalid", result
+        assert "revoked" not in (result["detail"] or "")
+        genuine = device.assertion_body(issue_http(api, "assertion"))
+        result = api.post("/v1/assertions", params={"wait": 20}, json=genuine).json()["result"]
+        assert result["reason"] == "key_revoked", result
+
+
+def test_hostile_headers_and_key_ids_get_clear_refusals(stack: Stack, ca: TestCA) -> None:
+    """A NUL (or any control character) in a keyId is invalid_request, on every route that
+    takes one, not a 500 from the database; two Idempotency-Key headers are refused rather
+    than one of them silently taken."""
+    with http_api(producer_settings(stack.settings, ALICE), key=ALICE) as api:
+        device = Device(ca=ca)
+        for key_id in ("abc\x00def", "abc\ndef", "caf\u00e9"):
+            answer = api.post("/v1/challenges", json={"purpose": "assertion", "keyId": key_id})
+            assert_error(answer, 422, "invalid_request")
+        for path, body in (
+            ("/v1/attestations", device.registration_body("a challenge", now=_now())),
+            ("/v1/assertions", device.assertion_body("some challenge")),
+        ):
+            assert_error(api.post(path, json=body | {"keyId": "ab\x00cd"}), 422, "invalid_request")
+        body = device.registration_body(issue_http(api, "registration"), now=_now())
+        twice = [("Idempotency-Key", "one"), ("Idempotency-Key", "two")]
+        assert_error(api.post("/v1/attestations", json=body, headers=twice), 422, "invalid_request")
+        # Nothing was queued by the refused request: the body is still good.
+        answer = api.post("/v1/attestations", params={"wait": 20}, json=body)
+        assert answer.status_code == 200 and answer.json()["result"]["ok"], answer.text
+
+
+def test_an_old_bare_key_shaped_like_name_and_key_still_works(stack: Stack) -> None:
+    """``APPATTEST_API_KEYS`` entries of an earlier release were bare keys; one that looks
+    like ``name:key`` is accepted whole, as before, and by its part after the name."""
+    old = f"team:{secrets.token_urlsafe(16)}"
+    with http_api(producer_settings(stack.settings, old), key=old) as api:
+        assert api.post("/v1/challenges", json={"purpose": "registration"}).status_code == 201
+        short = {"Authorization": f"Bearer {old.split(':', 1)[1]}"}
+        assert (
+            api.post("/v1/challenges", json={"purpose": "registration"}, headers=short).status_code
+            == 201
+        )
+        wrong = {"Authorization": "Bearer team"}
+        assert_error(
+            api.post("/v1/challenges", json={"purpose": "registration"}, headers=wrong),
+            401,
+            "unauthorized",
+        )
+
+
 def test_the_signature_is_checked_before_the_counter_and_the_app_id(ca: TestCA) -> None:
     device = Device(ca=ca)
     forger = ec.generate_private_key(ec.SECP256R1())
@@ -683,8 +749,8 @@ def test_no_503_for_accepted_work(ca: TestCA, pg_url: str, tmp_path: Path) -> No
         print("\nfault=redis-kill-during-wait answer=202-with-job-id retry=same-job verdict=ok")
 
         # A submission refused with 503 (Redis down before its ledger entry) was not accepted:
-        # a retry with its idempotency key, once Redis is back, creates the job and gets its
-        # verdict (the refused attempt left no claim behind).
+        # a retry with its idempotency key, once Redis is back, finds that job nowhere (lost),
+        # creates it anew and gets its verdict.
         body = Device(ca=ca).registration_body(issue_http(api, "registration"), now=_now())
         key = {"Idempotency-Key": f"refused-{uuid.uuid4()}"}
         server.stop(kill=True)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     max_wait_seconds: float = Field(default=30.0, gt=0, le=120)
     max_body_bytes: int = Field(default=192 * 1024, ge=1024)
+    # Per producer process: the request bodies held at once (each counted by its
+    # Content-Length, or its route's limit when chunked, until its request ends).
+    max_body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_batch_jobs: int = Field(default=1000, ge=1, le=10_000)
     # Per API key, per producer process (each process enforces its own share).
     rate_limit_per_second: float = Field(default=1000.0, gt=0, allow_inf_nan=False)

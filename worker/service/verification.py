@@ -342,6 +342,16 @@ class VerificationService:
     ) -> None:
         if stored is None:
             raise Rejected(Reason.KEY_UNKNOWN, "keyId is not registered")
+        assert job.decoded is not None
+        # The signature first: what the service knows of a key (revoked, its App ID's policy)
+        # is told only to a caller who holds the key.
+        verified = verify_assertion(
+            assertion_object=job.decoded.token,
+            client_data_hash=client_data_hash(request.payload),
+            public_key=self._public_key(stored.public_key),
+            app_id=stored.app_id,
+            previous_counter=stored.counter,
+        )
         if stored.revoked_at is not None:
             raise Rejected(
                 Reason.KEY_REVOKED,
@@ -360,14 +370,6 @@ class VerificationService:
             raise Rejected(
                 Reason.RISK_METRIC_EXCEEDED, f"risk metric {job.risk[0]} is above {limit}"
             )
-        assert job.decoded is not None
-        verified = verify_assertion(
-            assertion_object=job.decoded.token,
-            client_data_hash=client_data_hash(request.payload),
-            public_key=self._public_key(stored.public_key),
-            app_id=stored.app_id,
-            previous_counter=stored.counter,
-        )
         job.new_counter = verified.counter
         job.result = VerificationResult(
             ok=True,

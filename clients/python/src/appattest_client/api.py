@@ -38,9 +38,10 @@ class ChallengeRequest(BaseModel):
     model_config = ConfigDict(populate_by_name=True, frozen=True, extra="forbid")
 
     purpose: PurposeName
-    key_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY_ID_CHARS)] | None = (
-        Field(default=None, alias="keyId")
-    )
+    key_id: (
+        Annotated[str, StringConstraints(pattern=rf"^[A-Za-z0-9+/=]{{1,{MAX_KEY_ID_CHARS}}}$")]
+        | None
+    ) = Field(default=None, alias="keyId")
 
 
 class IssuedChallenge(BaseModel):

@@ -32,9 +32,18 @@ def _utf8_encodable(value: str) -> str:
     return value
 
 
+def _no_control_characters(value: str) -> str:
+    # A keyId is base64 text; a control character (NUL above all, which PostgreSQL cannot store
+    # in a text column) is never part of one.
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("keyId contains a control character")
+    return value
+
+
 _Utf8 = AfterValidator(_utf8_encodable)
+_NoControl = AfterValidator(_no_control_characters)
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64), _Utf8]
-KeyIdText = Annotated[str, StringConstraints(min_length=1, max_length=128), _Utf8]
+KeyIdText = Annotated[str, StringConstraints(min_length=1, max_length=128), _Utf8, _NoControl]
 TokenText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TOKEN_CHARS), _Utf8]
 ChallengeText = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_CHALLENGE_CHARS), _Utf8
