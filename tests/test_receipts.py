@@ -587,6 +587,13 @@ def test_get_key_state_route(world: World, fake: FakeApple, pg_url: str) -> None
         assert body["revoked"] is False and body["counter"] == 0
         missing = client.get("/v1/keys/nope", headers={"Authorization": "Bearer secret-key"})
         assert missing.status_code == 404
+        # What is not a keyId is refused before the store is read (NUL: not a 500).
+        newline = client.get("/v1/keys/a%0Ab", headers={"Authorization": "Bearer secret-key"})
+        assert newline.status_code == 404  # no route takes it
+        for bad in ("%00", "a%01b", "x" * 45, "k%3Bdrop"):
+            refused = client.get(f"/v1/keys/{bad}", headers={"Authorization": "Bearer secret-key"})
+            assert refused.status_code == 422, (bad, refused.text)
+            assert refused.json()["error"]["code"] == "invalid_request"
         with AppAttestClient(url, api_key="secret-key") as api:
             state = api.get_key(key_id)
             assert state.risk_metric == 7 and state.history[0].risk_metric == 7
