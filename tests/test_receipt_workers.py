@@ -370,3 +370,81 @@ def test_the_periodic_refresh_hands_out_due_keys_once_across_workers(
         assert all(
             s.next_refresh_at and s.next_refresh_at > now + timedelta(hours=20) for s in states
         )
+
+
+def test_verdicts_through_the_workers_carry_the_refreshed_risk_metric(
+    env: Env, reset: FakeApple
+) -> None:
+    from producer.direct import QueueClient
+    from tests.factory import APP_ID
+    from worker.store.challenges import Purpose, issue_challenge
+
+    fake = reset
+    fake.risk_metric = 12
+    now = datetime.now(UTC)
+
+    def challenge(purpose: Purpose, key_id: str | None) -> str:
+        with env.sessions() as session, session.begin():
+            text, _ = issue_challenge(
+                session, purpose=purpose, key_id=key_id, ttl=timedelta(minutes=5), now=now
+            )
+        return text
+
+    # A device registers through the verification worker, its attestation carrying an
+    # ATTEST receipt the fake accepts.
+    device = Device(ca=env.ca)
+    issued = challenge(Purpose.REGISTRATION, None)
+    first = parse_attestation_object(device.attestation_object(client_data_hash(issued), now=now))
+    receipt = make_receipt(
+        ca=env.receipt_ca,
+        app_id=APP_ID,
+        credential_certificate_der=first.x5c[0],
+        client_hash=client_data_hash(issued),
+        creation_time=now,
+        expiration_time=now + timedelta(days=90),
+    )
+    app = create_celery_app(env.stack.settings)
+    try:
+        client = QueueClient(app)
+        body = device.registration_body(issued, now=now, x5c=list(first.x5c), receipt=receipt)
+        registered = client.verify(body)
+        assert registered.ok, registered
+        before = client.verify(
+            device.assertion_body(challenge(Purpose.ASSERTION, device.key_id_b64))
+        )
+        assert before.ok and before.risk_metric is None  # not measured yet
+        done = _refresh(env, "--app-id", APP_ID)
+        assert done.returncode == 0, done.stderr
+        after = client.verify(
+            device.assertion_body(challenge(Purpose.ASSERTION, device.key_id_b64))
+        )
+    finally:
+        app.close()
+    assert after.ok and after.risk_metric == 12 and after.risk_metric_at is not None
+    assert after.to_json_dict()["riskMetric"] == 12
+
+
+def test_keys_apple_keeps_refusing_end_as_retry_later_and_stay_due(
+    env: Env, reset: FakeApple
+) -> None:
+    fake = reset
+    app_id = "TEAMID1234.com.example.down"
+    keys = _store_keys(env, app_id, 30)
+    fake.statuses.clear()
+    fake.force_always = 503
+    report = env.workdir / "report-down"
+    done = _refresh(env, "--app-id", app_id, "--report-dir", str(report))
+    assert done.returncode == 0, done.stderr
+    lines = (report / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(keys) and all('"outcome": "retry_later"' in line for line in lines)
+    assert "retry_later" in done.stderr
+    # One batch: its first key was sent once per attempt (the first and 10 retries), the rest
+    # of the batch waited with it.
+    assert fake.statuses[503] == 11
+    # Nothing was lost: the keys are due again after the backoff (Apple's Retry-After of 1 s
+    # here), and once Apple is back a run of the due keys refreshes them.
+    fake.force_always = None
+    time.sleep(2.5)
+    again = _refresh(env, "--app-id", app_id, "--due-only")
+    assert again.returncode == 0, again.stderr
+    assert None not in set(_metrics(env, keys).values())
