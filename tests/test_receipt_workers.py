@@ -40,12 +40,18 @@ WORKER_RATE = 110
 
 
 @dataclass
-class Env:
-    stack: Stack
-    fake: FakeApple
+class Store:
+    """A key store and the CAs its keys and receipts are minted under."""
+
     sessions: sessionmaker[Session]
     receipt_ca: ReceiptCA
     ca: TestCA
+
+
+@dataclass
+class Env(Store):
+    stack: Stack
+    fake: FakeApple
     workdir: Path
 
 
@@ -95,7 +101,7 @@ def env(ca: TestCA, pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
         _wait_for_nodes(stack, ("both0-receipts@", "receipts1@"))
         engine = create_store_engine(store_url)
         try:
-            yield Env(stack, fake, session_factory(engine), receipt_ca, ca, workdir)
+            yield Env(session_factory(engine), receipt_ca, ca, stack, fake, workdir)
         finally:
             engine.dispose()
 
@@ -123,7 +129,9 @@ def reset(env: Env) -> Iterator[FakeApple]:
     fake.rate_limit = APPLE_LIMIT
 
 
-def _store_keys(env: Env, app_id: str, count: int, *, due_at: datetime | None = None) -> list[str]:
+def _store_keys(
+    env: Store, app_id: str, count: int, *, due_at: datetime | None = None
+) -> list[str]:
     """Store ``count`` registered keys of ``app_id`` (one attestation shared by all: what a
     refresh checks is the receipt against the key's stored credential certificate)."""
     now = datetime.now(UTC)
@@ -191,7 +199,7 @@ def _refresh(env: Env, *args: str, timeout: float = 300) -> subprocess.Completed
     )
 
 
-def _metrics(env: Env, key_ids: list[str]) -> dict[str, int | None]:
+def _metrics(env: Store, key_ids: list[str]) -> dict[str, int | None]:
     with env.sessions() as session:
         rows = session.execute(
             select(ReceiptState.key_id, ReceiptState.risk_metric).where(
@@ -448,3 +456,78 @@ def test_keys_apple_keeps_refusing_end_as_retry_later_and_stay_due(
     again = _refresh(env, "--app-id", app_id, "--due-only")
     assert again.returncode == 0, again.stderr
     assert None not in set(_metrics(env, keys).values())
+
+
+def test_appattest_serve_refreshes_receipts_with_its_embedded_worker(
+    ca: TestCA, tmp_path: Path
+) -> None:
+    import httpx
+
+    from tests.factory import APP_ID
+    from tests.faults import free_port
+
+    receipt_ca = ReceiptCA.create()
+    p8 = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "AuthKey.p8").write_bytes(
+        p8.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "receipt-root.pem").write_bytes(receipt_ca.root_pem)
+    (tmp_path / "root.pem").write_bytes(ca.root_pem)
+    data = tmp_path / "data"
+    fake = FakeApple(ca=receipt_ca, public_key=p8.public_key(), risk_metric=2)
+    with running(fake):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
+        env |= {
+            "APPATTEST_APPLE_TEAM_ID": TEAM_ID,
+            "APPATTEST_APPLE_KEY_ID": KEY_ID,
+            "APPATTEST_APPLE_PRIVATE_KEY_FILE": str(tmp_path / "AuthKey.p8"),
+            "APPATTEST_APPLE_DATA_URL": fake.url("production"),
+            "APPATTEST_RECEIPT_ROOT_CA": str(tmp_path / "receipt-root.pem"),
+        }
+        port = free_port()
+        with (tmp_path / "serve.log").open("wb") as log:
+            command = [sys.executable, "-m", "appattest", "serve", "--data-dir", str(data)]
+            options = ["--app-id", APP_ID, "--root-ca", str(tmp_path / "root.pem")]
+            serve = subprocess.Popen(
+                [*command, *options, "--port", str(port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            engine = create_store_engine(f"sqlite:///{data / 'keys.db'}")
+            embedded = Store(session_factory(engine), receipt_ca, ca)
+            keys = _store_keys(embedded, APP_ID, 20)
+            refresh = [sys.executable, "-m", "worker.cli", "receipts", "refresh"]
+            done = subprocess.run(
+                [*refresh, "--report-dir", str(tmp_path / "report"), "--stall-timeout", "60"],
+                env=env
+                | {
+                    "APPATTEST_STORE_URL": f"sqlite:///{data / 'keys.db'}",
+                    "APPATTEST_BROKER_URL": f"sqla+sqlite:///{data / 'broker.db'}",
+                    "APPATTEST_RESULT_BACKEND": f"db+sqlite:///{data / 'results.db'}",
+                },
+                capture_output=True,
+                text=True,
+                timeout=180,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            assert set(_metrics(embedded, keys).values()) == {2}
+            engine.dispose()
+        finally:
+            os.killpg(serve.pid, signal.SIGTERM)
+            serve.wait(timeout=30)
+    assert "appattest.receipts" in (tmp_path / "serve.log").read_text()
