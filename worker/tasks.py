@@ -285,7 +285,8 @@ def run_refresh(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
 
     Keys Apple asked to retry later (429, 5xx, network) are sent again by this task, alone,
     after Apple's ``Retry-After`` or a jittered backoff, up to ``receipt_refresh_retries``
-    times; then their run rows end as ``retry_later`` (the keys stay due, so a later run or
+    times (a backoff longer than half the broker's visibility timeout is not waited for);
+    then their run rows end as ``retry_later`` (the keys stay due, so a later run or
     the periodic refresh takes them up). A refused token (401) stops the run. Store and Redis
     errors retry the batch like the other tasks. A worker without the DeviceCheck key ends
     the task with an error and decides nothing: the keys stay pending and due.
@@ -312,7 +313,11 @@ def run_refresh(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
     if step.stopped:
         log.error("refresh %s: run stopped: %s", task.request.id, step.stopped)
     elif step.retry:
-        if task.request.retries < settings.receipt_refresh_retries:
+        # A message waiting longer than the broker's visibility timeout would be delivered a
+        # second time meanwhile: a longer backoff leaves the keys to their due time instead.
+        backoff = step.backoff or 0.0
+        waits = backoff <= settings.visibility_timeout_seconds / 2
+        if waits and task.request.retries < settings.receipt_refresh_retries:
             again = RefreshReceipts(run_id=message.run_id, key_ids=step.retry)
             log.warning(
                 "refresh %s: Apple asked to slow down; %d keys again in %.1f s",
@@ -325,7 +330,12 @@ def run_refresh(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
                 countdown=step.backoff,
                 max_retries=settings.receipt_refresh_retries,
             )
-        runner.give_up(message.run_id, step.retry, "Apple asked to retry later; retries ended")
+        detail = (
+            "Apple asked to retry later; retries ended"
+            if waits
+            else f"Apple asked to retry in {backoff:.0f} s; the keys are due then"
+        )
+        runner.give_up(message.run_id, step.retry, detail)
     return {"decided": step.decided, "retry": len(step.retry), "stopped": step.stopped}
 
 
