@@ -531,3 +531,27 @@ def test_appattest_serve_refreshes_receipts_with_its_embedded_worker(
             os.killpg(serve.pid, signal.SIGTERM)
             serve.wait(timeout=30)
     assert "appattest.receipts" in (tmp_path / "serve.log").read_text()
+
+
+def test_a_long_retry_after_is_not_waited_for_in_a_task(env: Env, reset: FakeApple) -> None:
+    fake = reset
+    app_id = "TEAMID1234.com.example.later"
+    keys = _store_keys(env, app_id, 20)
+    fake.statuses.clear()
+    fake.retry_after = "600"  # beyond half the broker's visibility timeout (120 s)
+    fake.force(429)
+    report = env.workdir / "report-later"
+    started = time.monotonic()
+    done = _refresh(env, "--app-id", app_id, "--report-dir", str(report))
+    fake.retry_after = "1"
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 60
+    lines = (report / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(keys)
+    assert all('"outcome": "retry_later"' in line and "due then" in line for line in lines)
+    assert fake.statuses[429] == 1
+    with env.sessions() as session:
+        due = session.scalars(
+            select(ReceiptState.next_refresh_at).where(ReceiptState.key_id.in_(keys))
+        ).all()
+    assert all(d is not None and d > datetime.now(UTC) + timedelta(minutes=9) for d in due)
