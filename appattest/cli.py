@@ -1,5 +1,5 @@
-"""The ``appattest`` command: every command of ``worker.cli`` plus the two that run the HTTP
-producer, ``api`` (the API alone) and ``serve`` (the API and a worker, embedded)."""
+"""The ``appattest`` command: every command of ``worker.cli.commands`` plus the two that run
+the HTTP producer, ``api`` (the API alone) and ``serve`` (the API and a worker, embedded)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import uvicorn
 from appattest.serve import serve as run_serve
 from producer.app import create_app
 from producer.server import server_config
-from worker import cli as worker_cli
-from worker.cli import _app_id_option, _dev_app_id_option, _root_ca_option, _settings_with
-from worker.embedded import DataDirInUse, data_dir_lock, embedded_overrides, ensure_api_key
+from worker.cli import commands as worker_cli
+from worker.cli.commands import _app_id_option, _dev_app_id_option, _root_ca_option, _settings_with
+from worker.queue.embedded import DataDirInUse, data_dir_lock, embedded_overrides, ensure_api_key
 
 __all__ = ["main"]
 
 # The worker's command group with its options, and a command table of its own: adding the API's
-# commands here leaves ``worker.cli.main`` (``python -m worker.cli``) as it is.
+# commands here leaves ``worker.cli.commands.main`` (``python -m worker.cli.commands``) as it is.
 main = copy.copy(worker_cli.main)
 main.commands = dict(worker_cli.main.commands)
 

@@ -1,8 +1,8 @@
 """``appattest serve``: the HTTP producer and a worker on one machine, with no server to run.
 
-The worker is a subprocess (``python -m worker.cli worker``) given the same settings, all of
-them (``worker.embedded.worker_environment``); the data folder and its lock are
-``worker.embedded``'s.
+The worker is a subprocess (``python -m worker.cli.commands worker``) given the same settings,
+all of them (``worker.queue.embedded.worker_environment``); the data folder and its lock are
+``worker.queue.embedded``'s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import uvicorn
 
 from producer.app import create_app
 from producer.server import server_config
-from worker.embedded import worker_environment
+from worker.queue.embedded import worker_environment
 from worker.settings import Settings
 from worker.store.db import create_store_engine, upgrade
 
@@ -44,7 +44,7 @@ def serve(
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "worker.cli.commands",
             "worker",
             f"--concurrency={worker_processes}",
             "--loglevel=WARNING",
@@ -85,7 +85,8 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
     """Stop the worker: SIGTERM to its supervisor, which stops the Celery worker and its pool
     in order and kills what is left of them, then SIGKILL to the supervisor's group after a
     grace period; a Celery worker still running then gets SIGTERM from the kernel as its
-    parent dies, and SIGKILL from itself 30 s later (``worker.supervise.stop_with_parent``)."""
+    parent dies, and SIGKILL from itself 30 s later
+    (``worker.queue.supervise.stop_with_parent``)."""
     if process.poll() is None:
         process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -1189,8 +1189,8 @@ class Runner:
 
 def set_consuming(stack: Stack, hostname: str, *, consume: bool) -> None:
     """Make the worker ``hostname`` consume the job queue, or stop it (its processes stay)."""
-    from worker.celery_app import create_celery_app
-    from worker.messaging import QUEUE
+    from worker.queue.app import create_celery_app
+    from worker.queue.messaging import QUEUE
 
     app = create_celery_app(stack.settings)
     try:

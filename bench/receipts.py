@@ -165,7 +165,7 @@ def measure(
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "worker.cli.commands",
                 "worker",
                 "--no-supervise",
                 "--queues=receipts",
@@ -187,7 +187,7 @@ def measure(
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "worker.cli.commands",
                 "receipts",
                 "refresh",
                 "--run-id",

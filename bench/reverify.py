@@ -231,7 +231,7 @@ def run_reverify(
     all, and add its times to ``measurement``."""
     key = measurement.key
     run_id = f"bench-{key}-{uuid.uuid4().hex[:8]}"
-    command = [sys.executable, "-m", "worker.cli", "reverify", "--run-id", run_id, *args]
+    command = [sys.executable, "-m", "worker.cli.commands", "reverify", "--run-id", run_id, *args]
     start = time.perf_counter()
     proc = subprocess.run(
         command,

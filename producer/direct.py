@@ -17,7 +17,7 @@ from worker.contract import VerificationResult
 class QueueClient:
     """Queue plugin bodies through a Celery app and wait for their verdicts.
 
-    Takes a Celery app configured like the workers' (``worker.celery_app.create_celery_app``);
+    Takes a Celery app configured like the workers' (``worker.queue.app.create_celery_app``);
     the caller owns it and closes it.
     """
 

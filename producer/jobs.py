@@ -48,8 +48,8 @@ from worker.contract import (
     parse_request,
 )
 from worker.core import Reason, Rejected
-from worker.ledger import Ledger, ledger_for
-from worker.messaging import Message, VerifyBatch, VerifyJob, publish, read_task_metas
+from worker.queue.ledger import Ledger, ledger_for
+from worker.queue.messaging import Message, VerifyBatch, VerifyJob, publish, read_task_metas
 from worker.store import bulk, idempotency
 
 log = logging.getLogger("appattest.producer")
@@ -268,7 +268,7 @@ class JobQueue:
     # Submitting ----------------------------------------------------------------------------
 
     def _publish(self, producer: Any, task_id: str, message: Message) -> None:
-        """Publish through ``worker.messaging.publish``, the ledger included.
+        """Publish through ``worker.queue.messaging.publish``, the ledger included.
 
         With a ledger, the entry is what accepts the job: a publish that fails after it leaves
         the job to the ledger's sweep (it is sent within ``APPATTEST_LEDGER_RESEND_SECONDS``)

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 
 from producer.auth import ApiKeys
 from producer.batching import Owner
-from worker.celery_app import create_celery_app
+from worker.queue.app import create_celery_app
 from worker.settings import Settings, load_settings
 from worker.store.db import create_store_engine, upgrade
 
@@ -92,7 +92,7 @@ class Stack:
                 [
                     sys.executable,
                     "-m",
-                    "worker.cli",
+                    "worker.cli.commands",
                     "worker",
                     f"--concurrency={concurrency}",
                     f"--pool={pool}",

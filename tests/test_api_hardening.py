@@ -32,7 +32,7 @@ from producer import create_app
 from producer.batching import new_batch_id, seal_job_id
 from tests.faults import HOST, free_port, serve_app
 from tests.stack import Stack, key_owner
-from worker.ledger import LEDGER_KEY
+from worker.queue.ledger import LEDGER_KEY
 from worker.settings import Settings
 
 KEY_A = "key-a"

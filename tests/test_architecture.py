@@ -93,19 +93,19 @@ FORBIDDEN = {
 # What the producer may use of the worker besides its contract, messages, settings and store.
 PRODUCER_MAY_USE = {
     "worker.contract",
-    "worker.messaging",
+    "worker.queue.messaging",
     "worker.settings",
     "worker.version",
     "worker.core",
     "worker.core.reasons",
-    "worker.celery_app",
-    "worker.ledger",
+    "worker.queue.app",
+    "worker.queue.ledger",
 }
 
 
 def test_the_walk_sees_function_level_imports() -> None:
-    # worker.celery_app registers the tasks from inside create_celery_app.
-    assert "worker.tasks" in GRAPH["worker.celery_app"]
+    # worker.queue.app registers the tasks from inside create_celery_app.
+    assert "worker.queue.tasks" in GRAPH["worker.queue.app"]
     assert "producer.app" in GRAPH["appattest.cli"]
 
 
@@ -163,3 +163,13 @@ def test_no_import_cycle() -> None:
         if module not in index:
             visit(module)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_layout_shows_the_rings() -> None:
+    """worker/ holds the contract, settings and version, and one package per ring or adapter
+    group; no adapter module lies loose beside them."""
+    worker = ROOT / "worker"
+    modules = sorted(p.name for p in worker.glob("*.py"))
+    assert modules == ["__init__.py", "contract.py", "settings.py", "version.py"], modules
+    packages = sorted(p.name for p in worker.iterdir() if (p / "__init__.py").is_file())
+    assert packages == ["cli", "core", "queue", "service", "simulator", "store"], packages

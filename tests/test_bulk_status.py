@@ -91,7 +91,7 @@ def test_waiting_requests_share_one_watcher(stack: Stack, ca: TestCA) -> None:
     from producer.errors import QueueUnavailable
     from producer.jobs import JobQueue, check_request
     from tests.test_faults import issue, sessions_for
-    from worker.celery_app import create_celery_app
+    from worker.queue.app import create_celery_app
 
     app = create_celery_app(stack.settings)
     queue = JobQueue(app)

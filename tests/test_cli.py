@@ -32,7 +32,7 @@ def run_verify(
     )
     source = tmp_path / "input.jsonl"
     source.write_bytes(data)
-    command = [sys.executable, "-m", "worker.cli", "verify"]
+    command = [sys.executable, "-m", "worker.cli.commands", "verify"]
     command += [] if stdin else [str(source)]
     command += ["--store", store or f"sqlite:///{tmp_path / 'keys.db'}", *args]
     return subprocess.run(
@@ -244,7 +244,7 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> N
         run_verify(tmp_path, ["{}"], *args)
         if "--store" not in args
         else subprocess.run(
-            [sys.executable, "-m", "worker.cli", "verify", "-", *args],
+            [sys.executable, "-m", "worker.cli.commands", "verify", "-", *args],
             input="{}\n",
             capture_output=True,
             text=True,
@@ -269,7 +269,7 @@ def test_unreadable_input_file_exits_2(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "worker.cli.commands",
             "verify",
             str(tmp_path / "missing.jsonl"),
             "--app-id",

@@ -25,9 +25,9 @@ from producer import (
 from tests.factory import Device, TestCA
 from tests.stack import REDIS_URL, Stack
 from tests.test_producer_api import KEY, serve
-from worker.celery_app import create_celery_app
 from worker.contract import RegistrationRequest, VerificationResult
 from worker.core import Reason, Rejected
+from worker.queue.app import create_celery_app
 from worker.store.db import create_store_engine
 from worker.store.models import Verdict
 

@@ -13,7 +13,7 @@ timeout, an outage that must last); everything else polls with a deadline.
 
 Kombu's Redis transport takes a message off the queue (``BRPOP``) and only then, in a second
 command, records it as unacknowledged; a Redis that dies between the two loses that message.
-The ledger (``worker.ledger``) closes that gap, and ``test_redis_crash_mid_burst`` requires
+The ledger (``worker.queue.ledger``) closes that gap, and ``test_redis_crash_mid_burst`` requires
 every accepted job to get its right verdict.
 """
 
@@ -44,7 +44,6 @@ import httpx
 import pytest
 from celery import states
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi.routing import APIRoute
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, SecretStr
 from sqlalchemy import select, text
@@ -55,6 +54,7 @@ from producer import create_app
 from producer.batching import Owner, new_batch_id, open_job_id, seal_job_id
 from producer.jobs import JobQueue, check_request
 from producer.ratelimit import RateLimiter, retry_after_seconds
+from producer.routes import api_routes
 from tests.factory import APP_ID, Device, TestCA
 from tests.faults import (
     PostgresServer,
@@ -66,9 +66,9 @@ from tests.faults import (
 )
 from tests.stack import Stack, service_stack
 from tests.stack import key_owner as stack_key_owner
-from worker.celery_app import create_celery_app
 from worker.contract import PluginRequest
-from worker.messaging import QUEUE, VERIFY_BATCH_TASK, VERIFY_TASK, decode, publish
+from worker.queue.app import create_celery_app
+from worker.queue.messaging import QUEUE, VERIFY_BATCH_TASK, VERIFY_TASK, decode, publish
 from worker.settings import Settings
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory
@@ -699,7 +699,7 @@ def test_redis_crash_mid_burst(ca: TestCA, pg_url: str, tmp_path: Path) -> None:
     append-only file fsynced on every write (``appendonly yes``, ``appendfsync always``), and
     what follows holds only for a Redis configured that way. A message a worker took off the
     queue as Redis died, before the broker recorded it as held, comes back through the ledger
-    (``worker.ledger``); the log says how many did."""
+    (``worker.queue.ledger``); the log says how many did."""
     with ExitStack() as cleanup:
         server = _enter(cleanup, redis_server(persistent=True))
         stack = cleanup.enter_context(
@@ -1298,11 +1298,7 @@ def test_every_verdict_has_an_audit_record_the_api_cannot_change(stack: Stack, c
 
         # No route writes to existing jobs or verdicts: /v1/jobs only takes new jobs (whose
         # ids the producer picks), a job is only read, and nothing else names verdicts.
-        methods = {
-            route.path: set(route.methods or ())
-            for route in app.routes
-            if isinstance(route, APIRoute)
-        }
+        methods = {route.path: set(route.methods or ()) for route in api_routes()}
         assert methods["/v1/jobs"] == {"POST"} and methods["/v1/jobs/{jobId}"] == {"GET"}
         for path, allowed in methods.items():
             assert allowed <= {"GET", "POST"}, path

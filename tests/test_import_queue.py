@@ -59,7 +59,7 @@ def run_queue(
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "worker.cli.commands",
             "verify",
             str(source),
             "--queue",
@@ -87,7 +87,7 @@ def run_in_process(
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "worker.cli.commands",
             "verify",
             str(source),
             "--store",

@@ -1,4 +1,4 @@
-"""The queue contract (worker.messaging): typed messages, their versions, and how a task
+"""The queue contract (worker.queue.messaging): typed messages, their versions, and how a task
 refuses a message it cannot read; and the settings the embedded worker is given."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from worker.embedded import worker_environment
-from worker.messaging import (
+from worker.queue.embedded import worker_environment
+from worker.queue.messaging import (
     REVERIFY_TASK,
     VERIFY_BATCH_TASK,
     VERIFY_TASK,
@@ -26,8 +26,8 @@ from worker.messaging import (
     decode,
     encode,
 )
+from worker.queue.tasks import run_batch, run_job, run_reverify
 from worker.settings import Settings
-from worker.tasks import run_batch, run_job, run_reverify
 
 BODY = {"platform": "ios", "format": "apple-app-attest", "keyId": "k", "challenge": "c"}
 

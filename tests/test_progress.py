@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from worker.progress import RunProgress
+from worker.cli.progress import RunProgress
 
 
 def _lines(stream: io.StringIO) -> list[str]:

@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.factory import Device, ReceiptCA, TestCA, client_data_hash, make_receipt
 from tests.fake_apple import KEY_ID, TEAM_ID, FakeApple, running
 from tests.stack import Stack, fresh_database, service_stack
-from worker.celery_app import create_celery_app
 from worker.core.attestation import parse_attestation_object
-from worker.messaging import RECEIPTS_QUEUE
+from worker.queue.app import create_celery_app
+from worker.queue.messaging import RECEIPTS_QUEUE
 from worker.store.db import create_store_engine, session_factory
 from worker.store.models import DeviceKey, ReceiptState, RefreshResult, RiskMetricReading
 
@@ -190,7 +190,7 @@ def _refresh(env: Env, *args: str, timeout: float = 300) -> subprocess.Completed
     if "--report-dir" not in args:
         args = (*args, "--report-dir", str(env.workdir / f"report-{uuid.uuid4().hex[:8]}"))
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "receipts", "refresh", *args],
+        [sys.executable, "-m", "worker.cli.commands", "receipts", "refresh", *args],
         env=env.stack.env,
         capture_output=True,
         text=True,
@@ -296,7 +296,7 @@ def test_a_killed_run_whose_messages_were_lost_resumes_and_decides_each_key_once
     keys = _store_keys(env, app_id, 400)
     fake.latency = 0.05  # slow enough to be killed halfway
     run_id = "killed-run"
-    command = [sys.executable, "-m", "worker.cli", "receipts", "refresh"]
+    command = [sys.executable, "-m", "worker.cli.commands", "receipts", "refresh"]
     proc = subprocess.Popen(
         [*command, "--app-id", app_id, "--run-id", run_id, "--batch-size", "10"],
         env=env.stack.env,
@@ -343,7 +343,7 @@ def _done(env: Env, run_id: str) -> int:
 def test_the_periodic_refresh_hands_out_due_keys_once_across_workers(
     env: Env, reset: FakeApple
 ) -> None:
-    from worker.schedule import RefreshSchedule
+    from worker.queue.schedule import RefreshSchedule
 
     fake = reset
     fake.risk_metric = 6
@@ -510,7 +510,7 @@ def test_appattest_serve_refreshes_receipts_with_its_embedded_worker(
             engine = create_store_engine(f"sqlite:///{data / 'keys.db'}")
             embedded = Store(session_factory(engine), receipt_ca, ca)
             keys = _store_keys(embedded, APP_ID, 20)
-            refresh = [sys.executable, "-m", "worker.cli", "receipts", "refresh"]
+            refresh = [sys.executable, "-m", "worker.cli.commands", "receipts", "refresh"]
             done = subprocess.run(
                 [*refresh, "--report-dir", str(tmp_path / "report"), "--stall-timeout", "60"],
                 env=env

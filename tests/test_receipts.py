@@ -25,7 +25,7 @@ from worker.contract import parse_request
 from worker.core import Policy, Reason, TrustStore
 from worker.core.attestation import parse_attestation_object
 from worker.core.receipt import Receipt, ReceiptTrustStore
-from worker.receipts_setup import RefreshNotConfigured, build_refresher, receipt_trust
+from worker.queue.receipts_setup import RefreshNotConfigured, build_refresher, receipt_trust
 from worker.service import VerificationService
 from worker.service.apple import AppleToken, ExchangeOutcome, ReceiptExchange
 from worker.service.apple_rate import RedisTokenBucket, Unlimited
@@ -733,7 +733,7 @@ def test_refresh_without_the_devicecheck_key_is_a_usage_error_and_dry_run_lists_
 ) -> None:
     from click.testing import CliRunner
 
-    from worker.cli import main
+    from worker.cli.commands import main
 
     for name in ("APPATTEST_APPLE_TEAM_ID", "APPATTEST_APPLE_KEY_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -759,7 +759,7 @@ def test_worker_queues_are_checked(
 ) -> None:
     from click.testing import CliRunner
 
-    from worker.cli import main
+    from worker.cli.commands import main
 
     monkeypatch.delenv("APPATTEST_APPLE_KEY_ID", raising=False)
     monkeypatch.setenv("APPATTEST_APP_IDS", APP_ID)

@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from fastapi.routing import APIRoute
 
 from appattest.cli import main as cli
 from producer import AppAttestClient, AsyncAppAttestClient, ErrorCode, QueueClient
 from producer import __version__ as producer_version
 from producer.app import create_app
+from producer.routes import api_routes
 from tests.faults import serve_app
 from worker.core import Reason
 from worker.settings import Settings
@@ -112,12 +112,7 @@ def _public_methods(cls: type) -> set[str]:
 
 def _contract() -> dict[str, set[str]]:
     """Everything a release must name when it adds it, as it would be written in the log."""
-    routes = {
-        f"{method} {route.path}"
-        for route in create_app(_settings()).routes
-        if isinstance(route, APIRoute)
-        for method in route.methods
-    }
+    routes = {f"{method} {route.path}" for route in api_routes() for method in route.methods}
     return {
         "reason code": {reason.value for reason in Reason},
         "error code": {code.value for code in ErrorCode},

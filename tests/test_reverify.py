@@ -34,10 +34,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.factory import APP_ID, Device, TestCA
 from tests.stack import Stack
-from worker.celery_app import create_celery_app
 from worker.contract import parse_request
 from worker.core import Policy, TrustStore
-from worker.messaging import VERIFY_TASK
+from worker.queue.app import create_celery_app
+from worker.queue.messaging import VERIFY_TASK
 from worker.service import VerificationService
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory
@@ -229,7 +229,7 @@ def cli_env(stack: Stack) -> dict[str, str]:
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "worker.cli", "reverify", *args]
+    return [sys.executable, "-m", "worker.cli.commands", "reverify", *args]
 
 
 def reverify(
@@ -610,10 +610,10 @@ def test_a_lost_reverify_message_is_sent_again_from_the_ledger(
     decided by the workers, and leave the ledger once their result is stored."""
     from kombu.exceptions import OperationalError as KombuOperationalError
 
-    from worker.batch import Stalled, reverify_distributed
-    from worker.ledger import ledger_for
-    from worker.messaging import REVERIFY_TASK
-    from worker.progress import RunProgress
+    from worker.cli.progress import RunProgress
+    from worker.cli.runs import Stalled, reverify_distributed
+    from worker.queue.ledger import ledger_for
+    from worker.queue.messaging import REVERIFY_TASK
     from worker.service.reverify import RunFilters, RunPolicy, start_run
 
     run_id = "ledgered"

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from cryptography.x509.oid import NameOID
 
 from tests.factory import APP_ID, Device, client_data_hash
-from worker.cli import main
+from worker.cli.commands import main
 from worker.core import Policy, Reason, Rejected, TrustStore, verify_attestation
 from worker.simulator.authority import CAFilesError, create_ca_dir, load_ca
 from worker.simulator.report import percentile
@@ -110,7 +110,7 @@ def _simulate(*args: str) -> subprocess.CompletedProcess[str]:
     """``appattest simulate`` as a user runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "simulate", *args],
+        [sys.executable, "-m", "worker.cli.commands", "simulate", *args],
         env=env,
         capture_output=True,
         text=True,

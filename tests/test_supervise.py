@@ -31,7 +31,7 @@ from producer.jobs import JobQueue, QueueUnavailable, check_request
 from tests.factory import APP_ID, Device, TestCA
 from tests.faults import RedisServer, ServerUnavailable, free_port, redis_server
 from tests.stack import Stack, service_stack
-from worker.celery_app import create_celery_app
+from worker.queue.app import create_celery_app
 from worker.store.challenges import Purpose, issue_challenge
 from worker.store.db import create_store_engine, session_factory
 
@@ -185,14 +185,14 @@ def test_closing_a_connection_after_redis_died_with_a_message_held(transport: st
     (BRPOP in flight); Redis is killed; the consumer calls ``collect()``, then ``close()``.
 
     kombu's transport raises the AttributeError (when this stops, kombu fixed it and
-    ``worker/redis_transport.py`` can go). The worker's transport closes without an error,
+    ``worker/queue/redis_transport.py`` can go). The worker's transport closes without an error,
     and the held message is not lost: it comes back once its visibility timeout passed."""
     with ExitStack() as cleanup:
         try:
             server = cleanup.enter_context(redis_server(persistent=True))
         except ServerUnavailable as exc:
             pytest.skip(str(exc))
-        name = None if transport == "kombu" else "worker.redis_transport:Transport"
+        name = None if transport == "kombu" else "worker.queue.redis_transport:Transport"
         # Redelivered 1 s after delivery, looked for at every poll that finds nothing.
         options = {"visibility_timeout": 1, "unacked_restore_throttle": 1}
         connection = Connection(server.url(0), transport=name, transport_options=options)
@@ -265,7 +265,7 @@ sys.exit(0)
 
 SUPERVISOR = """
 import logging, sys
-from worker.supervise import Backoff, Supervisor
+from worker.queue.supervise import Backoff, Supervisor
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 first, cap, healthy = (float(x) for x in sys.argv[1:4])
 backoff = Backoff(first=first, cap=cap, healthy_after=healthy)
@@ -377,7 +377,7 @@ def test_a_stop_signal_reaches_the_worker_once_and_ends_supervision(
 
 ORPHAN = """
 import os, sys, time
-from worker.supervise import stop_with_parent
+from worker.queue.supervise import stop_with_parent
 parent = int(sys.argv[1])
 print(os.getpid(), flush=True)
 while os.getppid() == parent:  # its parent exits meanwhile
@@ -659,8 +659,8 @@ def test_every_process_publishes_through_the_fixed_redis_transport() -> None:
     consumer: with kombu's transport its publish raised AttributeError (a 500) instead of a
     connection error that kombu's retry recovers from. The app both build uses the fixed
     transport for redis:// (and kombu's own for rediss:// and the other brokers)."""
-    from worker import redis_transport
-    from worker.celery_app import create_celery_app
+    from worker.queue import redis_transport
+    from worker.queue.app import create_celery_app
     from worker.settings import Settings
 
     def transport_of(broker_url: str) -> type:

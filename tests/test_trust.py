@@ -48,7 +48,7 @@ from tests.test_faults import (
     wait_until,
 )
 from worker.core import Reason, Rejected, verify_assertion
-from worker.ledger import JOBS_KEY, LEDGER_KEY
+from worker.queue.ledger import JOBS_KEY, LEDGER_KEY
 from worker.store import idempotency
 from worker.store.db import create_store_engine, session_factory, upgrade
 from worker.store.models import DeviceKey, IdempotencyKey, Verdict
@@ -649,7 +649,7 @@ def test_a_verdict_in_the_store_is_final_whatever_the_ledger_says(
     verdict stays pending; another key's verdict stays hidden."""
     from producer.jobs import JobQueue
     from tests.stack import leased_redis_pair
-    from worker.celery_app import create_celery_app
+    from worker.queue.app import create_celery_app
     from worker.settings import Settings
 
     engine = create_store_engine(f"sqlite:///{tmp_path / 'store.db'}")

@@ -25,7 +25,7 @@ from tests.factory import APP_ID, Device, TestCA
 from tests.faults import serve_app
 from tests.stack import Stack
 from tests.test_cli import results, run_verify
-from worker.embedded import embedded_overrides
+from worker.queue.embedded import embedded_overrides
 from worker.settings import Settings
 from worker.store import bulk
 from worker.store.db import (

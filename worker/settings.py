@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # How long a delivered but unacknowledged message waits before the Redis broker hands it
     # to another worker: what bounds the delay of a job whose worker was killed outright.
     visibility_timeout_seconds: int = Field(default=120, ge=1, le=86_400)
-    # Redis broker only (see worker.ledger): how often a worker looks for accepted jobs whose
+    # Redis broker only (see worker.queue.ledger): how often a worker looks for accepted jobs whose
     # message was lost, and how old such a job must be before it is published again.
     ledger_sweep_seconds: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
     ledger_resend_seconds: float = Field(default=60.0, gt=0, le=86_400, allow_inf_nan=False)

@@ -20,7 +20,7 @@ from typing import Final
 import click
 from rich.console import Console
 
-from worker.progress import RunProgress
+from worker.cli.progress import RunProgress
 from worker.simulator.authority import (
     CA_LIFETIME,
     INTERMEDIATE_KEY_FILE,

@@ -5,7 +5,7 @@ serves the receipts queue runs a ``RefreshSchedule`` thread. Every interval one 
 in Redis whose lifetime is the interval, never released, so the rounds of all workers are
 spaced by it) selects the keys that are due (not revoked, Apple still holds their data, their
 next refresh has come), at most ``receipt_refresh_max_keys``, claims them (they are not due
-again for a while, see ``worker.batch.CLAIM_LEASE``) and publishes them in batches. Deciding a
+again for a while, see ``CLAIM_LEASE``) and publishes them in batches. Deciding a
 key sets its real next refresh: daily by default, never before its receipt's not-before,
 always before it expires. Without Redis (the embedded broker, one machine) the lock is this
 process's own.
@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import redis
@@ -25,11 +26,15 @@ from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.batch import publish_refresh
-from worker.messaging import PUBLISH_ERRORS
+from worker.queue.messaging import PUBLISH_ERRORS, RefreshReceipts, publish
 from worker.service.refresh_runs import RefreshFilters, select_keys
+from worker.store import refresh_runs
 
 log = logging.getLogger("appattest.schedule")
+
+# How long a key handed to the workers is not handed out again by another run or the periodic
+# refresh (deciding it sets its real next refresh; a key whose message was lost is due again).
+CLAIM_LEASE = timedelta(minutes=15)
 
 LOCK_KEY: Final = "appattest:receipts:schedule"
 _BATCH: Final = 100
@@ -39,6 +44,30 @@ _ROUND_ERRORS: Final[tuple[type[BaseException], ...]] = (
     redis.RedisError,
     *PUBLISH_ERRORS,
 )
+
+
+def publish_refresh(
+    sessions: sessionmaker[Session],
+    app: Celery,
+    run_id: str | None,
+    key_ids: Iterable[list[str]],
+    *,
+    now: datetime,
+) -> int:
+    """Hand batches of keys to the receipts queue (``RefreshReceipts`` through ``publish``),
+    claiming each batch first (see ``CLAIM_LEASE``); return how many keys were published.
+
+    Without the ledger: the run's pending rows and the keys' due times in PostgreSQL are what
+    brings a lost message's keys back (a resumed run, the periodic refresh), not a resend."""
+    published = 0
+    with app.producer_or_acquire() as producer:
+        for batch in key_ids:
+            with sessions() as session, session.begin():
+                refresh_runs.claim_keys(session, batch, now + CLAIM_LEASE)
+            message = RefreshReceipts(run_id=run_id, key_ids=tuple(batch))
+            publish(app, str(uuid.uuid4()), message, ledger=None, producer=producer)
+            published += len(batch)
+    return published
 
 
 class RefreshSchedule:

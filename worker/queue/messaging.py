@@ -218,7 +218,7 @@ def decode(task: str, payload: object) -> Message:
 
 
 class LedgerEntries(Protocol):
-    """What ``publish`` needs of the ledger (``worker.ledger.Ledger``)."""
+    """What ``publish`` needs of the ledger (``worker.queue.ledger.Ledger``)."""
 
     def record(self, entries: Sequence[tuple[str, str, dict[str, Any]]]) -> None: ...
 
@@ -234,8 +234,8 @@ def publish(
 ) -> bool:
     """Publish ``message`` under ``task_id``: the one way work is put on a queue.
 
-    ``ledger`` is the broker's ledger (``worker.ledger.ledger_for``; None when the broker needs
-    none, or for a resend of an entry already there). With a ledger the entry is written
+    ``ledger`` is the broker's ledger (``worker.queue.ledger.ledger_for``; None when the broker
+    needs none, or for a resend of an entry already there). With a ledger the entry is written
     first and is what accepts the job: a publish that then fails with one of ``unreachable``
     is logged by the caller's choice and left to the ledger's sweep, which sends it again;
     returns False then, True once published. Without a ledger a failed publish raises.

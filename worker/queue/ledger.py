@@ -5,7 +5,7 @@ unacknowledged in a second command. A Redis that dies between the two, or whose 
 first never reaches the worker, loses that message: it is neither queued nor unacknowledged,
 so the visibility timeout never brings it back, and the job would stay pending for ever.
 
-So every message published (``worker.messaging.publish``) is first written here, in the
+So every message published (``worker.queue.messaging.publish``) is first written here, in the
 broker's own Redis (its append-only file keeps both or neither): a sorted set of task ids
 scored by publish time, and a hash of the task name and encoded message. A worker removes
 the entry once the task's result is stored. A worker's main process sweeps the ledger every
@@ -40,7 +40,7 @@ from typing import Any, Final
 import redis
 from celery import Celery, states
 
-from worker.messaging import decode, publish, read_task_metas
+from worker.queue.messaging import decode, publish, read_task_metas
 
 log = logging.getLogger("appattest.ledger")
 

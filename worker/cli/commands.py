@@ -20,13 +20,14 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.celery_app import create_celery_app
+from worker.cli.lines import parse_line, read_lines
 from worker.contract import VerificationResult
 from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
-from worker.ledger import Sweeper, ledger_for
-from worker.lines import parse_line, read_lines
-from worker.logs import omit_task_results
-from worker.messaging import QUEUE, RECEIPTS_QUEUE
+from worker.queue.app import create_celery_app
+from worker.queue.ledger import Sweeper, ledger_for
+from worker.queue.logs import omit_task_results
+from worker.queue.messaging import QUEUE, RECEIPTS_QUEUE
+from worker.queue.tasks import resources_of, start_process
 from worker.service import VerificationService
 from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
@@ -37,7 +38,6 @@ from worker.store.db import (
     session_factory,
     upgrade,
 )
-from worker.tasks import resources_of, start_process
 from worker.version import __version__
 
 log = logging.getLogger("appattest")
@@ -263,9 +263,9 @@ def _print_line_summary(counts: Counter[str]) -> None:
 def _verify_through_queue(
     input_file: BinaryIO, at_text: str | None, run_id: str | None, report_dir: Path | None
 ) -> None:
-    from worker.batch import verify_queued
-    from worker.progress import RunProgress
-    from worker.reports import print_summary, write_reports
+    from worker.cli.progress import RunProgress
+    from worker.cli.reports import print_summary, write_reports
+    from worker.cli.runs import verify_queued
 
     at = _parse_instant(at_text) if at_text else None
     settings = load_settings()
@@ -446,7 +446,7 @@ def worker(
     both queues, the receipts queue's pool of threads is a child of the verification worker
     (it stops with it, and is started again with it).
     """
-    from worker.supervise import Backoff, Supervisor, stop_with_parent
+    from worker.queue.supervise import Backoff, Supervisor, stop_with_parent
 
     settings = _settings_with(app_ids, dev_app_ids, root_ca)
     queues = _worker_queues(queues_text, settings)
@@ -486,7 +486,7 @@ def worker(
         lambda **_: log.info("appattest-backend %s: worker ready", __version__), weak=False
     )
     # The database driver is imported once here, before the pool forks its processes, and
-    # each process builds its resources (``worker.tasks.ProcessResources``) and connects as it
+    # each process builds its resources (``worker.queue.tasks.ProcessResources``) and connects as it
     # starts rather than inside its first batch; the solo and threads pools have no process
     # init, and share the main process's resources, built as the worker starts.
     create_store_engine(settings.store_url).dispose()
@@ -548,13 +548,13 @@ def _start_receipts_child(
 
 
 def _schedule_while_running(app: Celery, settings: Settings) -> None:
-    """Run the periodic refresh (``worker.schedule``) in this worker's main process once it is
+    """Run the periodic refresh (``worker.queue.schedule``) in this worker's main process once it is
     ready, when it is configured."""
     every = settings.receipt_refresh_schedule_seconds
     if every is None:
         return
-    from worker.receipts_setup import redis_client
-    from worker.schedule import RefreshSchedule
+    from worker.queue.receipts_setup import redis_client
+    from worker.queue.schedule import RefreshSchedule
 
     schedule = RefreshSchedule(
         app,
@@ -578,7 +578,7 @@ def _unsupervised_worker_command(
 ) -> list[str]:
     """The command line of the Celery worker that ``appattest worker`` supervises: the same
     options, run in a child that stops when this process is gone."""
-    command = [sys.executable, "-m", "worker.cli", "worker", "--no-supervise"]
+    command = [sys.executable, "-m", "worker.cli.commands", "worker", "--no-supervise"]
     command += [f"--parent-pid={os.getpid()}", f"--pool={pool}", f"--loglevel={loglevel}"]
     command += [f"--app-id={app_id}" for app_id in app_ids]
     command += [f"--dev-app-id={app_id}" for app_id in dev_app_ids]
@@ -592,7 +592,7 @@ def _unsupervised_worker_command(
 
 
 def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
-    """Run the ledger sweeper (``worker.ledger``) in this worker's main process once it is
+    """Run the ledger sweeper (``worker.queue.ledger``) in this worker's main process once it is
     ready, until it shuts down. Nothing to do for brokers that need no ledger."""
     ledger = ledger_for(app)
     if ledger is None:
@@ -705,15 +705,15 @@ def reverify(
     --apply nothing changes; with it, keys that now fail are revoked and their assertions get
     key_revoked. A run is resumable: run again with its --run-id to continue where it stopped.
     """
-    from worker.batch import (
+    from worker.cli.progress import RunProgress
+    from worker.cli.reports import print_summary, write_reports
+    from worker.cli.runs import (
         REPORT_COLUMNS,
         Stalled,
         reverify_distributed,
         reverify_local,
         reverify_rows,
     )
-    from worker.progress import RunProgress
-    from worker.reports import print_summary, write_reports
     from worker.service.reverify import Reverifier, RunFilters, RunMismatch, RunPolicy, start_run
 
     extra = {"store_url": store_url} if store_url else {}
@@ -850,7 +850,9 @@ def refresh_receipts(
     status: 0 when every key was decided, 1 when the run stopped or stalled, 2 on a usage
     error.
     """
-    from worker.batch import (
+    from worker.cli.progress import RunProgress
+    from worker.cli.reports import print_summary, write_reports
+    from worker.cli.runs import (
         REFRESH_REPORT_COLUMNS,
         RunStopped,
         Stalled,
@@ -858,8 +860,6 @@ def refresh_receipts(
         refresh_rows,
         refresh_summary_key,
     )
-    from worker.progress import RunProgress
-    from worker.reports import print_summary, write_reports
     from worker.service.refresh_runs import RefreshFilters, RunMismatch, select_keys, start_run
 
     try:

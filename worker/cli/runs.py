@@ -8,20 +8,26 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.cli.lines import parse_line
+from worker.cli.progress import RunProgress
 from worker.contract import VerificationResult, kind_of
 from worker.core import Reason
-from worker.ledger import ledger_for
-from worker.lines import parse_line
-from worker.messaging import RefreshReceipts, ReverifyBatch, VerifyOne, publish, read_task_metas
-from worker.progress import RunProgress
+from worker.queue.ledger import Ledger, ledger_for
+from worker.queue.messaging import (
+    ReverifyBatch,
+    VerifyOne,
+    publish,
+    read_task_metas,
+)
+from worker.queue.schedule import publish_refresh
 from worker.service.refresh_runs import run_state as refresh_run_state
 from worker.service.reverify import Reverifier, iter_pending_batches, results, run_state
 from worker.store import refresh_runs
@@ -119,6 +125,92 @@ def _job_id(run_id: str, number: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"appattest-import:{run_id}:{number}"))
 
 
+@dataclass
+class _QueuedRun:
+    """One ``verify --queue`` run: the lines waiting behind an earlier line of their key, the
+    lines ready to send, the jobs in flight and the verdicts not yet emitted."""
+
+    app: Celery
+    run_id: str
+    emit: Callable[[int, VerificationResult], None]
+    at: datetime | None
+    ledger: Ledger | None
+    ready: dict[int, VerificationResult] = field(default_factory=dict)
+    waiting_by_key: dict[str, deque[_Line]] = field(default_factory=dict)
+    runnable: deque[_Line] = field(default_factory=deque)
+    in_flight: dict[str, tuple[_Line, float]] = field(default_factory=dict)
+    next_out: int = 1
+    done: int = 0
+
+    def plan(self, lines: Iterator[bytes | None]) -> None:
+        """Read every line: a line that is not a plugin body has its verdict at once; the
+        first line of each key is runnable, the others wait behind it."""
+        for number, raw in enumerate(lines, start=1):
+            line = parse_line(raw)
+            if line.body is None or line.request is None:
+                assert line.rejection is not None
+                self.ready[number] = line.rejection
+                continue
+            key = line.request.key_id
+            item = _Line(
+                number=number, body=line.body, job_id=_job_id(self.run_id, number), key=key
+            )
+            if key in self.waiting_by_key:
+                self.waiting_by_key[key].append(item)
+            else:
+                self.waiting_by_key[key] = deque()
+                self.runnable.append(item)
+        self.done = len(self.ready)
+
+    def finish(self, item: _Line, result: VerificationResult) -> None:
+        """Keep a line's verdict, and make the next line of its key runnable."""
+        self.ready[item.number] = result
+        self.done += 1
+        queue = self.waiting_by_key[item.key]
+        if queue:
+            self.runnable.append(queue.popleft())
+
+    def flush(self) -> None:
+        """Emit the verdicts that are next in input order."""
+        while self.next_out in self.ready:
+            self.emit(self.next_out, self.ready.pop(self.next_out))
+            self.next_out += 1
+
+    def dispatch(self, max_in_flight: int) -> None:
+        """Publish runnable lines up to ``max_in_flight``; a line decided by an earlier run
+        with this run id is finished from its stored result instead."""
+        backend = self.app.backend
+        while self.runnable and len(self.in_flight) < max_in_flight:
+            item = self.runnable.popleft()
+            meta = backend.get_task_meta(item.job_id)
+            if meta.get("status") == "SUCCESS":
+                self.finish(item, VerificationResult.model_validate(meta["result"]))
+                continue
+            job = VerifyOne(body=item.body, challenges_given=True, at=self.at)
+            publish(self.app, item.job_id, job, ledger=self.ledger)
+            self.in_flight[item.job_id] = (item, time.monotonic())
+
+    def collect(self, job_timeout: float) -> None:
+        """Finish the jobs in flight whose result is in (one read for all); a job that failed
+        or outlived ``job_timeout`` seconds ends as ``internal_error``."""
+        metas = read_task_metas(self.app.backend, list(self.in_flight))
+        for job_id, (item, sent) in list(self.in_flight.items()):
+            meta = metas[job_id]
+            status = meta.get("status")
+            if status == "SUCCESS":
+                del self.in_flight[job_id]
+                self.finish(item, VerificationResult.model_validate(meta["result"]))
+            elif status == "FAILURE" or time.monotonic() - sent > job_timeout:
+                del self.in_flight[job_id]
+                failed = VerificationResult.rejection(
+                    kind=kind_of(item.body),
+                    key_id=item.key,
+                    reason=Reason.INTERNAL_ERROR,
+                    detail="the job failed or timed out in the queue",
+                )
+                self.finish(item, failed)
+
+
 def verify_queued(
     lines: Iterator[bytes | None],
     app: Celery,
@@ -138,117 +230,32 @@ def verify_queued(
     is derived from the run id and its number: running the same file again with the same run
     id returns the verdicts already decided instead of deciding them again.
     """
-    backend = app.backend
-    # Entered in the ledger before publishing, like the producer's jobs (see worker.ledger).
-    ledger = ledger_for(app)
-    ready: dict[int, VerificationResult] = {}
-    waiting_by_key: dict[str, deque[_Line]] = {}
-    runnable: deque[_Line] = deque()
-    for number, raw in enumerate(lines, start=1):
-        line = parse_line(raw)
-        if line.body is None or line.request is None:
-            assert line.rejection is not None
-            ready[number] = line.rejection
-            continue
-        key = line.request.key_id
-        item = _Line(number=number, body=line.body, job_id=_job_id(run_id, number), key=key)
-        if key in waiting_by_key:
-            waiting_by_key[key].append(item)
-        else:
-            waiting_by_key[key] = deque()
-            runnable.append(item)
-    in_flight: dict[str, tuple[_Line, float]] = {}
-    next_out = 1
-    done = 0
-
-    def flush() -> None:
-        nonlocal next_out
-        while next_out in ready:
-            emit(next_out, ready.pop(next_out))
-            next_out += 1
-
-    def finish(item: _Line, result: VerificationResult) -> None:
-        nonlocal done
-        ready[item.number] = result
-        done += 1
-        queue = waiting_by_key[item.key]
-        if queue:
-            runnable.append(queue.popleft())
-
-    done = len(ready)
-    flush()
-    while runnable or in_flight:
-        while runnable and len(in_flight) < max_in_flight:
-            item = runnable.popleft()
-            meta = backend.get_task_meta(item.job_id)
-            if meta.get("status") == "SUCCESS":
-                finish(item, VerificationResult.model_validate(meta["result"]))
-                continue
-            job = VerifyOne(body=item.body, challenges_given=True, at=at)
-            publish(app, item.job_id, job, ledger=ledger)
-            in_flight[item.job_id] = (item, time.monotonic())
-        metas = read_task_metas(backend, list(in_flight))
-        for job_id, (item, sent) in list(in_flight.items()):
-            meta = metas[job_id]
-            status = meta.get("status")
-            if status == "SUCCESS":
-                del in_flight[job_id]
-                finish(item, VerificationResult.model_validate(meta["result"]))
-            elif status == "FAILURE" or time.monotonic() - sent > job_timeout:
-                del in_flight[job_id]
-                finish(
-                    item,
-                    VerificationResult.rejection(
-                        kind=kind_of(item.body),
-                        key_id=item.key,
-                        reason=Reason.INTERNAL_ERROR,
-                        detail="the job failed or timed out in the queue",
-                    ),
-                )
-        flush()
-        progress.update(done)
-        if in_flight:
-            time.sleep(poll_seconds)
-    flush()
-    progress.update(done)
-    if ledger is not None:
-        ledger.close()
+    # Entered in the ledger before publishing, like the producer's jobs (see worker.queue.ledger).
+    run = _QueuedRun(app, run_id, emit, at, ledger_for(app))
+    try:
+        run.plan(lines)
+        run.flush()
+        while run.runnable or run.in_flight:
+            run.dispatch(max_in_flight)
+            run.collect(job_timeout)
+            run.flush()
+            progress.update(run.done)
+            if run.in_flight:
+                time.sleep(poll_seconds)
+        run.flush()
+        progress.update(run.done)
+    finally:
+        if run.ledger is not None:
+            run.ledger.close()
 
 
 # Receipt refresh runs ------------------------------------------------------------------------
 
 REFRESH_REPORT_COLUMNS = ("keyId", "outcome", "reason", "riskMetric", "detail", "decidedAt")
-# How long a key handed to the workers is not handed out again by another run or the periodic
-# refresh (deciding it sets its real next refresh; a key whose message was lost is due again).
-CLAIM_LEASE = timedelta(minutes=15)
 
 
 class RunStopped(RuntimeError):
     """The run was stopped by a worker: Apple refused the DeviceCheck token."""
-
-
-def publish_refresh(
-    sessions: sessionmaker[Session],
-    app: Celery,
-    run_id: str | None,
-    key_ids: Iterable[list[str]],
-    *,
-    now: datetime,
-) -> int:
-    """Hand batches of keys to the receipts queue (``RefreshReceipts`` through ``publish``),
-    claiming each batch first (see ``CLAIM_LEASE``); return how many keys were published.
-
-    Without the ledger: the run's pending rows and the keys' due times in PostgreSQL are what
-    brings a lost message's keys back (a resumed run, the periodic refresh), not a resend."""
-    published = 0
-    with app.producer_or_acquire() as producer:
-        for batch in key_ids:
-            with sessions() as session, session.begin():
-                refresh_runs.claim_keys(session, batch, now + CLAIM_LEASE)
-            message = RefreshReceipts(run_id=run_id, key_ids=tuple(batch))
-            publish(app, str(uuid.uuid4()), message, ledger=None, producer=producer)
-            published += len(batch)
-    return published
 
 
 def refresh_distributed(

@@ -6,11 +6,11 @@ from typing import Final
 
 from celery import Celery
 
-from worker.messaging import QUEUE
+from worker.queue.messaging import QUEUE
 from worker.settings import Settings
 
-_EMBEDDED_TRANSPORT: Final = "worker.embedded_transport:Transport"
-_REDIS_TRANSPORT: Final = "worker.redis_transport:Transport"
+_EMBEDDED_TRANSPORT: Final = "worker.queue.embedded_transport:Transport"
+_REDIS_TRANSPORT: Final = "worker.queue.redis_transport:Transport"
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -59,14 +59,14 @@ def create_celery_app(settings: Settings) -> Celery:
         app.conf.broker_transport = _REDIS_TRANSPORT
     if settings.broker_url.startswith("sqla+"):
         # The embedded broker is a polled database table; poll often enough that a single job
-        # is not held back by the default one-second interval (see worker.embedded_transport).
+        # is not held back by the default one-second interval (see worker.queue.embedded_transport).
         # The transport is named by its class for this app alone (kombu's global table of
         # transport aliases is left as it is): the URL loses its "sqla+" prefix, which would
         # otherwise choose kombu's own transport.
         app.conf.broker_transport = _EMBEDDED_TRANSPORT
         app.conf.broker_url = settings.broker_url.removeprefix("sqla+")
     app.conf.appattest_settings = settings
-    from worker import tasks
+    from worker.queue import tasks
 
     tasks.register(app, settings)
     return app

@@ -1,4 +1,4 @@
-"""``python -m worker.healthcheck``: exit 0 when this machine's worker answers a ping.
+"""``python -m worker.queue.healthcheck``: exit 0 when this machine's worker answers a ping.
 
 The health check of a worker container. The worker's Celery node must answer a ping sent
 through the broker, to it alone, within the timeout: a worker that is up but no longer consumes
@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from celery.utils.nodenames import default_nodename
 from kombu.exceptions import OperationalError
 
-from worker.celery_app import create_celery_app
+from worker.queue.app import create_celery_app
 from worker.settings import load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Ping the node; return 0 when it answered, 1 otherwise (or when the broker is down)."""
     parser = argparse.ArgumentParser(
-        prog="python -m worker.healthcheck", description="Ping this machine's worker node."
+        prog="python -m worker.queue.healthcheck", description="Ping this machine's worker node."
     )
     parser.add_argument("--node", default=default_nodename(None), help="default: %(default)s")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds (default: 5)")

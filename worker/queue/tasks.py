@@ -16,8 +16,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from worker.contract import VerificationResult, kind_of, parse_request
 from worker.core import IntermediateCache, Reason, Rejected
-from worker.ledger import Ledger, ledger_for
-from worker.messaging import (
+from worker.queue.ledger import Ledger, ledger_for
+from worker.queue.messaging import (
     MAX_BATCH_JOBS,
     REFRESH_TASK,
     REVERIFY_TASK,
@@ -65,7 +65,7 @@ class ProcessResources:
         """This process's receipt refresher; raises ``RefreshNotConfigured`` without the
         DeviceCheck key, ``ValueError`` or ``OSError`` for a key file that is not one."""
         if self.runner is None:
-            from worker.receipts_setup import build_runner, redis_client
+            from worker.queue.receipts_setup import build_runner, redis_client
 
             self.runner, _ = build_runner(
                 settings, sessions=self.service.sessions, client=redis_client(settings)
@@ -291,7 +291,7 @@ def run_refresh(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
     errors retry the batch like the other tasks. A worker without the DeviceCheck key ends
     the task with an error and decides nothing: the keys stay pending and due.
     """
-    from worker.receipts_setup import RefreshNotConfigured
+    from worker.queue.receipts_setup import RefreshNotConfigured
 
     try:
         message = decode(REFRESH_TASK, payload)
@@ -340,7 +340,7 @@ def run_refresh(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
 
 
 class LedgeredTask(Task):  # type: ignore[misc]
-    """A task whose message is in the ledger (see ``worker.messaging.publish``): once its
+    """A task whose message is in the ledger (see ``worker.queue.messaging.publish``): once its
     result is stored, its entry leaves the ledger."""
 
     def after_return(
@@ -366,7 +366,7 @@ class LedgeredTask(Task):  # type: ignore[misc]
 
 
 def register(app: Celery, settings: Settings) -> None:
-    """Register the tasks on ``app``: one per message of ``worker.messaging``, each decoding
+    """Register the tasks on ``app``: one per message of ``worker.queue.messaging``, each decoding
     its message there."""
 
     def task(name: str) -> Any:
