@@ -24,7 +24,7 @@ from producer.jobs import JobQueue
 from producer.middleware import InternalErrors, RequestGuard
 from producer.ratelimit import RateLimiter, WaitBudget
 from producer.routes import ROUTERS, api_routes
-from worker.queue.app import create_celery_app
+from worker.queue.app import queue_app
 from worker.settings import Settings, load_settings
 from worker.store.db import create_store_engine, session_factory
 from worker.version import __version__
@@ -45,7 +45,7 @@ def _lifespan(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = celery_app is None
-        celery = create_celery_app(settings) if celery_app is None else celery_app
+        celery = queue_app(settings) if celery_app is None else celery_app
         engine = create_store_engine(settings.store_url)
         sessions = session_factory(engine)
         app.state.resources = AppResources(

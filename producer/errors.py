@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
-from worker.core import Reason
+from worker.contract import Reason
 
 
 class ErrorCode(StrEnum):

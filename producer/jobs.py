@@ -43,11 +43,12 @@ from worker.contract import (
     AssertionRequest,
     Kind,
     PluginRequest,
+    Reason,
     RegistrationRequest,
+    Rejected,
     VerificationResult,
     parse_request,
 )
-from worker.core import Reason, Rejected
 from worker.queue.ledger import Ledger, ledger_for
 from worker.queue.messaging import Message, VerifyBatch, VerifyJob, publish, read_task_metas
 from worker.store import bulk, idempotency
@@ -566,14 +567,44 @@ class JobQueue:
         that it decides nothing and ``lost`` stays true. ``session``, when given, is the
         transaction the burial joins.
         """
-        located: dict[int, tuple[str, int]] = {}
         answers: dict[int, JobStatus] = {}
+        located: dict[int, tuple[str, int]] = {}
         for n, (owner, job_id) in enumerate(wanted):
             found = open_job_id(owner, job_id)
             if found is None:
                 answers[n] = _not_found(job_id)
             else:
                 located[n] = found
+        missing = self._from_results(wanted, located, answers)
+        if not missing:
+            return [answers[n] for n in range(len(wanted))]
+        on_the_way: set[int] = set()
+        if self.ledger is not None:
+            held = self.ledger.holding(sorted(set(missing.values())))
+            on_the_way = {n for n, batch_id in missing.items() if batch_id in held}
+        if consult_store and self.sessions is not None:
+            # Jobs the ledger holds are looked up too: the store is the truth, and a verdict
+            # stored there by a worker whose result write is still retrying (a result backend
+            # that restarted) is final already.
+            self._from_store(wanted, missing, answers, session)
+            gone = [n for n in missing if n not in on_the_way and n not in answers]
+            if gone and self.ledger is not None:
+                answers.update(self._bury({n: wanted[n] for n in gone}, session))
+        for n in missing:
+            if n not in answers:
+                # On its way (in the ledger), or: without a look at the store nothing final
+                # can be said; brokers without a ledger keep queued messages themselves.
+                answers[n] = JobStatus(jobId=wanted[n][1], status="pending")
+        return [answers[n] for n in range(len(wanted))]
+
+    def _from_results(
+        self,
+        wanted: Sequence[tuple[Owner, str]],
+        located: Mapping[int, tuple[str, int]],
+        answers: dict[int, JobStatus],
+    ) -> dict[int, str]:
+        """Answer the jobs whose batch result names them (one read of the result backend for
+        every batch not already decoded); return the others, with their batch ids."""
         batch_ids = {
             batch_id for batch_id, _ in located.values() if self._finished_batch(batch_id) is None
         }
@@ -599,34 +630,24 @@ class JobQueue:
                 )
             else:
                 missing[n] = batch_id
-        if not missing:
-            return [answers[n] for n in range(len(wanted))]
-        on_the_way: set[int] = set()
-        if self.ledger is not None:
-            held = self.ledger.holding(sorted(set(missing.values())))
-            on_the_way = {n for n, batch_id in missing.items() if batch_id in held}
-        if missing and consult_store and self.sessions is not None:
-            # Jobs the ledger holds are looked up too: the store is the truth, and a verdict
-            # stored there by a worker whose result write is still retrying (a result backend
-            # that restarted) is final already.
-            recorded = self._recorded([wanted[n] for n in missing], session)
-            for n in list(missing):
-                owner, job_id = wanted[n]
-                verdict = recorded.get(job_id)
-                if verdict is not None and verdict[0] in (None, owner.name):
-                    answers[n] = self._status_of(
-                        job_id, {"status": states.SUCCESS, "result": verdict[1]}
-                    )
-                    del missing[n]
-        gone = [n for n in missing if n not in on_the_way]
-        if gone and consult_store and self.sessions is not None and self.ledger is not None:
-            answers.update(self._bury({n: wanted[n] for n in gone}, session))
+        return missing
+
+    def _from_store(
+        self,
+        wanted: Sequence[tuple[Owner, str]],
+        missing: Mapping[int, str],
+        answers: dict[int, JobStatus],
+        session: Session | None,
+    ) -> None:
+        """Answer the missing jobs whose verdict the store has (for their owner)."""
+        recorded = self._recorded([wanted[n] for n in missing], session)
         for n in missing:
-            if n not in answers:
-                # On its way (in the ledger), or: without a look at the store nothing final
-                # can be said; brokers without a ledger keep queued messages themselves.
-                answers[n] = JobStatus(jobId=wanted[n][1], status="pending")
-        return [answers[n] for n in range(len(wanted))]
+            owner, job_id = wanted[n]
+            verdict = recorded.get(job_id)
+            if verdict is not None and verdict[0] in (None, owner.name):
+                answers[n] = self._status_of(
+                    job_id, {"status": states.SUCCESS, "result": verdict[1]}
+                )
 
     def _in_store(self, session: Session | None, action: Callable[[Session], _T]) -> _T:
         """Run ``action`` in ``session``, or in a transaction of its own; a store that cannot

@@ -765,3 +765,33 @@ def test_worker_queues_are_checked(
     monkeypatch.setenv("APPATTEST_APP_IDS", APP_ID)
     result = CliRunner().invoke(main, ["worker", "--no-supervise", f"--queues={queues}"])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_the_ordered_path_keeps_receipt_states_and_reports_the_risk_metric(
+    world: World, fake: FakeApple, ca: TestCA, receipt_ca: ReceiptCA
+) -> None:
+    # `appattest verify` decides lines in order (decide_in_order): a key it registers gets its
+    # receipt state like any other, and its assertions carry the refreshed metric.
+    now = datetime.now(UTC)
+    device = Device(ca=ca)
+    challenge = f"c-{device.key_id_b64}"
+    first = parse_attestation_object(
+        device.attestation_object(client_data_hash(challenge), now=now)
+    )
+    receipt = make_receipt(
+        ca=receipt_ca,
+        app_id=APP_ID,
+        credential_certificate_der=first.x5c[0],
+        client_hash=client_data_hash(challenge),
+        creation_time=now,
+        expiration_time=now + timedelta(days=90),
+    )
+    body = device.registration_body(challenge, now=now, x5c=list(first.x5c), receipt=receipt)
+    [registered] = world.service.decide_in_order([parse_request(body)], now=now)
+    assert registered.ok, registered
+    state = _state(world, device.key_id_b64)
+    assert state.receipt_type == "ATTEST" and state.expires_at is not None
+    fake.risk_metric = 8
+    world.refresher.refresh_batch([device.key_id_b64])
+    [asserted] = world.service.decide_in_order([parse_request(device.assertion_body("p1"))])
+    assert asserted.ok and asserted.risk_metric == 8

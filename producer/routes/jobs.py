@@ -45,8 +45,7 @@ from producer.schemas import (
     StatusRequest,
     StatusResponse,
 )
-from worker.contract import AssertionRequest, Kind, RegistrationRequest
-from worker.core import Rejected
+from worker.contract import AssertionRequest, Kind, RegistrationRequest, Rejected
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import stat
 import subprocess
 import sys
+import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.cli.lines import parse_line, read_lines
-from worker.contract import VerificationResult
+from worker.contract import PluginRequest, VerificationResult
 from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
 from worker.queue.app import create_celery_app
 from worker.queue.ledger import Sweeper, ledger_for
@@ -29,6 +33,7 @@ from worker.queue.logs import omit_task_results
 from worker.queue.messaging import QUEUE, RECEIPTS_QUEUE
 from worker.queue.tasks import resources_of, start_process
 from worker.service import VerificationService
+from worker.service.verification import ORDERED_CHUNK, ConcurrentChange
 from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
 from worker.store.db import (
@@ -43,6 +48,9 @@ from worker.version import __version__
 log = logging.getLogger("appattest")
 
 USAGE_ERROR = 2
+# The input held at once by `verify` (with the requests parsed from it), whatever its lines'
+# sizes: a registration line is about 5 KiB, the largest valid body 192 KiB.
+_CHUNK_BYTES = 4 * 1024 * 1024
 
 NO_APP_ID = (
     "no App ID is configured: give --app-id TEAMID.bundle.id (or --dev-app-id), "
@@ -223,12 +231,10 @@ def verify(
     counts: Counter[str] = Counter()
     out = sys.stdout
     try:
-        for number, line in enumerate(read_lines(input_file), start=1):
-            if _is_blank(line):
-                continue
-            result = _verify_line(service, line, at)
-            counts["accepted" if result.ok else str(result.reason)] += 1
-            out.write(json.dumps({"line": number, **result.to_json_dict()}) + "\n")
+        for chunk in _chunks(input_file):
+            for number, result in _decide_chunk(service, chunk, at):
+                counts["accepted" if result.ok else str(result.reason)] += 1
+                out.write(json.dumps({"line": number, **result.to_json_dict()}) + "\n")
             out.flush()
     except OSError as exc:
         click.echo(f"error: cannot read input: {exc}", err=True)
@@ -236,6 +242,94 @@ def verify(
     finally:
         engine.dispose()
     _print_line_summary(counts)
+
+
+def _chunks(stream: BinaryIO) -> Iterator[list[tuple[int, bytes | None]]]:
+    """The numbered non-blank lines, in chunks of up to ``ORDERED_CHUNK`` lines and about
+    ``_CHUNK_BYTES`` of input (so that a file of huge lines is not held 500 at a time). A
+    chunk also ends where the input has nothing more at hand yet (a pipe or terminal feeding
+    lines slowly), so that each line's verdict comes out as soon as it can. A read error ends
+    the chunk read so far, then propagates."""
+    chunk: list[tuple[int, bytes | None]] = []
+    size = 0
+    try:
+        for number, (line, more) in enumerate(_lines_at_hand(stream), start=1):
+            if not _is_blank(line):
+                chunk.append((number, line))
+                size += len(line or b"")
+            full = len(chunk) >= ORDERED_CHUNK or size >= _CHUNK_BYTES
+            if chunk and (full or not more):
+                yield chunk
+                chunk, size = [], 0
+    except OSError:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
+
+
+def _lines_at_hand(stream: BinaryIO) -> Iterator[tuple[bytes | None, bool]]:
+    """Each line (as ``read_lines`` gives it) and whether the next one is already at hand.
+
+    A regular file always has its next line at hand. Any other input (a pipe, a terminal) is
+    read by a thread ahead of the verification, so that a line counts as at hand only if it
+    has arrived."""
+    try:
+        regular = stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError):
+        regular = True  # an in-memory stream: it never waits
+    if regular:
+        yield from ((line, True) for line in read_lines(stream))
+        return
+    arrived: queue.Queue[tuple[bytes | None, BaseException | None, bool]] = queue.Queue(
+        maxsize=2 * ORDERED_CHUNK
+    )
+
+    def read() -> None:
+        try:
+            for line in read_lines(stream):
+                arrived.put((line, None, False))
+        except BaseException as exc:  # handed to the reading thread, which raises it
+            arrived.put((None, exc, True))
+            return
+        arrived.put((None, None, True))
+
+    threading.Thread(target=read, name="verify-input", daemon=True).start()
+    line, error, end = arrived.get()
+    while not end:
+        following = arrived.get() if not arrived.empty() else None
+        yield line, following is not None and not following[2]
+        if following is None:
+            following = arrived.get()
+        line, error, end = following
+    if error is not None:
+        raise error
+
+
+def _decide_chunk(
+    service: VerificationService, chunk: list[tuple[int, bytes | None]], at: datetime | None
+) -> list[tuple[int, VerificationResult]]:
+    """Verdicts of a chunk of lines, decided in order in one transaction; when that fails (a
+    concurrent writer, a store error, an unexpected error), nothing was written and the lines
+    are decided again one at a time, each getting its own verdict or error as before."""
+    items: list[PluginRequest | VerificationResult] = []
+    for _, raw in chunk:
+        line = parse_line(raw)
+        if line.request is None:
+            assert line.rejection is not None
+            items.append(line.rejection)
+        else:
+            items.append(line.request)
+    try:
+        decided = service.decide_in_order(items, now=at)
+    except ConcurrentChange:
+        log.debug("a concurrent writer changed keys of this chunk; deciding line by line")
+    except Exception as exc:
+        log.debug("deciding a chunk failed (%s); deciding line by line", exc.__class__.__name__)
+    else:
+        return [(number, result) for (number, _), result in zip(chunk, decided, strict=True)]
+    return [(number, _verify_line(service, raw, at)) for number, raw in chunk]
 
 
 def _configured_app_ids() -> tuple[tuple[str, ...], tuple[str, ...]]:

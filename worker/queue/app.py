@@ -14,7 +14,17 @@ _REDIS_TRANSPORT: Final = "worker.queue.redis_transport:Transport"
 
 
 def create_celery_app(settings: Settings) -> Celery:
-    """Build the Celery app for these settings and register the tasks on it."""
+    """Build the Celery app for these settings and register the tasks on it: the workers'."""
+    app = queue_app(settings)
+    from worker.queue import tasks
+
+    tasks.register(app, settings)
+    return app
+
+
+def queue_app(settings: Settings) -> Celery:
+    """The Celery app for these settings without the tasks: what a process that only
+    publishes and reads results needs (the API), which so loads no verification code."""
     app = Celery("appattest", set_as_current=False)
     app.conf.update(
         broker_url=settings.broker_url,
@@ -66,7 +76,4 @@ def create_celery_app(settings: Settings) -> Celery:
         app.conf.broker_transport = _EMBEDDED_TRANSPORT
         app.conf.broker_url = settings.broker_url.removeprefix("sqla+")
     app.conf.appattest_settings = settings
-    from worker.queue import tasks
-
-    tasks.register(app, settings)
     return app

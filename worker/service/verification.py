@@ -8,6 +8,7 @@ happens in one transaction whose conditional statements decide every race.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -49,10 +50,19 @@ from worker.store.challenges import Purpose, challenge_digest
 # A batch whose verdicts conflict with a concurrent delivery of the same jobs is decided again;
 # the second attempt finds the recorded verdicts. More attempts would mean a bug.
 _ATTEMPTS = 3
+# Lines decided in order in one transaction (``decide_in_order``): few enough that their key
+# reads are one statement on any store (SQLite allows 32,766 parameters) and that a failed
+# transaction repeats little.
+ORDERED_CHUNK = 500
 # Loaded public keys kept per service, by their stored point: about 2 KiB each (OpenSSL's key
 # structures), so the default bound is about 100 MiB per worker process once that many
 # distinct devices have asserted.
 PUBLIC_KEY_CACHE_SIZE = 50_000
+
+
+class ConcurrentChange(Exception):
+    """Another writer changed a key that an in-order transaction read: nothing was written,
+    and the lines are to be decided again one at a time."""
 
 
 def utc_now() -> datetime:
@@ -96,6 +106,32 @@ def _assertion_challenge(request: AssertionRequest) -> str:
     if request.challenge not in request.payload:
         raise Rejected(Reason.INVALID_REQUEST, "payload does not contain the given challenge")
     return request.challenge
+
+
+def _key_row(
+    key_id: str,
+    verified: VerifiedAttestation,
+    token: bytes,
+    challenge: str,
+    at: datetime,
+    registered_by: str | None = None,
+) -> dict[str, Any]:
+    """The ``device_keys`` row of a newly registered key (``registered_by``: the API key's
+    name that submitted it, the only one that may read its state)."""
+    return {
+        "key_id": key_id,
+        "app_id": verified.app_id,
+        "environment": verified.environment.value,
+        "public_key": verified.public_key,
+        "counter": 0,
+        "receipt": verified.receipt,
+        "attestation": token,
+        "client_data_hash": client_data_hash(challenge),
+        "verified_at": at,
+        "leaf_fingerprint": verified.leaf_fingerprint,
+        "intermediate_fingerprint": verified.intermediate_fingerprint,
+        "registered_by": registered_by,
+    }
 
 
 @dataclass
@@ -212,6 +248,94 @@ class VerificationService:
             if decided is not None:
                 return decided
         raise RuntimeError("verdicts of a batch kept conflicting with another delivery")
+
+    # In order, offline -----------------------------------------------------------------------
+
+    def decide_in_order(
+        self,
+        items: Sequence[PluginRequest | VerificationResult],
+        *,
+        now: datetime | None = None,
+    ) -> list[VerificationResult]:
+        """Decide offline requests as if one after another, in one transaction: each sees the
+        keys registered and the counters advanced by those before it, exactly as if each had
+        been ``handle``d and committed in turn. An item may already be a verdict (a line that
+        failed the contract), returned as it is. The clock is read once per request, as
+        ``handle`` would.
+
+        The keys are read in one statement, the checks run in order against what the earlier
+        requests changed, then the new keys and the final counters are written in one
+        transaction. Raises ``ConcurrentChange`` (nothing written) when another writer
+        registered one of those keys or moved one of those counters meanwhile; any other error
+        propagates with nothing written, so that the caller can decide the requests again one
+        at a time. Only for a service that takes challenges as given, without job ids.
+        """
+        if self.issued_challenges:
+            raise ValueError("decide_in_order takes challenges as given")
+        jobs = [
+            _Job(None, None, result=item)
+            if isinstance(item, VerificationResult)
+            else _Job(None, item)
+            for item in items
+        ]
+        for job in jobs:
+            if job.result is None:
+                self._decode(job)
+        wanted = [job.key_id for job in jobs if job.result is None]
+        if not wanted:
+            return [job.result for job in jobs if job.result is not None]
+        with self.sessions() as session:
+            stored = bulk.get_keys(session, wanted)
+            risks = receipt_store.get_risk_metrics(session, wanted)
+        for job in jobs:
+            if job.result is None and isinstance(job.request, AssertionRequest):
+                job.risk = risks.get(job.key_id)
+        known: dict[str, StoredKey] = dict(stored)
+        new_keys: dict[str, dict[str, Any]] = {}
+        counters: dict[str, int] = {}
+        for job in jobs:
+            if job.result is not None:
+                continue
+            at = now or self.clock()
+            self._check(job, {}, known, at)
+            if not job.ok:
+                continue
+            if job.attestation is not None:
+                known[job.key_id] = self._registered(job, at, new_keys)
+            elif job.new_counter is not None:
+                known[job.key_id] = dataclasses.replace(known[job.key_id], counter=job.new_counter)
+                if job.key_id in new_keys:
+                    new_keys[job.key_id]["counter"] = job.new_counter
+                else:
+                    counters[job.key_id] = job.new_counter
+        with self.sessions() as session, session.begin():
+            if len(bulk.insert_keys(session, list(new_keys.values()))) != len(new_keys):
+                raise ConcurrentChange("a key was registered by another writer")
+            receipt_store.insert_receipt_states(
+                session, [receipt_state(k, row["receipt"]) for k, row in new_keys.items()]
+            )
+            if not bulk.advance_all_counters(session, list(counters.items())):
+                raise ConcurrentChange("a counter was advanced by another writer")
+        return [job.result for job in jobs if job.result is not None]
+
+    def _registered(
+        self, job: _Job, at: datetime, new_keys: dict[str, dict[str, Any]]
+    ) -> StoredKey:
+        """The row of a key a job registers (added to ``new_keys``) and its stored form."""
+        verified, decoded, request = job.attestation, job.decoded, job.request
+        assert verified and decoded and isinstance(request, RegistrationRequest)
+        row = _key_row(job.key_id, verified, decoded.token, request.challenge, at, job.submitted_by)
+        new_keys[job.key_id] = row
+        return StoredKey(
+            key_id=job.key_id,
+            app_id=verified.app_id,
+            environment=verified.environment.value,
+            public_key=verified.public_key,
+            counter=0,
+            revoked_at=None,
+            revoked_reason=None,
+            revoked_by_run=None,
+        )
 
     # One attempt ---------------------------------------------------------------------------
 
@@ -423,20 +547,7 @@ class VerificationService:
             verified, decoded, request = job.attestation, job.decoded, job.request
             assert verified and decoded and isinstance(request, RegistrationRequest)
             rows.append(
-                {
-                    "key_id": key_id,
-                    "app_id": verified.app_id,
-                    "environment": verified.environment.value,
-                    "public_key": verified.public_key,
-                    "counter": 0,
-                    "receipt": verified.receipt,
-                    "attestation": decoded.token,
-                    "client_data_hash": client_data_hash(request.challenge),
-                    "verified_at": at,
-                    "leaf_fingerprint": verified.leaf_fingerprint,
-                    "intermediate_fingerprint": verified.intermediate_fingerprint,
-                    "registered_by": job.submitted_by,
-                }
+                _key_row(key_id, verified, decoded.token, request.challenge, at, job.submitted_by)
             )
         inserted = bulk.insert_keys(session, rows)
         receipt_store.insert_receipt_states(
