@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.core import Policy, PolicySpec, parse_bundle_version
+from worker.core.refreshed import APPLE_DATA_DEVELOPMENT_URL, APPLE_DATA_URL
 from worker.store.db import DEFAULT_STORE_URL
 
 
@@ -134,6 +135,50 @@ class Settings(BaseSettings):
     purge_interval_seconds: float = Field(default=600.0, gt=0, le=86_400, allow_inf_nan=False)
     purge_batch_size: int = Field(default=1000, ge=1, le=100_000)
     # --- end of operating settings ---------------------------------------------------------
+
+    # Apple's fraud-metric service (see worker.service.receipts): the team's DeviceCheck key
+    # (team id, 10-character key id, the .p8 file), the service's URLs (tests point them at a
+    # local fake), the root receipts must chain to (Apple Root CA - G3 unless a test root is
+    # given explicitly), a rate limit shared by every worker (kept in Redis), how often a key
+    # is refreshed, and the optional policy refusing assertions of keys above a risk metric.
+    apple_team_id: str | None = None
+    apple_key_id: str | None = None
+    apple_private_key_file: Path | None = None
+    apple_data_url: str = APPLE_DATA_URL
+    apple_data_development_url: str = APPLE_DATA_DEVELOPMENT_URL
+    apple_timeout_seconds: float = Field(default=10.0, gt=0, le=120, allow_inf_nan=False)
+    receipt_root_ca: Path | None = None
+    apple_rate_limit_per_second: float = Field(default=20.0, gt=0, le=10_000, allow_inf_nan=False)
+    apple_rate_limit_burst: int = Field(default=20, ge=1, le=10_000)
+    receipt_refresh_interval_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    max_risk_metric: int | None = Field(default=None, ge=0)
+    # The Redis holding the shared rate limit and the periodic refresh's lock (default: the
+    # broker's Redis, else the result backend's; without Redis each worker limits itself).
+    apple_rate_limit_redis_url: str | None = None
+    # How often a batch's keys that Apple asked to retry later (429, 5xx, network) are tried
+    # again by their task before the run records them as retry_later (they stay due).
+    receipt_refresh_retries: int = Field(default=5, ge=0, le=50)
+    # The periodic refresh: every this many seconds one worker (a lock in Redis) hands the
+    # due keys, at most receipt_refresh_max_keys of them, to the receipts queue. Unset: off.
+    receipt_refresh_schedule_seconds: float | None = Field(
+        default=None, gt=0, le=86_400, allow_inf_nan=False
+    )
+    receipt_refresh_max_keys: int = Field(default=100_000, ge=1, le=10_000_000)
+    # Threads of the I/O pool serving the receipts queue (exchanges wait on Apple).
+    receipt_refresh_threads: int = Field(default=16, ge=1, le=512)
+
+    def apple_configured(self) -> bool:
+        """Whether the DeviceCheck key that receipt refreshes need is configured."""
+        return bool(self.apple_team_id and self.apple_key_id and self.apple_private_key_file)
+
+    def rate_limit_redis_url(self) -> str | None:
+        """The Redis of the shared rate limit towards Apple (see apple_rate_limit_redis_url)."""
+        if self.apple_rate_limit_redis_url:
+            return self.apple_rate_limit_redis_url
+        for url in (self.broker_url, self.result_backend):
+            if url.startswith(("redis://", "rediss://")):
+                return url
+        return None
 
     @field_validator("app_ids", "dev_app_ids", "api_keys", mode="before")
     @classmethod

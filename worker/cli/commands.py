@@ -11,6 +11,7 @@ import os
 import queue
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from worker.core import Reason
 from worker.queue.app import create_celery_app
 from worker.queue.ledger import Sweeper, ledger_for
 from worker.queue.logs import configure_logging, omit_task_results
-from worker.queue.messaging import QUEUE
+from worker.queue.messaging import QUEUE, RECEIPTS_QUEUE
 from worker.queue.metrics import (
     MULTIPROC_ENV,
     WorkerCpu,
@@ -564,6 +565,14 @@ def _settings_with(policy: PolicyOptions, **extra: object) -> Settings:
     help="Serve this worker's Prometheus metrics (all its processes) on this port "
     "(default: APPATTEST_WORKER_METRICS_PORT; off when neither is set).",
 )
+@click.option(
+    "--queues",
+    "queues_text",
+    metavar="verify,receipts",
+    help="Serve only these queues: verify (verification, the CPU pool) and receipts (receipt "
+    "refreshes, a pool of APPATTEST_RECEIPT_REFRESH_THREADS threads). Default: verify, and "
+    "receipts too when the DeviceCheck key is configured.",
+)
 @click.option("--parent-pid", type=int, hidden=True, help="Stop when this process is gone.")
 def worker(
     policy: PolicyOptions,
@@ -576,18 +585,22 @@ def worker(
     restart_delay_max: float,
     healthy_after: float,
     metrics_port: int | None,
+    queues_text: str | None,
     parent_pid: int | None,
 ) -> None:
     """Run a Celery worker that verifies queued jobs (settings from APPATTEST_* variables).
 
     By default the worker runs under a supervisor (this process), which starts it again when
     it exits with an error or is killed, after 1, 2, 4, ... seconds (see --restart-delay);
-    SIGTERM or SIGINT stop both, and a worker that exits cleanly is not restarted.
+    SIGTERM or SIGINT stop both, and a worker that exits cleanly is not restarted. Serving
+    both queues, the receipts queue's pool of threads is a child of the verification worker
+    (it stops with it, and is started again with it).
     """
     from worker.queue.supervise import Backoff, Supervisor, stop_with_parent
 
     extra = {"worker_metrics_port": metrics_port} if metrics_port is not None else {}
     settings = _settings_with(policy, **extra)
+    queues = _worker_queues(queues_text, settings)
     if supervise:
         try:
             backoff = Backoff(
@@ -595,11 +608,10 @@ def worker(
             )
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
-        supervisor = Supervisor(
-            _unsupervised_worker_command(policy, concurrency, pool, loglevel, hostname)
-            + ([f"--metrics-port={metrics_port}"] if metrics_port is not None else []),
-            backoff=backoff,
-        )
+        command = _unsupervised_worker_command(policy, concurrency, pool, loglevel, hostname)
+        if metrics_port is not None:
+            command.append(f"--metrics-port={metrics_port}")
+        supervisor = Supervisor([*command, f"--queues={','.join(queues)}"], backoff=backoff)
         logging.getLogger("appattest.supervise").setLevel(loglevel.upper())
         if parent_pid is not None:
             stop_with_parent(parent_pid, grace=supervisor.stop_timeout + 10)
@@ -613,6 +625,8 @@ def worker(
     if parent_pid is not None:
         stop_with_parent(parent_pid)
     configure_logging(settings.log_format)
+    if "verify" in queues and "receipts" in queues:
+        _start_receipts_child(policy, loglevel, hostname)
     # Before any metric exists and before the pool forks (see worker.queue.metrics).
     _serve_worker_metrics(settings)
     app = create_celery_app(settings)
@@ -644,12 +658,71 @@ def worker(
         signals.worker_init.connect(lambda **_: resources_of(app, settings), weak=False)
     else:
         signals.worker_process_init.connect(lambda **_: start_process(app, settings), weak=False)
-    argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
-    if concurrency:
-        argv.append(f"--concurrency={concurrency}")
+    if "verify" in queues:
+        argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
+        if concurrency:
+            argv.append(f"--concurrency={concurrency}")
+    else:
+        # Exchanges wait on Apple: a pool of threads, not processes.
+        threads = concurrency or settings.receipt_refresh_threads
+        argv = ["worker", "--pool=threads", f"--loglevel={loglevel}", f"--queues={RECEIPTS_QUEUE}"]
+        argv.append(f"--concurrency={threads}")
+        _schedule_while_running(app, settings)
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)
+
+
+_QUEUE_NAMES = ("verify", "receipts")
+
+
+def _worker_queues(text: str | None, settings: Settings) -> tuple[str, ...]:
+    """The queues a worker serves: those named, or by default verify, and receipts too when
+    receipts can be refreshed (the DeviceCheck key is configured)."""
+    if text is None:
+        return ("verify", "receipts") if settings.apple_configured() else ("verify",)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(_QUEUE_NAMES))
+    if unknown or not names:
+        raise click.UsageError(
+            f"--queues takes verify and/or receipts, comma-separated (not {text!r})"
+        )
+    if "receipts" in names and not settings.apple_configured():
+        raise click.UsageError(
+            "the receipts queue needs APPATTEST_APPLE_TEAM_ID, APPATTEST_APPLE_KEY_ID and "
+            "APPATTEST_APPLE_PRIVATE_KEY_FILE"
+        )
+    return tuple(name for name in _QUEUE_NAMES if name in names)
+
+
+def _start_receipts_child(policy: PolicyOptions, loglevel: str, hostname: str | None) -> None:
+    """Start the receipts queue's worker (a pool of threads) as a child that stops when this
+    process is gone; it shares this process's output."""
+    name, _, host = (hostname or f"celery@{os.uname().nodename}").partition("@")
+    command = _unsupervised_worker_command(
+        policy, None, "threads", loglevel, f"{name}-receipts@{host}"
+    )
+    subprocess.Popen([*command, "--queues=receipts"])  # noqa: S603 - our own interpreter
+
+
+def _schedule_while_running(app: Celery, settings: Settings) -> None:
+    """Run the periodic refresh (``worker.queue.schedule``) in this worker's main process once it is
+    ready, when it is configured."""
+    every = settings.receipt_refresh_schedule_seconds
+    if every is None:
+        return
+    from worker.queue.receipts_setup import redis_client
+    from worker.queue.schedule import RefreshSchedule
+
+    schedule = RefreshSchedule(
+        app,
+        session_factory(create_store_engine(settings.store_url)),
+        redis_client(settings),
+        interval=every,
+        max_keys=settings.receipt_refresh_max_keys,
+    )
+    signals.worker_ready.connect(lambda **_: schedule.start(), weak=False)
+    signals.worker_shutdown.connect(lambda **_: schedule.stop(), weak=False)
 
 
 def _unsupervised_worker_command(
@@ -927,6 +1000,152 @@ def purge(dry_run: bool, store_url: str | None) -> None:
     verb = "would delete" if dry_run else "deleted"
     for table, rows in counts.items():
         click.echo(f"{verb} {rows} {table}")
+
+
+@main.group()
+def receipts() -> None:
+    """Apple's fraud signal: exchange stored receipts for fresh ones and their risk metric."""
+
+
+@receipts.command("refresh")
+@click.option(
+    "--app-id",
+    "app_ids",
+    multiple=True,
+    metavar="APPID",
+    help="Refresh only keys of this App ID. Repeatable.",
+)
+@click.option(
+    "--environment",
+    type=click.Choice(["production", "development"]),
+    help="Refresh only keys of this environment.",
+)
+@click.option("--due-only", is_flag=True, help="Only keys whose next refresh is due now.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many keys.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="List the keys a run would refresh; call nobody, change nothing.",
+)
+@click.option("--run-id", help="Resume the run with this id (printed when a run starts).")
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write results.jsonl and results.csv (default refresh-RUNID).",
+)
+@click.option("--batch-size", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Give up (resumably) when the workers decide nothing for this many seconds.",
+)
+@click.option(
+    "--store",
+    "store_url",
+    envvar="APPATTEST_STORE_URL",
+    default=None,
+    help="SQLAlchemy URL of the key store (default: the settings' store).",
+)
+def refresh_receipts(
+    app_ids: tuple[str, ...],
+    environment: str | None,
+    due_only: bool,
+    limit: int | None,
+    dry_run: bool,
+    run_id: str | None,
+    report_dir: Path | None,
+    batch_size: int,
+    stall_timeout: float,
+    store_url: str | None,
+) -> None:
+    """Exchange the selected keys' receipts at Apple's fraud-metric service, through the
+    workers of the receipts queue, and report each key's outcome and risk metric.
+
+    A run is resumable: run again with its --run-id to continue where it stopped (a run that
+    stopped because Apple refused the token goes on once the configuration is fixed). Exit
+    status: 0 when every key was decided, 1 when the run stopped or stalled, 2 on a usage
+    error.
+    """
+    from worker.cli.progress import RunProgress
+    from worker.cli.reports import print_summary, write_reports
+    from worker.cli.runs import (
+        REFRESH_REPORT_COLUMNS,
+        RunStopped,
+        Stalled,
+        refresh_distributed,
+        refresh_rows,
+        refresh_summary_key,
+    )
+    from worker.service.refresh_runs import RefreshFilters, RunMismatch, select_keys, start_run
+
+    try:
+        settings = load_settings(**({"store_url": store_url} if store_url else {}))
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(f"invalid configuration: {exc}") from exc
+    if dry_run and run_id:
+        raise click.UsageError("--dry-run starts no run: it takes no --run-id")
+    if not dry_run and not settings.apple_configured():
+        raise click.UsageError(
+            "APPATTEST_APPLE_TEAM_ID, APPATTEST_APPLE_KEY_ID and "
+            "APPATTEST_APPLE_PRIVATE_KEY_FILE are required to refresh receipts"
+        )
+    filters = RefreshFilters(
+        app_ids=tuple(sorted(set(app_ids))), environment=environment, due_only=due_only, limit=limit
+    )
+    engine = _open_store(settings.store_url)
+    sessions = session_factory(engine)
+    if dry_run:
+        with sessions() as session:
+            selected = select_keys(session, filters, datetime.now(UTC))
+        for key_id in selected:
+            sys.stdout.write(json.dumps({"keyId": key_id, "outcome": "would_refresh"}) + "\n")
+        engine.dispose()
+        click.echo(f"dry run: {len(selected)} keys would be refreshed", err=True)
+        return
+    run_id = run_id or uuid.uuid4().hex[:16]
+    try:
+        with sessions() as session, session.begin():
+            state = start_run(session, run_id=run_id, filters=filters, now=datetime.now(UTC))
+    except RunMismatch as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(
+        f"refresh run {run_id}: {state.total} keys, {state.done} already decided "
+        f"(resume with --run-id {run_id})",
+        err=True,
+    )
+    app = create_celery_app(settings)
+    status = 0
+    try:
+        with RunProgress(description="refresh", total=state.total, completed=state.done) as bar:
+            refresh_distributed(sessions, app, run_id, batch_size, bar, stall_seconds=stall_timeout)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; resume with --run-id {run_id}", err=True)
+        sys.exit(130)
+    except RunStopped as exc:
+        click.echo(f"error: run stopped: {exc}; resume with --run-id {run_id}", err=True)
+        status = 1
+    except Stalled as exc:
+        click.echo(
+            f"error: {exc}; are workers of the receipts queue running? "
+            f"resume with --run-id {run_id}",
+            err=True,
+        )
+        status = 1
+    finally:
+        app.close()
+    directory = report_dir or Path(f"refresh-{run_id}")
+    jsonl, csv_path, summary = write_reports(
+        refresh_rows(sessions, run_id),
+        directory,
+        columns=REFRESH_REPORT_COLUMNS,
+        summary_key=refresh_summary_key,
+    )
+    engine.dispose()
+    print_summary(summary, sys.stderr, title=f"refresh {run_id}")
+    click.echo(f"results: {jsonl} {csv_path}", err=True)
+    sys.exit(status)
 
 
 main.add_command(simulate_command)

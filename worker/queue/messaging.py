@@ -40,14 +40,20 @@ READABLE_VERSIONS: Final = frozenset({1})
 
 # Queues. Jobs of another kind (Android, receipt refresh) get a queue of their own, named here.
 QUEUE: Final = "appattest"
+# Receipt refreshes wait on Apple's fraud-metric service (I/O): a queue of their own, served by
+# a pool of threads, so that the CPU-bound verification workers never wait on Apple.
+RECEIPTS_QUEUE: Final = "appattest.receipts"
 
 # Task names: running deployments hold queued messages under these names; never rename them.
 VERIFY_TASK: Final = "appattest.verify"
 REVERIFY_TASK: Final = "appattest.reverify"
 VERIFY_BATCH_TASK: Final = "appattest.verify_batch"
+REFRESH_TASK: Final = "appattest.refresh_receipts"
 
 # The largest batch a message may carry: bounds the memory and the transaction of one task.
 MAX_BATCH_JOBS: Final = 1000
+# The most keys one refresh message carries (each costs a call to Apple).
+MAX_REFRESH_KEYS: Final = 1000
 
 # The printable copy of a message's arguments in its headers, for monitoring tools and worker
 # logs: tokens, challenges and payloads stay out of it.
@@ -162,8 +168,26 @@ class ReverifyBatch(Message):
     )
 
 
+class RefreshReceipts(Message):
+    """``appattest.refresh_receipts``: keys whose receipts are to be exchanged at Apple's
+    fraud-metric service, on the receipts queue. ``run_id`` names the ``appattest receipts
+    refresh`` run they belong to; the periodic refresh sends none. Idempotent per (run, key):
+    a key already decided in the run is not exchanged again."""
+
+    task: ClassVar[str] = REFRESH_TASK
+    queue: ClassVar[str] = RECEIPTS_QUEUE
+
+    run_id: _Id | None = Field(default=None, validation_alias="runId", serialization_alias="runId")
+    key_ids: tuple[_KeyId, ...] = Field(
+        validation_alias="keyIds",
+        serialization_alias="keyIds",
+        min_length=1,
+        max_length=MAX_REFRESH_KEYS,
+    )
+
+
 _MESSAGES: Final[dict[str, type[Message]]] = {
-    m.task: m for m in (VerifyBatch, VerifyOne, ReverifyBatch)
+    m.task: m for m in (VerifyBatch, VerifyOne, ReverifyBatch, RefreshReceipts)
 }
 
 

@@ -21,18 +21,22 @@ from worker.core import IntermediateCache, Reason, Rejected
 from worker.queue.ledger import Ledger, ledger_for
 from worker.queue.messaging import (
     MAX_BATCH_JOBS,
+    REFRESH_TASK,
     REVERIFY_TASK,
     VERIFY_BATCH_TASK,
     VERIFY_TASK,
     MessageError,
+    RefreshReceipts,
     ReverifyBatch,
     UnsupportedMessage,
     VerifyBatch,
     VerifyOne,
     decode,
+    encode,
 )
 from worker.queue.metrics import CacheCounts, WorkerMetrics, observe_verdicts, worker_metrics
 from worker.service import VerificationService
+from worker.service.refresh_runs import RefreshRunner
 from worker.service.reverify import Reverifier
 from worker.settings import Settings
 from worker.store.db import create_store_engine, session_factory
@@ -82,6 +86,21 @@ class ProcessResources:
             self.service.public_key_misses + self.offline.public_key_misses,
         )
 
+    # Built by the first refresh task of the process (``refresh_runner``): only workers of the
+    # receipts queue talk to Apple.
+    runner: RefreshRunner | None = None
+
+    def refresh_runner(self, settings: Settings) -> RefreshRunner:
+        """This process's receipt refresher; raises ``RefreshNotConfigured`` without the
+        DeviceCheck key, ``ValueError`` or ``OSError`` for a key file that is not one."""
+        if self.runner is None:
+            from worker.queue.receipts_setup import build_runner, redis_client
+
+            self.runner, _ = build_runner(
+                settings, sessions=self.service.sessions, client=redis_client(settings)
+            )
+        return self.runner
+
     @classmethod
     def build(cls, app: Celery, settings: Settings) -> ProcessResources:
         sessions = session_factory(create_store_engine(settings.store_url))
@@ -93,6 +112,7 @@ class ProcessResources:
             sessions=sessions,
             cache=cache,
             public_key_cache_size=settings.public_key_cache_size,
+            max_risk_metric=settings.max_risk_metric,
         )
         return cls(
             pid=os.getpid(),
@@ -324,6 +344,65 @@ def run_reverify(task: Task, settings: Settings, payload: Any) -> dict[str, Any]
     return {"decided": decided}
 
 
+def run_refresh(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
+    """Decide one ``RefreshReceipts`` batch: exchange its keys at Apple, record the outcomes.
+
+    Keys Apple asked to retry later (429, 5xx, network) are sent again by this task, alone,
+    after Apple's ``Retry-After`` or a jittered backoff, up to ``receipt_refresh_retries``
+    times (a backoff longer than half the broker's visibility timeout is not waited for);
+    then their run rows end as ``retry_later`` (the keys stay due, so a later run or
+    the periodic refresh takes them up). A refused token (401) stops the run. Store and Redis
+    errors retry the batch like the other tasks. A worker without the DeviceCheck key ends
+    the task with an error and decides nothing: the keys stay pending and due.
+    """
+    from worker.queue.receipts_setup import RefreshNotConfigured
+
+    try:
+        message = decode(REFRESH_TASK, payload)
+    except MessageError as exc:
+        _refused(task, exc)
+        return {"decided": 0, "error": exc.detail}
+    assert isinstance(message, RefreshReceipts)
+    try:
+        runner = resources_of(task.app, settings).refresh_runner(settings)
+    except (RefreshNotConfigured, ValueError, OSError) as exc:
+        log.error("refresh %s: receipts cannot be refreshed: %s", task.request.id, exc)
+        return {"decided": 0, "error": f"not configured: {exc}"}
+    try:
+        step = runner.decide(message.run_id, message.key_ids)
+    except (*INFRASTRUCTURE_ERRORS, redis.RedisError) as exc:
+        _retry_or_raise(task, settings, exc)
+        log.error("refresh %s: %s, retries exhausted", task.request.id, type(exc).__name__)
+        return {"decided": 0, "error": "the store or Redis was unavailable; retries exhausted"}
+    if step.stopped:
+        log.error("refresh %s: run stopped: %s", task.request.id, step.stopped)
+    elif step.retry:
+        # A message waiting longer than the broker's visibility timeout would be delivered a
+        # second time meanwhile: a longer backoff leaves the keys to their due time instead.
+        backoff = step.backoff or 0.0
+        waits = backoff <= settings.visibility_timeout_seconds / 2
+        if waits and task.request.retries < settings.receipt_refresh_retries:
+            again = RefreshReceipts(run_id=message.run_id, key_ids=step.retry)
+            log.warning(
+                "refresh %s: Apple asked to slow down; %d keys again in %.1f s",
+                task.request.id,
+                len(step.retry),
+                step.backoff or 0.0,
+            )
+            raise task.retry(
+                args=(encode(again),),
+                countdown=step.backoff,
+                max_retries=settings.receipt_refresh_retries,
+            )
+        detail = (
+            "Apple asked to retry later; retries ended"
+            if waits
+            else f"Apple asked to retry in {backoff:.0f} s; the keys are due then"
+        )
+        runner.give_up(message.run_id, step.retry, detail)
+    return {"decided": step.decided, "retry": len(step.retry), "stopped": step.stopped}
+
+
 class LedgeredTask(Task):  # type: ignore[misc]
     """A task whose message is in the ledger (see ``worker.queue.messaging.publish``): once its
     result is stored, its entry leaves the ledger."""
@@ -370,3 +449,7 @@ def register(app: Celery, settings: Settings) -> None:
     @task(REVERIFY_TASK)  # type: ignore[untyped-decorator]
     def reverify(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         return run_reverify(self, settings, payload)
+
+    @task(REFRESH_TASK)  # type: ignore[untyped-decorator]
+    def refresh_receipts(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        return run_refresh(self, settings, payload)

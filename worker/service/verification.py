@@ -40,8 +40,10 @@ from worker.core import (
     verify_attestation,
 )
 from worker.core.assertion import load_public_key
+from worker.core.receipt import parse_receipt
 from worker.service.plugin import DecodedRequest, decode_plugin_fields
 from worker.store import bulk
+from worker.store import receipts as receipt_store
 from worker.store.bulk import IssuedChallenge, StoredKey
 from worker.store.challenges import Purpose, challenge_digest
 
@@ -68,6 +70,26 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def receipt_state(key_id: str, receipt: bytes) -> dict[str, Any]:
+    """The first receipt state of a newly registered key: its attestation receipt with the
+    dates it carries, so that its first refresh can be scheduled. The receipt is parsed, not
+    verified (registration does not gate on it); one that does not parse leaves the dates
+    empty and the key due at once."""
+    try:
+        parsed = parse_receipt(receipt)
+    except Rejected:
+        return {"key_id": key_id, "receipt": receipt}
+    return {
+        "key_id": key_id,
+        "receipt": receipt,
+        "receipt_type": parsed.receipt_type,
+        "created_at": parsed.creation_time,
+        "not_before": parsed.not_before,
+        "expires_at": parsed.expiration_time,
+        "next_refresh_at": parsed.not_before,
+    }
+
+
 def _extensions(ext: AuthDataExtensions | None) -> Extensions | None:
     if ext is None:
         return None
@@ -87,9 +109,15 @@ def _assertion_challenge(request: AssertionRequest) -> str:
 
 
 def _key_row(
-    key_id: str, verified: VerifiedAttestation, token: bytes, challenge: str, at: datetime
+    key_id: str,
+    verified: VerifiedAttestation,
+    token: bytes,
+    challenge: str,
+    at: datetime,
+    registered_by: str | None = None,
 ) -> dict[str, Any]:
-    """The ``device_keys`` row of a newly registered key."""
+    """The ``device_keys`` row of a newly registered key (``registered_by``: the API key's
+    name that submitted it, the only one that may read its state)."""
     return {
         "key_id": key_id,
         "app_id": verified.app_id,
@@ -102,6 +130,7 @@ def _key_row(
         "verified_at": at,
         "leaf_fingerprint": verified.leaf_fingerprint,
         "intermediate_fingerprint": verified.intermediate_fingerprint,
+        "registered_by": registered_by,
     }
 
 
@@ -120,6 +149,9 @@ class _Job:
     new_counter: int | None = None
     submitted_by: str | None = None
     request_id: str | None = None
+
+    # The key's current risk metric and when it was measured (assertions).
+    risk: tuple[int, datetime | None] | None = None
 
     @property
     def kind(self) -> Kind:
@@ -162,6 +194,7 @@ class VerificationService:
         clock: Callable[[], datetime] = utc_now,
         issued_challenges: bool = False,
         public_key_cache_size: int = PUBLIC_KEY_CACHE_SIZE,
+        max_risk_metric: int | None = None,
     ) -> None:
         if public_key_cache_size < 0:
             raise ValueError("public_key_cache_size must not be negative")
@@ -170,6 +203,8 @@ class VerificationService:
         self.cache = cache if cache is not None else IntermediateCache()
         self.clock = clock
         self.issued_challenges = issued_challenges
+        # Optional policy: assertions of a key whose risk metric is above it are refused.
+        self.max_risk_metric = max_risk_metric
         self._public_key_cache_size = public_key_cache_size
         self._public_keys: OrderedDict[bytes, ec.EllipticCurvePublicKey] = OrderedDict()
         self._public_keys_lock = threading.Lock()
@@ -261,6 +296,10 @@ class VerificationService:
             return [job.result for job in jobs if job.result is not None]
         with self.sessions() as session:
             stored = bulk.get_keys(session, wanted)
+            risks = receipt_store.get_risk_metrics(session, wanted)
+        for job in jobs:
+            if job.result is None and isinstance(job.request, AssertionRequest):
+                job.risk = risks.get(job.key_id)
         known: dict[str, StoredKey] = dict(stored)
         new_keys: dict[str, dict[str, Any]] = {}
         counters: dict[str, int] = {}
@@ -282,6 +321,9 @@ class VerificationService:
         with self.sessions() as session, session.begin():
             if len(bulk.insert_keys(session, list(new_keys.values()))) != len(new_keys):
                 raise ConcurrentChange("a key was registered by another writer")
+            receipt_store.insert_receipt_states(
+                session, [receipt_state(k, row["receipt"]) for k, row in new_keys.items()]
+            )
             if not bulk.advance_all_counters(session, list(counters.items())):
                 raise ConcurrentChange("a counter was advanced by another writer")
         return [job.result for job in jobs if job.result is not None]
@@ -292,7 +334,7 @@ class VerificationService:
         """The row of a key a job registers (added to ``new_keys``) and its stored form."""
         verified, decoded, request = job.attestation, job.decoded, job.request
         assert verified and decoded and isinstance(request, RegistrationRequest)
-        row = _key_row(job.key_id, verified, decoded.token, request.challenge, at)
+        row = _key_row(job.key_id, verified, decoded.token, request.challenge, at, job.submitted_by)
         new_keys[job.key_id] = row
         return StoredKey(
             key_id=job.key_id,
@@ -350,6 +392,10 @@ class VerificationService:
                 else {}
             )
             keys = bulk.get_keys(session, [j.key_id for j in open_jobs])
+            asserting = [j for j in open_jobs if j.kind == "assertion"]
+            risks = receipt_store.get_risk_metrics(session, [j.key_id for j in asserting])
+            for job in asserting:
+                job.risk = risks.get(job.key_id)
         return challenges, keys
 
     def _decode(self, job: _Job) -> None:
@@ -457,6 +503,12 @@ class VerificationService:
         # Last, the app's rules for the iOS 27 extensions, on every assertion on its own: an
         # assertion from an app version retired since its key registered is refused.
         app.extensions.check(verified.extensions)
+
+        limit = self.max_risk_metric
+        if limit is not None and job.risk is not None and job.risk[0] > limit:
+            raise Rejected(
+                Reason.RISK_METRIC_EXCEEDED, f"risk metric {job.risk[0]} is above {limit}"
+            )
         job.new_counter = verified.counter
         job.result = VerificationResult(
             ok=True,
@@ -467,6 +519,8 @@ class VerificationService:
             counter=verified.counter,
             extensions=_extensions(verified.extensions),
             verifiedAt=at,
+            riskMetric=job.risk[0] if job.risk else None,
+            riskMetricAt=job.risk[1] if job.risk else None,
         )
 
     # The transaction -----------------------------------------------------------------------
@@ -507,8 +561,14 @@ class VerificationService:
         for key_id, job in first.items():
             verified, decoded, request = job.attestation, job.decoded, job.request
             assert verified and decoded and isinstance(request, RegistrationRequest)
-            rows.append(_key_row(key_id, verified, decoded.token, request.challenge, at))
+            rows.append(
+                _key_row(key_id, verified, decoded.token, request.challenge, at, job.submitted_by)
+            )
         inserted = bulk.insert_keys(session, rows)
+        receipt_store.insert_receipt_states(
+            session,
+            [receipt_state(r["key_id"], r["receipt"]) for r in rows if r["key_id"] in inserted],
+        )
         for key_id, job in first.items():
             if key_id not in inserted:
                 job.reject(Reason.KEY_ALREADY_REGISTERED, "keyId is already registered")

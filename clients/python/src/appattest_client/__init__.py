@@ -19,7 +19,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from appattest_client.api import BatchJob, IssuedChallenge, JobStatus
+    from appattest_client.api import BatchJob, IssuedChallenge, JobStatus, KeyStateResponse
     from appattest_client.client import AppAttestClient, AppAttestError, AsyncAppAttestClient
     from appattest_client.codes import Environment, Reason
     from appattest_client.contract import (
@@ -39,6 +39,7 @@ _EXPORTS = {
     "Extensions": "contract",
     "IssuedChallenge": "api",
     "JobStatus": "api",
+    "KeyStateResponse": "api",
     "Reason": "codes",
     "RegistrationRequest": "contract",
     "VerificationResult": "contract",
@@ -54,6 +55,7 @@ __all__ = [
     "Extensions",
     "IssuedChallenge",
     "JobStatus",
+    "KeyStateResponse",
     "Reason",
     "RegistrationRequest",
     "VerificationResult",

@@ -48,6 +48,10 @@ class Reason(StrEnum):
     BUNDLE_VERSION_TOO_OLD = "bundle_version_too_old"
     EXTENSIONS_MISSING = "extensions_missing"
 
+    # Optional policy (APPATTEST_MAX_RISK_METRIC): the key's risk metric, from Apple's last
+    # refreshed receipt, is above the configured limit.
+    RISK_METRIC_EXCEEDED = "risk_metric_exceeded"
+
 
 class Environment(StrEnum):
     """The App Attest environment a key was created in, as told by its aaguid."""

@@ -106,6 +106,10 @@ class VerificationResult(BaseModel):
     counter: int | None = None
     extensions: Extensions | None = None
     verified_at: datetime | None = Field(default=None, alias="verifiedAt")
+    # Assertions only: the key's risk metric from Apple's last refreshed receipt, and when it
+    # was measured; absent until a refresh measured one.
+    risk_metric: int | None = Field(default=None, alias="riskMetric")
+    risk_metric_at: datetime | None = Field(default=None, alias="riskMetricAt")
 
     def to_json_dict(self) -> dict[str, Any]:
         """The result as plain JSON types, with the contract's camelCase names."""
