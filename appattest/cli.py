@@ -15,8 +15,9 @@ from appattest.serve import serve as run_serve
 from producer.app import create_app
 from producer.server import server_config
 from worker.cli import commands as worker_cli
-from worker.cli.commands import _app_id_option, _dev_app_id_option, _root_ca_option, _settings_with
+from worker.cli.commands import PolicyOptions, _settings_with, app_options, policy_options
 from worker.queue.embedded import DataDirInUse, data_dir_lock, embedded_overrides, ensure_api_key
+from worker.queue.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -27,9 +28,7 @@ main.commands = dict(worker_cli.main.commands)
 
 
 @main.command()
-@_app_id_option
-@_dev_app_id_option
-@_root_ca_option
+@policy_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -48,9 +47,7 @@ main.commands = dict(worker_cli.main.commands)
     help="Worker processes.",
 )
 def serve(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
+    policy: PolicyOptions,
     host: str,
     port: int,
     data_dir: Path,
@@ -70,10 +67,9 @@ def serve(
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:
             raise click.UsageError(f"cannot use --data-dir: {exc}") from exc
-        settings = _settings_with(
-            app_ids, dev_app_ids, root_ca, **embedded_overrides(data_dir, os.environ)
-        )
+        settings = _settings_with(policy, **embedded_overrides(data_dir, os.environ))
         settings, generated = ensure_api_key(settings)
+        configure_logging(settings.log_format)
         if generated:
             click.echo(
                 f"APPATTEST_API_KEYS was not set; this run's API key is: {generated}", err=True
@@ -89,22 +85,15 @@ def serve(
 
 
 @main.command()
-@_app_id_option
-@_dev_app_id_option
-@_root_ca_option
+@app_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-def api(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
-    host: str,
-    port: int,
-) -> None:
+def api(policy: PolicyOptions, host: str, port: int) -> None:
     """Serve the HTTP producer only (settings from APPATTEST_* variables); workers run apart."""
-    settings = _settings_with(app_ids, dev_app_ids, root_ca)
+    settings = _settings_with(policy)
     if not settings.api_keys:
         raise click.UsageError("set APPATTEST_API_KEYS: the API refuses every call without keys")
+    configure_logging(settings.log_format)
     uvicorn.Server(server_config(create_app(settings), settings, host=host, port=port)).run()
 
 

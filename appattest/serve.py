@@ -20,6 +20,7 @@ import uvicorn
 from producer.app import create_app
 from producer.server import server_config
 from worker.queue.embedded import worker_environment
+from worker.queue.metrics import MULTIPROC_ENV
 from worker.settings import Settings
 from worker.store.db import create_store_engine, upgrade
 
@@ -40,6 +41,11 @@ def serve(
     engine = create_store_engine(settings.store_url)
     upgrade(engine)
     engine.dispose()
+    # The worker's processes write their metrics here; this server's /metrics shows them.
+    metrics_dir = data_dir.resolve() / "worker-metrics"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    environment = worker_environment(settings)
+    environment[MULTIPROC_ENV] = str(metrics_dir)
     worker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
         [
             sys.executable,
@@ -52,14 +58,15 @@ def serve(
             # running would go on deciding jobs with this server's settings.
             f"--parent-pid={os.getpid()}",
         ],
-        env=worker_environment(settings),
+        env=environment,
         pass_fds=() if lock_fd is None else (lock_fd,),
         # A session of its own: signals meant for this server (a terminal's Ctrl+C) reach
         # the worker once, through ``_stop_group``.
         start_new_session=True,
     )
     try:
-        config = server_config(create_app(settings), settings, host=host, port=port)
+        app = create_app(settings, worker_metrics_dir=metrics_dir)
+        config = server_config(app, settings, host=host, port=port)
         _Server(config).run()
     finally:
         _stop_group(worker)

@@ -28,6 +28,9 @@ What one run does (``run_e2e``, used by ``bench/run.py``; also runnable alone):
      over 64 concurrent keep-alive connections; the producer coalesces them into batches.
      At under 300 jobs/s here, this row runs on the first 2,000 devices (quick: 250), their
      registrations and their 5 assertions each, in rounds as above;
+   * ``challenges``, ``device_flow``, ``light``: the caller's path, see ``bench/caller.py``
+     (challenge issuance by 32 callers; challenge then assertion with ``?wait`` by 64
+     callers; single assertions at 20/s, whose latency is the row's point);
    * ``python_client``: ``AsyncAppAttestClient.submit_many`` and ``wait_many`` per chunk;
    * ``scaling``: the bulk submission alone, with the decisions counted in the store's verdict
      table (no verdict reads compete for the CPU), in four rounds: both workers consuming,
@@ -116,7 +119,17 @@ from worker.store.challenges import Purpose, challenge_digest, issue_challenge  
 from worker.store.db import create_store_engine, session_factory, upgrade  # noqa: E402
 from worker.store.models import Challenge, Verdict  # noqa: E402
 
-ROWS = ("http_bulk", "http_status", "http_single", "python_client", "scaling", "embedded")
+ROWS = (
+    "http_bulk",
+    "http_status",
+    "http_single",
+    "challenges",
+    "device_flow",
+    "light",
+    "python_client",
+    "scaling",
+    "embedded",
+)
 SCALING_ORDER = "ABBA"  # A: 2 workers consuming, B: 1
 DEFAULT_PG_URL = os.environ.get(
     "APPATTEST_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -145,6 +158,9 @@ class Sizes:
     embedded_devices: int
     embedded_assertions_per_device: int
     rss_checkpoints: tuple[int, int]
+    challenges: int  # the challenge-issuance row
+    flow_devices: int  # the device-flow row: devices, 2 flows each
+    light_requests: int  # the light-load rows: requests at 20/s (also on the embedded default)
 
     @property
     def jobs_per_row(self) -> int:
@@ -158,6 +174,9 @@ QUICK = Sizes(
     embedded_devices=200,
     embedded_assertions_per_device=2,
     rss_checkpoints=(1_000, 10_000),
+    challenges=1000,
+    flow_devices=150,
+    light_requests=60,
 )
 FULL = Sizes(
     devices=10_000,
@@ -166,6 +185,9 @@ FULL = Sizes(
     embedded_devices=1000,
     embedded_assertions_per_device=2,
     rss_checkpoints=(10_000, 100_000),
+    challenges=10_000,
+    flow_devices=2000,
+    light_requests=400,
 )
 
 
@@ -194,6 +216,7 @@ class Workload:
     assertions: list[Job]  # in rounds: every device's first assertion, then its second, ...
     challenges: list[dict[str, Any]]
     devices: int
+    minted: list[Device] = field(default_factory=list)  # the devices, their counters as minted
 
     def subset(self, devices: int, rounds: int) -> tuple[list[Job], list[Job]]:
         """The first ``devices`` registrations and their first ``rounds`` assertions each,
@@ -270,7 +293,7 @@ def mint_workload(store_url: str, ca: TestCA, devices: int, rounds: int) -> Work
             ),
         ]
     ]
-    return Workload(regs, asserts, rows, devices)
+    return Workload(regs, asserts, rows, devices, minted)
 
 
 def reset_store(engine: Engine, challenges: list[dict[str, Any]]) -> None:
@@ -1202,11 +1225,26 @@ def set_consuming(stack: Stack, hostname: str, *, consume: bool) -> None:
         app.close()
 
 
+def _caller_module() -> Any:
+    """``bench/caller.py``, importing this very module as ``e2e`` (run as a script, it is
+    ``__main__``; a second copy would have another API key)."""
+    sys.modules.setdefault("e2e", sys.modules[__name__])
+    import caller
+
+    return caller
+
+
 def run_embedded(
-    workload: Workload, ca: TestCA, sizes: Sizes, workdir: Path, timeout: float
+    workload: Workload, ca: TestCA, sizes: Sizes, workdir: Path, timeout: float, *, light: bool
 ) -> list[dict[str, Any]]:
     """The same kind of burst against ``appattest serve`` with its SQLite files."""
     regs, asserts = workload.subset(sizes.embedded_devices, sizes.embedded_assertions_per_device)
+    # The light load after the bursts: the next round's assertions of the first devices.
+    light_round = sizes.embedded_assertions_per_device
+    light_jobs = [
+        workload.assertions[light_round * workload.devices + d]
+        for d in range(min(sizes.light_requests, sizes.embedded_devices))
+    ]
     # One device's assertions stay at least 4 requests apart, so that the embedded worker's 2
     # processes never hold two of them at once: a later counter committed first would make
     # the earlier one a replay, which is right, and not what this burst measures.
@@ -1241,7 +1279,9 @@ def run_embedded(
         try:
             upgrade(engine)  # already done by serve; a no-op that makes the order explicit
             with engine.begin() as conn:
-                conn.execute(insert(Challenge), workload.challenge_rows([*regs, *asserts]))
+                conn.execute(
+                    insert(Challenge), workload.challenge_rows([*regs, *asserts, *light_jobs])
+                )
             meters = Meters(pid, lambda: [], None, None)  # the workers are in the serve tree
             for kind, jobs in (("registration", regs), ("assertion", asserts)):
                 _log(f"embedded: {len(jobs):,} {kind}s")
@@ -1266,6 +1306,10 @@ def run_embedded(
                 )
                 rows.append(result)
                 _log(f"  {result['jobs_per_s']:.0f} jobs/s, {result['correct']}/{len(jobs)}")
+            if light:
+                caller = _caller_module()
+
+                rows.append(caller.embedded_light(port, light_jobs, meters, timeout))
         finally:
             engine.dispose()
     return rows
@@ -1360,6 +1404,20 @@ def run_e2e(
                             runner.row(
                                 "http_single", "HTTP POST one job ?wait", workers=2, jobs=subset
                             )
+                        if {"challenges", "device_flow", "light"} & set(rows_wanted):
+                            caller = _caller_module()
+
+                            if "challenges" in rows_wanted:
+                                runner.rows.append(caller.challenges(runner, sizes.challenges))
+                            if "light" in rows_wanted:
+                                regs, asserts = workload.subset(sizes.light_requests, 1)
+                                runner.rows.append(caller.light(runner, regs, asserts))
+                            if "device_flow" in rows_wanted:
+                                # After every row that uses minted assertions: the flows sign
+                                # new ones with the devices' later counters.
+                                devices = workload.minted[: sizes.flow_devices]
+                                regs = workload.registrations[: sizes.flow_devices]
+                                runner.rows.append(caller.device_flow(runner, devices, regs, 2))
                         if "python_client" in rows_wanted:
                             runner.row(
                                 "python_client", "AsyncAppAttestClient, wait_many", workers=2
@@ -1372,7 +1430,11 @@ def run_e2e(
                 rows.extend(runner.rows)
             if "embedded" in rows_wanted:
                 t = time.perf_counter()
-                rows.extend(run_embedded(workload, ca, sizes, workdir, timeout))
+                rows.extend(
+                    run_embedded(
+                        workload, ca, sizes, workdir, timeout, light="light" in rows_wanted
+                    )
+                )
                 setup["embedded_s"] = round(time.perf_counter() - t, 2)
         finally:
             for pgid in worker_groups:  # stopped by the stack; this catches stragglers
@@ -1394,6 +1456,10 @@ def run_e2e(
             "chunk": CHUNK,
             "single_connections": SINGLE_CONNECTIONS,
             "scaling_order": SCALING_ORDER,
+            "challenges": sizes.challenges,
+            "flow_devices": sizes.flow_devices,
+            "flows": sizes.flow_devices * 2,
+            "light_requests": sizes.light_requests,
         },
         "environment": {
             "python": platform.python_version(),

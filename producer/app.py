@@ -11,20 +11,27 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from pathlib import Path
 from typing import Final
 
 from celery import Celery
 from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
 
 from producer.auth import ApiKeys
 from producer.deps import AppResources
 from producer.docs import add_offline_docs
 from producer.handlers import add_error_handlers
 from producer.jobs import JobQueue
+from producer.metrics import ProducerMetrics, RequestContext
 from producer.middleware import InternalErrors, RequestGuard
 from producer.ratelimit import RateLimiter, WaitBudget
 from producer.routes import ROUTERS, api_routes
-from worker.queue.app import create_celery_app
+from worker.queue.app import queue_app
+from worker.queue.messaging import queues as messaging_queues
+from worker.queue.metrics import BrokerQueues
 from worker.settings import Settings, load_settings
 from worker.store.db import create_store_engine, session_factory
 from worker.version import __version__
@@ -37,15 +44,16 @@ MAX_BATCH_BODY_BYTES: Final = 16 * 1024 * 1024
 
 
 def _lifespan(
-    settings: Settings, celery_app: Celery | None
+    settings: Settings, celery_app: Celery | None, metrics: ProducerMetrics
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Build the app's resources on startup (the Celery app unless one is given, the database
-    engine, the job queue) and release them on shutdown."""
+    engine, the job queue, the reader of the broker's queues for the metrics) and release them
+    on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = celery_app is None
-        celery = create_celery_app(settings) if celery_app is None else celery_app
+        celery = queue_app(settings) if celery_app is None else celery_app
         engine = create_store_engine(settings.store_url)
         sessions = session_factory(engine)
         app.state.resources = AppResources(
@@ -55,13 +63,18 @@ def _lifespan(
                 celery,
                 sessions=sessions,
                 idempotency_ttl=settings.idempotency_ttl_seconds,
+                verdict_retention_days=settings.verdict_retention_days,
             ),
             engine=engine,
             sessions=sessions,
         )
+        queues = BrokerQueues(settings.broker_url, messaging_queues())
+        metrics.registry.register(queues)
         try:
             yield
         finally:
+            metrics.registry.unregister(queues)
+            queues.close()
             app.state.resources.queue.close()
             del app.state.resources
             engine.dispose()
@@ -98,6 +111,7 @@ def create_app(
     *,
     celery_app: Celery | None = None,
     rate_limiter: RateLimiter | None = None,
+    worker_metrics_dir: Path | None = None,
 ) -> FastAPI:
     """Build the producer's FastAPI app for these settings.
 
@@ -107,9 +121,14 @@ def create_app(
     app must run with its lifespan (uvicorn does; use ``TestClient`` as a context manager).
     ``rate_limiter`` holds the per-key limits; without one, it is built from the settings
     (``rate_limit_per_second``, ``rate_limit_burst``). Raises ``ValueError`` when those are
-    out of range, or when an API key name is configured twice.
+    out of range, or when an API key name is configured twice. ``worker_metrics_dir`` is the
+    folder of an embedded worker's metrics (``appattest serve``), which ``GET /metrics`` then
+    shows too.
     """
     api_keys = ApiKeys(settings.api_keys)
+    metrics = ProducerMetrics()
+    if worker_metrics_dir is not None:
+        metrics.add_worker_folder(worker_metrics_dir)
     limiter = rate_limiter if rate_limiter is not None else RateLimiter.from_settings(settings)
     if not api_keys:
         log.warning("no API keys are configured: every /v1 request will be refused")
@@ -117,19 +136,35 @@ def create_app(
         title="App Attest verification",
         summary="Queues App Attest attestations and assertions for verification.",
         version=__version__,
-        lifespan=_lifespan(settings, celery_app),
+        lifespan=_lifespan(settings, celery_app, metrics),
         docs_url=None,
         redoc_url=None,
     )
     add_offline_docs(app)
     app.state.api_keys = api_keys
+    app.state.metrics = metrics
     app.state.rate_limiter = limiter
     app.state.wait_budget = WaitBudget(settings.max_waits_per_key)
     for router in ROUTERS:
         app.include_router(router)
+    if settings.metrics_enabled:
+        # Prometheus scrapes without an API key; APPATTEST_METRICS_ENABLED=false removes it.
+        app.add_api_route(
+            "/metrics", partial(_metrics_page, metrics), methods=["GET"], include_in_schema=False
+        )
     add_error_handlers(app)
     _add_guard(app, settings, api_keys)
+    # Outside even InternalErrors: every answer, a 500 included, carries the request id and
+    # is counted.
+    # Routes are matched one by one for their path template: the API's (an included router is
+    # one entry of app.routes), then the app's own (/metrics, the documentation).
+    app.add_middleware(RequestContext, metrics=metrics, routes=[*api_routes(), *app.routes])
     return app
+
+
+def _metrics_page(metrics: ProducerMetrics) -> Response:
+    """The Prometheus text exposition of the producer (and of an embedded worker)."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def from_environment() -> FastAPI:

@@ -2,10 +2,11 @@
 
 A batch of jobs travels as one Celery message and its verdicts come back as one result,
 so a burst pays the queue's per-message cost once per batch instead of once per job. Every
-job keeps its own id. A job id is the batch's random id and the job's position, sealed with a
-key of the submitting caller's own (one AES block): to anyone else it is 128 random bits, so
-the ids of a batch's other jobs cannot be guessed from it, and only the caller who submitted a
-job can open its id to find the batch, so another caller's lookup of it finds nothing.
+job keeps its own id. A job id is the batch's id (the day it was made and a unique number)
+and the job's position, sealed with a key of the submitting caller's own (one AES block): to
+anyone else it is 128 random bits, so the ids of a batch's other jobs cannot be guessed from
+it, and only the caller who submitted a job can open its id to find the batch, so another
+caller's lookup of it finds nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import hmac
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,9 +52,48 @@ class Owner:
         return cls(name=name, seal_key=os.urandom(16))
 
 
+class _BatchIds:
+    """Batch ids: the day they were made (2 bytes, days since 1970, UTC), a random prefix of
+    this process (4 bytes) and a counter (3 bytes). The day tells how old a job is, so that a
+    job whose verdict was purged (``verdict_retention_days``) answers ``job_expired`` rather
+    than ``lost``; the prefix and the counter keep ids unique (a random 7 bytes per day would
+    not, at millions of batches a day). A new prefix is drawn when the counter wraps and in a
+    forked process. Job ids stay unguessable: they are sealed with the owner's key."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._prefix = b""
+        self._counter = 0
+
+    def next(self) -> str:
+        day = int(time.time() // 86_400) & 0xFFFF
+        with self._lock:
+            if self._pid != os.getpid() or self._counter >= 0xFFFFFF:
+                self._pid, self._prefix, self._counter = os.getpid(), os.urandom(4), 0
+            self._counter += 1
+            raw = day.to_bytes(2, "big") + self._prefix + self._counter.to_bytes(3, "big")
+        return BATCH_PREFIX + raw.hex()
+
+
+_batch_ids = _BatchIds()
+
+
 def new_batch_id() -> str:
-    """A fresh, random batch id (the task id of its message)."""
-    return BATCH_PREFIX + os.urandom(_BATCH_BYTES).hex()
+    """A fresh batch id (the task id of its message), unique, carrying the day it was made."""
+    return _batch_ids.next()
+
+
+def batch_day(batch_id: str) -> int | None:
+    """The day (days since 1970-01-01, UTC) ``batch_id`` was made; None when it is not a batch
+    id. Ids made before the day was kept carry a random number here."""
+    if not batch_id.startswith(BATCH_PREFIX):
+        return None
+    try:
+        raw = bytes.fromhex(batch_id.removeprefix(BATCH_PREFIX))
+    except ValueError:
+        return None
+    return int.from_bytes(raw[:2], "big") if len(raw) == _BATCH_BYTES else None
 
 
 def seal_job_id(owner: Owner, batch_id: str, index: int) -> str:

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from producer.auth import ApiKeys, Caller
 from producer.errors import ApiError, ErrorCode
 from producer.jobs import JobQueue
+from producer.metrics import ProducerMetrics
 from producer.ratelimit import RateLimiter, WaitBudget, retry_after_seconds
 from producer.schemas import ErrorResponse
 from worker.settings import Settings
@@ -37,7 +38,7 @@ class AppResources:
     sessions: sessionmaker[Session]
 
 
-def app_resources(request: Request) -> AppResources:
+async def app_resources(request: Request) -> AppResources:
     resources: AppResources | None = getattr(request.app.state, "resources", None)
     if resources is None:
         raise RuntimeError("the app's lifespan has not run (use it as a context manager)")
@@ -57,6 +58,7 @@ def charge(request: Request, cost: int, *, take: bool = True) -> None:
     wait = limiter.acquire(key, cost) if take else limiter.wait_time(key, cost)
     if wait > 0:
         seconds = retry_after_seconds(wait)
+        metrics_of(request).rate_limited.inc()
         log.info("rate limited %s %s: retry after %ds", request.method, request.url.path, seconds)
         raise ApiError(
             429,
@@ -83,6 +85,12 @@ async def authenticate(
     # The key's stored hash identifies it to the limiter; the key itself is not kept.
     request.state.api_key = matched.digest
     request.state.caller = matched
+
+
+def metrics_of(request: Request) -> ProducerMetrics:
+    """The app's metrics (``producer.metrics``)."""
+    metrics: ProducerMetrics = request.app.state.metrics
+    return metrics
 
 
 def caller_of(request: Request) -> Caller:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
-from worker.core import Reason
+from worker.contract import Reason
 
 
 class ErrorCode(StrEnum):
@@ -27,6 +27,9 @@ class ErrorCode(StrEnum):
     # The job was accepted, but no verdict exists and none can come: its queue message was lost
     # with the broker's data. Submit it again.
     JOB_LOST = "job_lost"
+    # The job was accepted longer ago than the verdict retention (verdict_retention_days), and
+    # its verdict was purged.
+    JOB_EXPIRED = "job_expired"
     # An Idempotency-Key was used before with another body.
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     METHOD_NOT_ALLOWED = "method_not_allowed"

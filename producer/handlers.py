@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from producer.errors import ApiError, ErrorCode, QueueUnavailable, error_body, validation_summary
-from worker.core import Rejected
+from worker.contract import Rejected
 
 log = logging.getLogger("appattest.producer")
 

@@ -18,7 +18,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Final, Literal, TypeVar
@@ -34,7 +34,14 @@ from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from producer.batching import MicroBatcher, Owner, new_batch_id, open_job_id, seal_job_id
+from producer.batching import (
+    MicroBatcher,
+    Owner,
+    batch_day,
+    new_batch_id,
+    open_job_id,
+    seal_job_id,
+)
 from producer.errors import ErrorCode, QueueUnavailable, validation_summary
 from producer.schemas import BatchItem, ErrorDetail, JobStatus, JobType
 from worker.contract import (
@@ -43,12 +50,14 @@ from worker.contract import (
     AssertionRequest,
     Kind,
     PluginRequest,
+    Reason,
     RegistrationRequest,
+    Rejected,
     VerificationResult,
     parse_request,
 )
-from worker.core import Reason, Rejected
 from worker.queue.ledger import Ledger, ledger_for
+from worker.queue.logs import request_id_var
 from worker.queue.messaging import (
     Message,
     VerifyAndroidBatch,
@@ -87,6 +96,9 @@ _STORE_DOWN: Final[tuple[type[BaseException], ...]] = (
     DisconnectionError,
     PoolTimeoutError,
 )
+# How long a batch may be in the ledger before a status read looks for its jobs in the store
+# too (a verdict whose result write is retrying); younger batches are just on their way.
+_HELD_LOOKUP_AFTER: Final = 5.0
 # How often a waiting request consults the store for jobs that no result names.
 _STORE_CONSULT_SECONDS: Final = 1.0
 
@@ -183,6 +195,8 @@ class Submission:
     request: PluginRequest
     owner: Owner
     idempotency_key: str | None = None
+    # The X-Request-ID of the HTTP request that submitted it (log correlation).
+    request_id: str | None = field(default_factory=request_id_var.get)
 
 
 @dataclass(frozen=True)
@@ -202,6 +216,14 @@ def _refused(code: ErrorCode, detail: str) -> Outcome:
 def _not_found(job_id: str) -> JobStatus:
     detail = "no job with this id was accepted for this API key, or its record expired"
     error = ErrorDetail(code=ErrorCode.JOB_NOT_FOUND.value, detail=detail)
+    return JobStatus(jobId=job_id, status="not_found", error=error)
+
+
+def _expired(job_id: str) -> JobStatus:
+    detail = (
+        "the job was accepted longer ago than the verdict retention, and its verdict was purged"
+    )
+    error = ErrorDetail(code=ErrorCode.JOB_EXPIRED.value, detail=detail)
     return JobStatus(jobId=job_id, status="not_found", error=error)
 
 
@@ -237,8 +259,12 @@ class JobQueue:
         batch_window: float = 0.002,
         max_batch: int = 200,
         ledger: Ledger | Literal["auto"] | None = "auto",
+        verdict_retention_days: int = 0,
     ) -> None:
         self.celery_app = celery_app
+        # Verdicts older than this many days are purged (0: kept); a job older than that and
+        # found nowhere answers job_expired, not lost.
+        self.verdict_retention_days = verdict_retention_days
         self.sessions = sessions
         # The owner of jobs submitted without one (direct Python callers).
         self.owner = owner if owner is not None else Owner.ephemeral("direct")
@@ -308,6 +334,7 @@ class JobQueue:
                 job_id=job_ids[i],
                 body=plugin_json(submissions[i].request),
                 submitted_by=submissions[i].owner.name,
+                request_id=submissions[i].request_id,
             )
             for i in positions
         )
@@ -619,15 +646,24 @@ class JobQueue:
         if not missing:
             return [answers[n] for n in range(len(wanted))]
         on_the_way: set[int] = set()
+        look_up = dict(missing)
         if self.ledger is not None:
             held = self.ledger.holding(sorted(set(missing.values())))
             on_the_way = {n for n, batch_id in missing.items() if batch_id in held}
+            # A job the ledger holds is looked up too once its batch is a while on its way:
+            # the store is the truth, and a verdict stored there by a worker whose result
+            # write is still retrying (a result backend that restarted) is final already.
+            # A batch sent moments ago is just on its way: no query for it.
+            settled = time.time() - _HELD_LOOKUP_AFTER
+            look_up = {n: b for n, b in missing.items() if held.get(b, 0.0) <= settled}
         if consult_store and self.sessions is not None:
-            # Jobs the ledger holds are looked up too: the store is the truth, and a verdict
-            # stored there by a worker whose result write is still retrying (a result backend
-            # that restarted) is final already.
-            self._from_store(wanted, missing, answers, session)
+            if look_up:
+                self._from_store(wanted, look_up, answers, session)
             gone = [n for n in missing if n not in on_the_way and n not in answers]
+            for n in [n for n in gone if self._purged(missing[n])]:
+                # Older than the verdicts kept: purged, not lost (and not buried again).
+                answers[n] = _expired(wanted[n][1])
+            gone = [n for n in gone if n not in answers]
             if gone and self.ledger is not None:
                 answers.update(self._bury({n: wanted[n] for n in gone}, session))
         for n in missing:
@@ -688,6 +724,15 @@ class JobQueue:
                 answers[n] = self._status_of(
                     job_id, {"status": states.SUCCESS, "result": verdict[1]}
                 )
+
+    def _purged(self, batch_id: str) -> bool:
+        """Whether a batch is older than the verdict retention: made at least a whole day more
+        than ``verdict_retention_days`` ago (its verdicts were decided after it was made)."""
+        if not self.verdict_retention_days:
+            return False
+        day = batch_day(batch_id)
+        today = int(time.time() // 86_400)
+        return day is not None and day + 1 + self.verdict_retention_days < today
 
     def _in_store(self, session: Session | None, action: Callable[[Session], _T]) -> _T:
         """Run ``action`` in ``session``, or in a transaction of its own; a store that cannot

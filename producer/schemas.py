@@ -23,9 +23,11 @@ from appattest_client.api import (
     JobState,
     JobStatus,
     JobType,
+    KeyStateResponse,
     Liveness,
     PurposeName,
     Readiness,
+    RiskReading,
     StatusRequest,
     StatusResponse,
 )
@@ -45,9 +47,11 @@ __all__ = [
     "JobState",
     "JobStatus",
     "JobType",
+    "KeyStateResponse",
     "Liveness",
     "PurposeName",
     "Readiness",
+    "RiskReading",
     "StatusRequest",
     "StatusResponse",
 ]

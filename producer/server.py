@@ -168,6 +168,9 @@ def server_config(
         host=host,
         port=port,
         log_level=log_level,
+        # JSON logs: uvicorn's loggers propagate to the root logger and its JSON lines
+        # (worker.logs.configure_logging) instead of uvicorn's own text handlers.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         http=bounded_protocol(settings),
         ws="none",
         timeout_keep_alive=KEEP_ALIVE_SECONDS,

@@ -88,17 +88,17 @@ def android_stack(
 
 
 def start_both(stack: Stack, name: str = "w") -> None:
-    """``appattest worker`` as deployed: supervised, every queue (Apple's with two processes,
-    Android's with threads); waits until both of its Celery workers answer a ping."""
+    """``appattest worker`` as deployed: supervised, its default queues (Apple's with two
+    processes, Android's pool of threads a child of it, named NAME-android); waits until both
+    Celery workers answer a ping."""
     stack.start_worker(name=name, concurrency=2, supervise=True, args=["--android-concurrency=8"])
     app = create_celery_app(stack.settings)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             names = [next(iter(r)) for r in app.control.ping(timeout=0.5) or []]
-            if any(n.startswith(f"android-{name}") for n in names) and any(
-                n.startswith(name) for n in names
-            ):
+            android = [n for n in names if n.startswith(f"{name}") and "-android@" in n]
+            if android and len([n for n in names if n.startswith(name)]) >= 2:
                 return
         raise AssertionError(f"both workers of {name} did not answer within 60 s")
     finally:
@@ -291,13 +291,9 @@ def test_android_jobs_travel_on_their_own_queue(ca: TestCA, pg_url: str, tmp_pat
 
 
 def test_worker_queues_option_refuses_unknown_queues() -> None:
-    result = CliRunner().invoke(
-        worker_main, ["worker", "--app-id", APP_ID, "--queues", "appattest,nope"]
-    )
+    result = CliRunner().invoke(worker_main, ["worker", "--app-id", APP_ID, "--queues", "nope"])
     assert result.exit_code == 2
-    assert "nope is not a queue of this service" in result.output
-    result = CliRunner().invoke(worker_main, ["worker", "--app-id", APP_ID, "--queues", " , "])
-    assert result.exit_code == 2 and "no queue" in result.output
+    assert "verify, receipts and/or android" in result.output
 
 
 # Real workers ------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ inside functions), so that a lazy import cannot hide a wrong-way arrow."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,13 +95,17 @@ FORBIDDEN = {
 # What the producer may use of the worker besides its contract, messages, settings and store.
 PRODUCER_MAY_USE = {
     "worker.contract",
-    "worker.queue.messaging",
     "worker.settings",
     "worker.version",
-    "worker.core",
-    "worker.core.reasons",
+    # The queue's contract: the Celery app without its tasks (queue_app), the messages and
+    # their one publish path, and the ledger that publish writes first.
     "worker.queue.app",
+    "worker.queue.messaging",
     "worker.queue.ledger",
+    # Operating it: the structured log format and request id, the metrics of the broker's
+    # queues and of the embedded worker (``appattest serve``).
+    "worker.queue.logs",
+    "worker.queue.metrics",
 }
 
 
@@ -173,3 +179,58 @@ def test_the_layout_shows_the_rings() -> None:
     assert modules == ["__init__.py", "contract.py", "settings.py", "version.py"], modules
     packages = sorted(p.name for p in worker.iterdir() if (p / "__init__.py").is_file())
     assert packages == ["cli", "core", "queue", "service", "simulator", "store"], packages
+
+
+def test_the_api_process_loads_no_verification_code() -> None:
+    """Building and starting the producer's app (lifespan included) imports neither the
+    workers' tasks nor the service layer nor the verifier's checks."""
+    script = """
+import sys
+from pydantic import SecretStr
+from fastapi.testclient import TestClient
+from producer import create_app
+from worker.settings import Settings
+settings = Settings(api_keys=[SecretStr("k")], store_url="sqlite://",
+                    broker_url="memory://", result_backend="cache+memory://")
+with TestClient(create_app(settings)) as client:
+    assert client.get("/healthz").status_code == 200
+loaded = sorted(m for m in sys.modules if m.startswith(("worker.queue.tasks", "worker.service",
+                "worker.core.attestation", "worker.core.assertion", "worker.core.chain")))
+print(",".join(loaded))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", result.stdout
+
+
+def test_settings_do_not_import_the_service_layer() -> None:
+    # Settings are read by every process, the producer's included: they describe the policy
+    # (worker.core.PolicySpec) but never reach into the service that runs it.
+    reached = set()
+    todo = ["worker.settings"]
+    while todo:
+        module = todo.pop()
+        for target in GRAPH[module]:
+            if target not in reached and target.startswith("worker"):
+                reached.add(target)
+                todo.append(target)
+    assert not sorted(t for t in reached if _ring(t) == "service")
+
+
+def test_one_place_builds_the_verification_policy() -> None:
+    # Policy.build is called by PolicySpec.build only: the commands, the settings, the
+    # workers and re-verification all describe a policy as a PolicySpec and build it there.
+    callers = set()
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in {"build", "replacing_apple_root", "apple"}
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in {"Policy", "TrustStore"}
+            ):
+                callers.add(module)
+    assert callers == {"worker.core.spec"}

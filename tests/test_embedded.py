@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from appattest_client import AppAttestClient, android_assertion, android_registration
 from tests.factory import APP_ID, Device, TestCA
@@ -146,6 +148,54 @@ def test_rejections_and_job_lookup(served: httpx.Client, ca: TestCA) -> None:
 def test_api_key_required(served: httpx.Client) -> None:
     response = httpx.post(f"{served.base_url}/v1/challenges", json={"purpose": "registration"})
     assert response.status_code == 401
+
+
+def _verdict_counts(client: httpx.Client) -> Counter[str]:
+    """``kind/reason`` -> count, from ``appattest_verdicts_total`` of the server's /metrics."""
+    response = httpx.get(f"{client.base_url}/metrics", timeout=10)  # no API key needed
+    assert response.status_code == 200, response.text
+    counts: Counter[str] = Counter()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "appattest_verdicts_total":
+                counts[f"{sample.labels['kind']}/{sample.labels['reason']}"] += int(sample.value)
+            if sample.name == "appattest_submission_to_verdict_seconds_count":
+                counts["histogram"] += int(sample.value)
+    return counts
+
+
+def test_metrics_of_the_embedded_worker_on_the_servers_page(
+    served: httpx.Client, ca: TestCA
+) -> None:
+    """`appattest serve` shows its worker's metrics on its own /metrics: the verdicts counted
+    by kind and reason move by exactly the jobs decided, the latency histogram with them."""
+    before = _verdict_counts(served)
+    device = Device(ca=ca)
+    now = datetime.now(UTC)
+    jobs = [
+        ("/v1/attestations", device.registration_body(_challenge(served, "registration"), now=now)),
+        ("/v1/assertions", device.assertion_body(_challenge(served, "assertion"))),
+        ("/v1/assertions", Device(ca=ca).assertion_body(_challenge(served, "assertion"))),
+        ("/v1/attestations", device.registration_body("never-issued", now=now)),
+    ]
+    expected: Counter[str] = Counter()
+    for path, body in jobs:
+        response = served.post(path, params={"wait": 20}, json=body)
+        assert response.status_code == 200, response.text
+        result = response.json()["result"]
+        kind = "registration" if path.endswith("attestations") else "assertion"
+        expected[f"{kind}/{'ok' if result['ok'] else result['reason']}"] += 1
+    assert expected == Counter(
+        {
+            "registration/ok": 1,
+            "assertion/ok": 1,
+            "assertion/key_unknown": 1,
+            "registration/challenge_unknown": 1,
+        }
+    )
+    after = _verdict_counts(served)
+    moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    assert moved == {**expected, "histogram": len(jobs)}
 
 
 def test_android_bodies_through_the_embedded_default_and_the_python_client(

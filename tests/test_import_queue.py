@@ -38,6 +38,8 @@ FIELDS = {
     "counter",
     "extensions",
     "verifiedAt",
+    "riskMetric",
+    "riskMetricAt",
 }
 COMPARED = ("line", "ok", "kind", "keyId", "reason", "appId", "environment", "counter")
 CSV_COLUMNS = ["line", "ok", "kind", "keyId", "reason", "detail", "appId", "environment", "counter"]

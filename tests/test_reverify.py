@@ -612,16 +612,17 @@ def test_a_lost_reverify_message_is_sent_again_from_the_ledger(
 
     from worker.cli.progress import RunProgress
     from worker.cli.runs import Stalled, reverify_distributed
+    from worker.core import PolicySpec
     from worker.queue.ledger import ledger_for
     from worker.queue.messaging import REVERIFY_TASK
-    from worker.service.reverify import RunFilters, RunPolicy, start_run
+    from worker.service.reverify import RunFilters, start_run
 
     run_id = "ledgered"
     with store() as session, session.begin():
         start_run(
             session,
             run_id=run_id,
-            policy=RunPolicy(app_ids=(APP_ID,), root_pem=population.root.read_text()),
+            policy=PolicySpec(app_ids=(APP_ID,), root_pem=population.root.read_text()),
             filters=RunFilters(since=WINDOW_START, until=WINDOW_END),
             apply=False,
             now=datetime.now(UTC),

@@ -95,21 +95,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
-def _serves_apple(pid: int) -> bool:
-    try:
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"--queues=appattest.android" not in arguments
-
-
 def celery_main(supervisor: int) -> int | None:
-    """The pid of the Celery worker of Apple's queue a supervisor runs now (its child beside
-    the Android queue's worker), if any."""
+    """The pid of the Celery worker a supervisor runs now (its only child), if any."""
     children = [
         pid
         for pid in descendants(supervisor)
-        if (stat := _stat(pid)) is not None and stat[0] == supervisor and _serves_apple(pid)
+        if (stat := _stat(pid)) is not None and stat[0] == supervisor
     ]
     return children[0] if len(children) == 1 else None
 
@@ -680,76 +671,3 @@ def test_every_process_publishes_through_the_fixed_redis_transport() -> None:
     assert transport_of("redis://127.0.0.1:6379/0") is redis_transport.Transport
     assert transport_of("rediss://127.0.0.1:6379/0") is not redis_transport.Transport
     assert transport_of("amqp://guest:guest@127.0.0.1:5672//") is not redis_transport.Transport
-
-
-GROUP = """
-import logging, sys
-from worker.queue.supervise import Backoff, Supervisor, run_group
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-backoff = Backoff(first=0.2, cap=1, healthy_after=60)
-child = sys.argv[1]
-modes = sys.argv[2:]
-sys.exit(run_group(
-    [Supervisor([sys.executable, child, *m.split(":")], backoff=backoff) for m in modes]
-))
-"""
-
-
-@contextmanager
-def group(tmp_path: Path, *modes: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A process supervising one ``CHILD`` per mode with ``run_group`` (as ``appattest
-    worker`` supervises Apple's worker and Android's); its log's path."""
-    (tmp_path / "child.py").write_text(CHILD)
-    log_path = tmp_path / "group.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c", GROUP, str(tmp_path / "child.py"), *modes],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield process, log_path
-    finally:
-        tree = descendants(process.pid)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        for pid in alive(tree):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _children(pid: int) -> list[int]:
-    return [c for c in descendants(pid) if (stat := _stat(c)) is not None and stat[0] == pid]
-
-
-def test_a_group_forwards_a_stop_signal_to_every_worker_once(tmp_path: Path) -> None:
-    with group(tmp_path, "wait", "wait") as (process, log_path):
-        wait_until(lambda: _log(log_path).count("child ready") == 2, 30, "both children")
-        children = {pid: stat[1] for pid in _children(process.pid) if (stat := _stat(pid))}
-        assert len(children) == 2
-        os.killpg(process.pid, signal.SIGTERM)
-        assert process.wait(timeout=20) == 0, _log(log_path)
-        assert _log(log_path).count("child got SIGTERM") == 2
-        assert not alive(children)
-
-
-def test_a_group_restarts_a_crashed_worker_alone_and_stops_all_when_one_stops(
-    tmp_path: Path,
-) -> None:
-    """One child crashes and is restarted while the other keeps running; a child that exits
-    cleanly ends supervision, and the others are stopped with it."""
-    with group(tmp_path, "crash:0.1", "wait") as (process, log_path):
-        wait_until(lambda: len(restarts(log_path)) >= 2, 30, "two restarts of the crashing one")
-        assert _log(log_path).count("child ready") == 1  # the waiting one ran on
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    with group(tmp_path, "clean", "wait") as (process, log_path):
-        # The waiting child is stopped with SIGTERM, perhaps before it set its handler (then
-        # it dies of it: status 143); it is never restarted.
-        assert process.wait(timeout=30) in (0, 128 + signal.SIGTERM), _log(log_path)
-        log = _log(log_path)
-        assert "stopped (status 0); not restarting" in log
-        assert log.count(" started") == 2 and not restarts(log_path)
-        assert log.count("child got SIGTERM") <= 1

@@ -633,8 +633,11 @@ class _HoldsEverything:
     """A ledger that says every batch is still on its way (its entry outlived the result
     write of a worker that stored the verdict)."""
 
-    def holding(self, task_ids: Any) -> set[str]:
-        return set(task_ids)
+    def __init__(self, since: float = 0.0) -> None:
+        self.since = since
+
+    def holding(self, task_ids: Any) -> dict[str, float]:
+        return dict.fromkeys(task_ids, self.since)
 
     def close(self) -> None:
         pass
@@ -689,6 +692,11 @@ def test_a_verdict_in_the_store_is_final_whatever_the_ledger_says(
         # Without the store (the watcher's reads between two consultations) nothing is final.
         [quick] = queue.statuses_of([(alice, undecided)], consult_store=False)
         assert quick.status == "pending"
+        # A batch sent moments ago is just on its way: the store is not asked for it.
+        fresh = JobQueue(
+            queue.celery_app, sessions=sessions, ledger=_HoldsEverything(since=time.time())
+        )
+        assert fresh.status(decided, owner=alice).status == "pending"
     engine.dispose()
 
 

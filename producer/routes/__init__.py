@@ -6,9 +6,9 @@ FastAPI includes a router as one entry of ``app.routes``, so what needs the rout
 
 from fastapi.routing import APIRoute
 
-from producer.routes import challenges, health, jobs
+from producer.routes import challenges, health, jobs, keys
 
-ROUTERS = (health.router, challenges.router, jobs.router)
+ROUTERS = (health.router, challenges.router, jobs.router, keys.router)
 
 
 def api_routes() -> list[APIRoute]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from producer.deps import AUTH, REFUSALS, Resources
+from producer.deps import AUTH, REFUSALS, Resources, metrics_of
 from producer.schemas import ChallengeRequest, IssuedChallenge
 from worker.store.challenges import Purpose, issue_challenge
 
@@ -21,7 +21,9 @@ router = APIRouter(prefix="/v1", tags=["challenges"])
     responses=REFUSALS,
     dependencies=AUTH,
 )
-def create_challenge(body: ChallengeRequest, resources: Resources) -> IssuedChallenge:
+def create_challenge(
+    request: Request, body: ChallengeRequest, resources: Resources
+) -> IssuedChallenge:
     """A fresh challenge for one registration or assertion, valid for the configured TTL;
     with ``keyId``, only that key may use it."""
     # A plain function: FastAPI runs it in a worker thread, so the database call blocks no one.
@@ -33,6 +35,7 @@ def create_challenge(body: ChallengeRequest, resources: Resources) -> IssuedChal
             ttl=timedelta(seconds=resources.settings.challenge_ttl_seconds),
             now=datetime.now(UTC),
         )
+    metrics_of(request).challenges_issued.labels(body.purpose).inc()
     return IssuedChallenge(
         challenge=challenge, expiresAt=expires_at, purpose=body.purpose, keyId=body.key_id
     )

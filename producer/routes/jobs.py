@@ -30,11 +30,13 @@ from producer.deps import (
     error_responses,
     json_response,
     log,
+    metrics_of,
     request_body,
     waiting_on,
 )
 from producer.errors import ApiError, ErrorCode, QueueUnavailable, validation_summary
 from producer.jobs import JobQueue, Outcome, Submission, check_batch_item, check_request
+from producer.metrics import ProducerMetrics
 from producer.schemas import (
     BatchJob,
     BatchRequest,
@@ -45,8 +47,7 @@ from producer.schemas import (
     StatusRequest,
     StatusResponse,
 )
-from worker.contract import AssertionRequest, Kind, RegistrationRequest
-from worker.core import Rejected
+from worker.contract import AssertionRequest, Kind, RegistrationRequest, Rejected
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -82,6 +83,7 @@ async def _answer(
             if status.final:
                 # Done with its verdict, or lost (its message died with the broker's data).
                 return json_response(status, 200, headers=headers)
+            metrics_of(request).wait_timeouts.inc()
     return json_response(JobAccepted(jobId=outcome.job_id), 202, headers=headers)
 
 
@@ -105,6 +107,8 @@ async def _submit(
             idempotency_key=idempotency_key,
         )
     )
+    if outcome.error is None and not outcome.replayed:
+        metrics_of(request).jobs_submitted.labels(kind).inc()
     return await _answer(request, resources.queue, outcome, wait)
 
 
@@ -167,7 +171,11 @@ def _batch_items(raw: bytes, max_jobs: int) -> list[Any]:
 
 
 def _submit_batch(
-    raw: bytes, resources: AppResources, pay: Callable[[int], None], caller: Caller
+    raw: bytes,
+    resources: AppResources,
+    pay: Callable[[int], None],
+    caller: Caller,
+    metrics: ProducerMetrics,
 ) -> BatchResponse:
     # A batch costs one token per job, in one charge, so that a batch larger than the burst
     # is admitted on a full bucket (see RateLimiter.acquire); a refused batch costs one.
@@ -188,7 +196,10 @@ def _submit_batch(
         else:
             valid.append((index, Submission(request, caller.owner, idempotency_key)))
     accepted = resources.queue.accept_many([s for _, s in valid]) if valid else []
-    for (index, _), outcome in zip(valid, accepted, strict=True):
+    for (index, submission), outcome in zip(valid, accepted, strict=True):
+        if outcome.error is None and not outcome.replayed:
+            assertion = isinstance(submission.request, AssertionRequest)
+            metrics.jobs_submitted.labels("assertion" if assertion else "registration").inc()
         if outcome.error is None:
             outcomes.append(BatchJob(index=index, jobId=outcome.job_id, status="pending"))
         else:
@@ -209,7 +220,12 @@ async def submit_jobs(request: Request, resources: Resources) -> JSONResponse:
     """Queue ``{"jobs": [{"type", "body"}, ...]}``; one entry per item, queued or rejected."""
     # Parsing and queueing a large batch takes a while: in a worker thread, off the loop.
     result = await run_in_threadpool(
-        _submit_batch, await request.body(), resources, partial(charge, request), caller_of(request)
+        _submit_batch,
+        await request.body(),
+        resources,
+        partial(charge, request),
+        caller_of(request),
+        metrics_of(request),
     )
     # Without nulls: an accepted item has no error, a rejected one no job id.
     return json_response(result, 202, exclude_none=True)
@@ -236,9 +252,12 @@ async def get_job(
         status = await run_in_threadpool(partial(resources.queue.status, str(job_id), owner=owner))
     else:
         status = await resources.queue.wait_async(str(job_id), wait, owner=owner)
+        if not status.final:
+            metrics_of(request).wait_timeouts.inc()
     if status.status == "not_found":
         assert status.error is not None
-        raise ApiError(404, ErrorCode.JOB_NOT_FOUND, status.error.detail)
+        # job_not_found, or job_expired for a job older than the verdicts kept.
+        raise ApiError(404, ErrorCode(status.error.code), status.error.detail)
     return status
 
 
@@ -275,6 +294,8 @@ async def get_jobs(request: Request, resources: Resources, wait: Wait = None) ->
     else:
         with waiting_on(request, len(asked.job_ids)):
             found = await resources.queue.wait_many_async(asked.job_ids, wait, owner=owner)
+        if not all(status.final for status in found):
+            metrics_of(request).wait_timeouts.inc()
     return StatusResponse(jobs=found)
 
 

@@ -3,31 +3,50 @@ command (``appattest.cli``) adds the ones that run the HTTP API, `api` and `serv
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import logging
 import os
+import queue
+import shutil
+import stat
+import subprocess
 import sys
+import tempfile
+import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 from celery import Celery, signals
+from prometheus_client import start_http_server
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.cli.lines import parse_line, read_lines
-from worker.contract import VerificationResult
-from worker.core import Policy, PolicyError, Reason, TrustStore, TrustStoreError
+from worker.contract import PluginRequest, VerificationResult
+from worker.core import Reason
 from worker.queue.app import create_celery_app
 from worker.queue.ledger import Sweeper, ledger_for
-from worker.queue.logs import omit_task_results
-from worker.queue.messaging import ANDROID_QUEUE, QUEUE, QUEUES
+from worker.queue.logs import configure_logging, omit_task_results
+from worker.queue.messaging import ANDROID_QUEUE, QUEUE, RECEIPTS_QUEUE
+from worker.queue.metrics import (
+    MULTIPROC_ENV,
+    WorkerCpu,
+    enable_multiprocess,
+    multiprocess_registry,
+    process_exited,
+)
 from worker.queue.tasks import resources_of, start_process
 from worker.service import VerificationService
+from worker.service.verification import ORDERED_CHUNK, ConcurrentChange
 from worker.settings import Settings, load_settings
 from worker.simulator.command import simulate_command
 from worker.store.db import (
@@ -42,6 +61,9 @@ from worker.version import __version__
 log = logging.getLogger("appattest")
 
 USAGE_ERROR = 2
+# The input held at once by `verify` (with the requests parsed from it), whatever its lines'
+# sizes: a registration line is about 5 KiB, the largest valid body 192 KiB.
+_CHUNK_BYTES = 4 * 1024 * 1024
 
 NO_APP_ID = (
     "no App ID is configured: give --app-id TEAMID.bundle.id (or --dev-app-id), "
@@ -55,24 +77,6 @@ def _parse_instant(value: str) -> datetime:
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not an ISO 8601 instant") from exc
     return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant
-
-
-def _build_policy(
-    app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None
-) -> Policy:
-    try:
-        trust = (
-            TrustStore.replacing_apple_root(root_ca.read_bytes())
-            if root_ca is not None
-            else TrustStore.apple()
-        )
-        return Policy.build(trust=trust, production_apps=app_ids, development_apps=dev_app_ids)
-    except OSError as exc:
-        raise click.UsageError(f"cannot read --root-ca: {exc}") from exc
-    except (TrustStoreError, PolicyError) as exc:
-        if not app_ids and not dev_app_ids:
-            raise click.UsageError(NO_APP_ID) from exc
-        raise click.UsageError(str(exc)) from exc
 
 
 def _open_store(store_url: str) -> Engine:
@@ -136,6 +140,123 @@ def main(verbose: bool) -> None:
     )
 
 
+_POLICY_OPTIONS = (
+    click.option(
+        "--app-id",
+        "app_ids",
+        multiple=True,
+        metavar="APPID",
+        help="Accept production keys for this App ID (TEAMID.bundle.id). Repeatable.",
+    ),
+    click.option(
+        "--dev-app-id",
+        "dev_app_ids",
+        multiple=True,
+        metavar="APPID",
+        help="Accept development and production keys for this App ID. Repeatable.",
+    ),
+    click.option(
+        "--root-ca",
+        type=click.Path(dir_okay=False, path_type=Path),
+        metavar="PEM",
+        help="Trust this root certificate instead of Apple's App Attestation Root CA.",
+    ),
+    click.option(
+        "--allow-validation-category",
+        "allowed_categories",
+        multiple=True,
+        type=click.IntRange(0, 2**32 - 1),
+        metavar="N",
+        help="Accept only devices whose apple_validation_category_01 is N. Repeatable "
+        "(default: every category; APPATTEST_ALLOWED_VALIDATION_CATEGORIES).",
+    ),
+    click.option(
+        "--min-bundle-version",
+        metavar="V",
+        help="Refuse devices whose apple_bundle_version_01 is below V, compared as up to "
+        "three numbers (10.0 > 2.0; APPATTEST_MIN_BUNDLE_VERSION).",
+    ),
+    click.option(
+        "--require-extensions/--no-require-extensions",
+        default=None,
+        help="Refuse devices that send no extensions map, every device before iOS 27 "
+        "(default: off; APPATTEST_REQUIRE_EXTENSIONS).",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """The verification policy options of one command line (``policy_options``).
+
+    Each option given overrides its ``APPATTEST_*`` setting; the policy itself is then built
+    from the settings (``Settings.policy_spec``, ``PolicySpec.build``), the one way every
+    command, the workers and re-verification build it.
+    """
+
+    app_ids: tuple[str, ...] = ()
+    dev_app_ids: tuple[str, ...] = ()
+    root_ca: Path | None = None
+    allowed_categories: tuple[int, ...] = ()
+    min_bundle_version: str | None = None
+    require_extensions: bool | None = None
+
+    def overrides(self) -> dict[str, object]:
+        """The settings that the options given override (none: an empty dict)."""
+        overrides: dict[str, object] = {}
+        if self.app_ids:
+            overrides["app_ids"] = list(self.app_ids)
+        if self.dev_app_ids:
+            overrides["dev_app_ids"] = list(self.dev_app_ids)
+        if self.root_ca is not None:
+            overrides["root_ca"] = self.root_ca
+        if self.allowed_categories:
+            overrides["allowed_validation_categories"] = list(self.allowed_categories)
+        if self.min_bundle_version is not None:
+            overrides["min_bundle_version"] = self.min_bundle_version
+        if self.require_extensions is not None:
+            overrides["require_extensions"] = self.require_extensions
+        return overrides
+
+    def arguments(self) -> list[str]:
+        """The command-line options that give another ``appattest`` command these options."""
+        arguments = [f"--app-id={app_id}" for app_id in self.app_ids]
+        arguments += [f"--dev-app-id={app_id}" for app_id in self.dev_app_ids]
+        if self.root_ca is not None:
+            arguments.append(f"--root-ca={self.root_ca.resolve()}")
+        arguments += [f"--allow-validation-category={c}" for c in self.allowed_categories]
+        if self.min_bundle_version is not None:
+            arguments.append(f"--min-bundle-version={self.min_bundle_version}")
+        if self.require_extensions is not None:
+            arguments.append(
+                "--require-extensions" if self.require_extensions else "--no-require-extensions"
+            )
+        return arguments
+
+
+def _policy_decorator(
+    options: tuple[Callable[[Callable[..., None]], Callable[..., None]], ...],
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def with_policy(*args: Any, **kwargs: Any) -> None:
+            given = {f.name: kwargs.pop(f.name) for f in fields(PolicyOptions) if f.name in kwargs}
+            command(*args, policy=PolicyOptions(**given), **kwargs)
+
+        for option in reversed(options):
+            with_policy = option(with_policy)
+        return with_policy
+
+    return decorate
+
+
+# Give a command the policy options (App IDs, root, the rules for the iOS 27 extensions),
+# handed to it as one ``policy: PolicyOptions`` argument; ``app_options`` gives only the App
+# IDs and the root, to a command that checks the configuration but does not verify (``api``).
+policy_options = _policy_decorator(_POLICY_OPTIONS)
+app_options = _policy_decorator(_POLICY_OPTIONS[:3])
+
+
 _store_option = click.option(
     "--store",
     "store_url",
@@ -148,26 +269,7 @@ _store_option = click.option(
 
 @main.command()
 @click.argument("input_file", type=click.File("rb"), default="-")
-@click.option(
-    "--app-id",
-    "app_ids",
-    multiple=True,
-    metavar="APPID",
-    help="Accept production keys for this App ID (TEAMID.bundle.id). Repeatable.",
-)
-@click.option(
-    "--dev-app-id",
-    "dev_app_ids",
-    multiple=True,
-    metavar="APPID",
-    help="Accept development and production keys for this App ID. Repeatable.",
-)
-@click.option(
-    "--root-ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="PEM",
-    help="Trust this root certificate instead of Apple's App Attestation Root CA.",
-)
+@policy_options
 @click.option(
     "--at",
     "at_text",
@@ -179,7 +281,7 @@ _store_option = click.option(
     "--queue",
     is_flag=True,
     help="Send the lines through the Celery workers (APPATTEST_BROKER_URL) instead of "
-    "verifying in this process; the workers' apps and root apply.",
+    "verifying in this process; the workers' configured policy applies.",
 )
 @click.option("--run-id", help="With --queue: resume the run with this id (printed at start).")
 @click.option(
@@ -189,9 +291,7 @@ _store_option = click.option(
 )
 def verify(
     input_file: BinaryIO,
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
+    policy: PolicyOptions,
     at_text: str | None,
     store_url: str,
     queue: bool,
@@ -207,27 +307,23 @@ def verify(
     usage error or unreadable input.
     """
     if queue:
-        if app_ids or dev_app_ids or root_ca:
-            raise click.UsageError("with --queue the workers' configured apps and root apply")
+        if policy.overrides():
+            raise click.UsageError("with --queue the workers' configured policy applies")
         _verify_through_queue(input_file, at_text, run_id, report_dir)
         return
     if run_id or report_dir:
         raise click.UsageError("--run-id and --report-dir go with --queue")
-    if not app_ids and not dev_app_ids:
-        app_ids, dev_app_ids = _configured_app_ids()
-    policy = _build_policy(app_ids, dev_app_ids, root_ca)
+    built = _settings_with(policy).policy()
     at = _parse_instant(at_text) if at_text else None
     engine = _open_store(store_url)
-    service = VerificationService(policy=policy, sessions=session_factory(engine))
+    service = VerificationService(policy=built, sessions=session_factory(engine))
     counts: Counter[str] = Counter()
     out = sys.stdout
     try:
-        for number, line in enumerate(read_lines(input_file), start=1):
-            if _is_blank(line):
-                continue
-            result = _verify_line(service, line, at)
-            counts["accepted" if result.ok else str(result.reason)] += 1
-            out.write(json.dumps({"line": number, **result.to_json_dict()}) + "\n")
+        for chunk in _chunks(input_file):
+            for number, result in _decide_chunk(service, chunk, at):
+                counts["accepted" if result.ok else str(result.reason)] += 1
+                out.write(json.dumps({"line": number, **result.to_json_dict()}) + "\n")
             out.flush()
     except OSError as exc:
         click.echo(f"error: cannot read input: {exc}", err=True)
@@ -237,13 +333,92 @@ def verify(
     _print_line_summary(counts)
 
 
-def _configured_app_ids() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The App IDs of APPATTEST_APP_IDS and APPATTEST_DEV_APP_IDS."""
+def _chunks(stream: BinaryIO) -> Iterator[list[tuple[int, bytes | None]]]:
+    """The numbered non-blank lines, in chunks of up to ``ORDERED_CHUNK`` lines and about
+    ``_CHUNK_BYTES`` of input (so that a file of huge lines is not held 500 at a time). A
+    chunk also ends where the input has nothing more at hand yet (a pipe or terminal feeding
+    lines slowly), so that each line's verdict comes out as soon as it can. A read error ends
+    the chunk read so far, then propagates."""
+    chunk: list[tuple[int, bytes | None]] = []
+    size = 0
     try:
-        settings = load_settings()
-    except ValueError as exc:
-        raise click.UsageError(f"invalid configuration: {exc}") from exc
-    return tuple(settings.app_ids), tuple(settings.dev_app_ids)
+        for number, (line, more) in enumerate(_lines_at_hand(stream), start=1):
+            if not _is_blank(line):
+                chunk.append((number, line))
+                size += len(line or b"")
+            full = len(chunk) >= ORDERED_CHUNK or size >= _CHUNK_BYTES
+            if chunk and (full or not more):
+                yield chunk
+                chunk, size = [], 0
+    except OSError:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
+
+
+def _lines_at_hand(stream: BinaryIO) -> Iterator[tuple[bytes | None, bool]]:
+    """Each line (as ``read_lines`` gives it) and whether the next one is already at hand.
+
+    A regular file always has its next line at hand. Any other input (a pipe, a terminal) is
+    read by a thread ahead of the verification, so that a line counts as at hand only if it
+    has arrived."""
+    try:
+        regular = stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError):
+        regular = True  # an in-memory stream: it never waits
+    if regular:
+        yield from ((line, True) for line in read_lines(stream))
+        return
+    arrived: queue.Queue[tuple[bytes | None, BaseException | None, bool]] = queue.Queue(
+        maxsize=2 * ORDERED_CHUNK
+    )
+
+    def read() -> None:
+        try:
+            for line in read_lines(stream):
+                arrived.put((line, None, False))
+        except BaseException as exc:  # handed to the reading thread, which raises it
+            arrived.put((None, exc, True))
+            return
+        arrived.put((None, None, True))
+
+    threading.Thread(target=read, name="verify-input", daemon=True).start()
+    line, error, end = arrived.get()
+    while not end:
+        following = arrived.get() if not arrived.empty() else None
+        yield line, following is not None and not following[2]
+        if following is None:
+            following = arrived.get()
+        line, error, end = following
+    if error is not None:
+        raise error
+
+
+def _decide_chunk(
+    service: VerificationService, chunk: list[tuple[int, bytes | None]], at: datetime | None
+) -> list[tuple[int, VerificationResult]]:
+    """Verdicts of a chunk of lines, decided in order in one transaction; when that fails (a
+    concurrent writer, a store error, an unexpected error), nothing was written and the lines
+    are decided again one at a time, each getting its own verdict or error as before."""
+    items: list[PluginRequest | VerificationResult] = []
+    for _, raw in chunk:
+        line = parse_line(raw)
+        if line.request is None:
+            assert line.rejection is not None
+            items.append(line.rejection)
+        else:
+            items.append(line.request)
+    try:
+        decided = service.decide_in_order(items, now=at)
+    except ConcurrentChange:
+        log.debug("a concurrent writer changed keys of this chunk; deciding line by line")
+    except Exception as exc:
+        log.debug("deciding a chunk failed (%s); deciding line by line", exc.__class__.__name__)
+    else:
+        return [(number, result) for (number, _), result in zip(chunk, decided, strict=True)]
+    return [(number, _verify_line(service, raw, at)) for number, raw in chunk]
 
 
 def _print_line_summary(counts: Counter[str]) -> None:
@@ -324,56 +499,27 @@ def migrate(store_url: str) -> None:
         click.echo(f"the key store at {where} is up to date (revision {change.after})")
 
 
-def _settings_with(
-    app_ids: tuple[str, ...], dev_app_ids: tuple[str, ...], root_ca: Path | None, **extra: object
-) -> Settings:
-    """Settings from the environment, with command-line options taking precedence."""
-    overrides: dict[str, object] = dict(extra)
-    if app_ids:
-        overrides["app_ids"] = list(app_ids)
-    if dev_app_ids:
-        overrides["dev_app_ids"] = list(dev_app_ids)
-    if root_ca is not None:
-        overrides["root_ca"] = root_ca
+def _settings_with(policy: PolicyOptions, **extra: object) -> Settings:
+    """Settings from the environment, with the command line's policy options and ``extra``
+    taking precedence; the policy they describe is built once (``Settings.policy``) so that a
+    wrong one stops the command with a usage error before it does anything."""
     try:
-        settings = load_settings(**overrides)
-    except (ValueError, OSError) as exc:
+        settings = load_settings(**{**extra, **policy.overrides()})
+    except ValueError as exc:
         raise click.UsageError(f"invalid configuration: {exc}") from exc
     if not settings.app_ids and not settings.dev_app_ids:
         raise click.UsageError(NO_APP_ID)
     try:
         settings.policy()
-    except (ValueError, OSError) as exc:
-        raise click.UsageError(f"invalid configuration: {exc}") from exc
+    except OSError as exc:
+        raise click.UsageError(f"cannot read the root certificate (--root-ca): {exc}") from exc
+    except ValueError as exc:
+        raise click.UsageError(f"invalid policy: {exc}") from exc
     return settings
 
 
-_app_id_option = click.option(
-    "--app-id",
-    "app_ids",
-    multiple=True,
-    metavar="APPID",
-    help="Accept production keys for this App ID (TEAMID.bundle.id). Repeatable.",
-)
-_dev_app_id_option = click.option(
-    "--dev-app-id",
-    "dev_app_ids",
-    multiple=True,
-    metavar="APPID",
-    help="Accept development and production keys for this App ID. Repeatable.",
-)
-_root_ca_option = click.option(
-    "--root-ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="PEM",
-    help="Trust this root certificate instead of Apple's App Attestation Root CA.",
-)
-
-
 @main.command()
-@_app_id_option
-@_dev_app_id_option
-@_root_ca_option
+@policy_options
 @click.option(
     "--concurrency", type=click.IntRange(min=1), help="Worker processes (default: cores)."
 )
@@ -385,22 +531,6 @@ _root_ca_option = click.option(
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", help="Celery node name (default: celery@HOST).")
-@click.option(
-    "--queues",
-    "queues",
-    default=",".join(QUEUES),
-    show_default=True,
-    metavar="QUEUE[,QUEUE]",
-    help=f"The queues to serve: {QUEUE} (Apple's jobs, by --pool) and {ANDROID_QUEUE} "
-    "(Android's, by a pool of --android-concurrency threads).",
-)
-@click.option(
-    "--android-concurrency",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help=f"Threads of the worker serving {ANDROID_QUEUE} (its jobs wait on Google).",
-)
 @click.option(
     "--supervise/--no-supervise",
     default=True,
@@ -429,37 +559,58 @@ _root_ca_option = click.option(
     help="A worker that ran this many seconds before it died is restarted after the first "
     "delay again.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve this worker's Prometheus metrics (all its processes) on this port "
+    "(default: APPATTEST_WORKER_METRICS_PORT; off when neither is set).",
+)
+@click.option(
+    "--queues",
+    "queues_text",
+    metavar="verify,receipts,android",
+    help="Serve only these queues: verify (verification, the CPU pool), receipts (receipt "
+    "refreshes, a pool of APPATTEST_RECEIPT_REFRESH_THREADS threads) and android (Android "
+    "jobs waiting on Google, a pool of --android-concurrency threads). Default: verify and "
+    "android, and receipts too when the DeviceCheck key is configured.",
+)
+@click.option(
+    "--android-concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Threads of the worker serving the android queue (its jobs wait on Google).",
+)
 @click.option("--parent-pid", type=int, hidden=True, help="Stop when this process is gone.")
 def worker(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
+    policy: PolicyOptions,
     concurrency: int | None,
     pool: str,
     loglevel: str,
     hostname: str | None,
-    queues: str,
-    android_concurrency: int,
     supervise: bool,
     restart_delay: float,
     restart_delay_max: float,
     healthy_after: float,
+    metrics_port: int | None,
+    queues_text: str | None,
+    android_concurrency: int,
     parent_pid: int | None,
 ) -> None:
     """Run a Celery worker that verifies queued jobs (settings from APPATTEST_* variables).
 
-    Every queue is served unless --queues narrows it: Apple's jobs (CPU-bound) by a worker
-    with --pool and --concurrency, Android's (waiting on Google) by a second worker with a
-    pool of --android-concurrency threads, so that neither waits on the other.
-
-    By default each worker runs under a supervisor (this process), which starts it again when
+    By default the worker runs under a supervisor (this process), which starts it again when
     it exits with an error or is killed, after 1, 2, 4, ... seconds (see --restart-delay);
-    SIGTERM or SIGINT stop them all, and a worker that exits cleanly is not restarted.
+    SIGTERM or SIGINT stop both, and a worker that exits cleanly is not restarted. Serving
+    several queues, the receipts and android queues' pools of threads are children of the
+    first queue's worker (they stop with it, and are started again with it), so that Apple's
+    CPU-bound checks never wait on Google or Apple's servers.
     """
-    from worker.queue.supervise import Backoff, Supervisor, run_group, stop_with_parent
+    from worker.queue.supervise import Backoff, Supervisor, stop_with_parent
 
-    served = _parse_queues(queues)
-    settings = _settings_with(app_ids, dev_app_ids, root_ca)
+    extra = {"worker_metrics_port": metrics_port} if metrics_port is not None else {}
+    settings = _settings_with(policy, **extra)
+    queues = _worker_queues(queues_text, settings)
     if supervise:
         try:
             backoff = Backoff(
@@ -467,31 +618,29 @@ def worker(
             )
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
-        # One worker per pool: Apple's queue with processes, Android's with threads.
-        groups = [[queue] for queue in served] if len(served) > 1 else [served]
-        supervisors = [
-            Supervisor(
-                _unsupervised_worker_command(
-                    app_ids,
-                    dev_app_ids,
-                    root_ca,
-                    concurrency,
-                    pool,
-                    loglevel,
-                    _node_name(hostname, group),
-                    group,
-                    android_concurrency,
-                ),
-                backoff=backoff,
-            )
-            for group in groups
-        ]
+        command = _unsupervised_worker_command(policy, concurrency, pool, loglevel, hostname)
+        if metrics_port is not None:
+            command.append(f"--metrics-port={metrics_port}")
+        command.append(f"--android-concurrency={android_concurrency}")
+        supervisor = Supervisor([*command, f"--queues={','.join(queues)}"], backoff=backoff)
         logging.getLogger("appattest.supervise").setLevel(loglevel.upper())
         if parent_pid is not None:
-            stop_with_parent(parent_pid, grace=supervisors[0].stop_timeout + 10)
-        sys.exit(run_group(supervisors))
+            stop_with_parent(parent_pid, grace=supervisor.stop_timeout + 10)
+        if settings.worker_metrics_port is not None and not os.environ.get(MULTIPROC_ENV):
+            # One metrics folder for every restart of the worker (each clears it as it
+            # starts), removed when the supervisor stops.
+            with tempfile.TemporaryDirectory(prefix="appattest-metrics-") as folder:
+                os.environ[MULTIPROC_ENV] = folder
+                sys.exit(supervisor.run())
+        sys.exit(supervisor.run())
     if parent_pid is not None:
         stop_with_parent(parent_pid)
+    configure_logging(settings.log_format)
+    for other in queues[1:]:
+        # The first queue's worker runs here; each other queue's pool is a child.
+        _start_child(policy, loglevel, hostname, other, android_concurrency)
+    # Before any metric exists and before the pool forks (see worker.queue.metrics).
+    _serve_worker_metrics(settings)
     app = create_celery_app(settings)
     # A worker must not lose a verdict to a result backend that blinked: storing the result
     # retries, for a few minutes (randomised exponential backoff up to 5 s between attempts);
@@ -505,6 +654,10 @@ def worker(
     )
     omit_task_results()
     _sweep_ledger_while_running(app, settings)
+    _purge_while_running(settings)
+    signals.worker_process_shutdown.connect(
+        lambda pid=None, **_: process_exited(pid or os.getpid()), weak=False
+    )
     signals.worker_ready.connect(
         lambda **_: log.info("appattest-backend %s: worker ready", __version__), weak=False
     )
@@ -513,41 +666,104 @@ def worker(
     # starts rather than inside its first batch; the solo and threads pools have no process
     # init, and share the main process's resources, built as the worker starts.
     create_store_engine(settings.store_url).dispose()
-    if served == [ANDROID_QUEUE]:
-        # Android's jobs wait on Google's answers: many threads in one process.
-        pool, concurrency = "threads", android_concurrency
     if pool in ("solo", "threads"):
         signals.worker_init.connect(lambda **_: resources_of(app, settings), weak=False)
     else:
         signals.worker_process_init.connect(lambda **_: start_process(app, settings), weak=False)
-    argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={','.join(served)}"]
-    if concurrency:
-        argv.append(f"--concurrency={concurrency}")
+    if queues[0] == "verify":
+        argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
+        if concurrency:
+            argv.append(f"--concurrency={concurrency}")
+    elif queues[0] == "android":
+        # Android jobs wait on Google's answers: many threads in one process.
+        argv = ["worker", "--pool=threads", f"--loglevel={loglevel}", f"--queues={ANDROID_QUEUE}"]
+        argv.append(f"--concurrency={android_concurrency}")
+    else:
+        # Exchanges wait on Apple: a pool of threads, not processes.
+        threads = concurrency or settings.receipt_refresh_threads
+        argv = ["worker", "--pool=threads", f"--loglevel={loglevel}", f"--queues={RECEIPTS_QUEUE}"]
+        argv.append(f"--concurrency={threads}")
+        _schedule_while_running(app, settings)
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)
 
 
+_QUEUE_NAMES = ("verify", "receipts", "android")
+
+
+def _worker_queues(text: str | None, settings: Settings) -> tuple[str, ...]:
+    """The queues a worker serves: those named, or by default verify, and receipts too when
+    receipts can be refreshed (the DeviceCheck key is configured)."""
+    if text is None:
+        # The android queue is served even without an Android app: its jobs then end as
+        # unsupported_format instead of waiting for a worker that never comes.
+        if settings.apple_configured():
+            return ("verify", "receipts", "android")
+        return ("verify", "android")
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(_QUEUE_NAMES))
+    if unknown or not names:
+        raise click.UsageError(
+            f"--queues takes verify, receipts and/or android, comma-separated (not {text!r})"
+        )
+    if "receipts" in names and not settings.apple_configured():
+        raise click.UsageError(
+            "the receipts queue needs APPATTEST_APPLE_TEAM_ID, APPATTEST_APPLE_KEY_ID and "
+            "APPATTEST_APPLE_PRIVATE_KEY_FILE"
+        )
+    return tuple(name for name in _QUEUE_NAMES if name in names)
+
+
+def _start_child(
+    policy: PolicyOptions,
+    loglevel: str,
+    hostname: str | None,
+    queue: str,
+    android_concurrency: int,
+) -> None:
+    """Start the worker of ``queue`` (receipts or android: a pool of threads) as a child that
+    stops when this process is gone, named NAME-QUEUE@HOST; it shares this process's output."""
+    name, _, host = (hostname or f"celery@{os.uname().nodename}").partition("@")
+    command = _unsupervised_worker_command(
+        policy, None, "threads", loglevel, f"{name}-{queue}@{host}"
+    )
+    command.append(f"--android-concurrency={android_concurrency}")
+    subprocess.Popen([*command, f"--queues={queue}"])  # noqa: S603 - our own interpreter
+
+
+def _schedule_while_running(app: Celery, settings: Settings) -> None:
+    """Run the periodic refresh (``worker.queue.schedule``) in this worker's main process once it is
+    ready, when it is configured."""
+    every = settings.receipt_refresh_schedule_seconds
+    if every is None:
+        return
+    from worker.queue.receipts_setup import redis_client
+    from worker.queue.schedule import RefreshSchedule
+
+    schedule = RefreshSchedule(
+        app,
+        session_factory(create_store_engine(settings.store_url)),
+        redis_client(settings),
+        interval=every,
+        max_keys=settings.receipt_refresh_max_keys,
+    )
+    signals.worker_ready.connect(lambda **_: schedule.start(), weak=False)
+    signals.worker_shutdown.connect(lambda **_: schedule.stop(), weak=False)
+
+
 def _unsupervised_worker_command(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
+    policy: PolicyOptions,
     concurrency: int | None,
     pool: str,
     loglevel: str,
     hostname: str | None,
-    queues: list[str],
-    android_concurrency: int,
 ) -> list[str]:
-    """The command line of a Celery worker that ``appattest worker`` supervises: the same
-    options, for ``queues``, run in a child that stops when this process is gone."""
+    """The command line of the Celery worker that ``appattest worker`` supervises: the same
+    options, run in a child that stops when this process is gone."""
     command = [sys.executable, "-m", "worker.cli.commands", "worker", "--no-supervise"]
     command += [f"--parent-pid={os.getpid()}", f"--pool={pool}", f"--loglevel={loglevel}"]
-    command += [f"--queues={','.join(queues)}", f"--android-concurrency={android_concurrency}"]
-    command += [f"--app-id={app_id}" for app_id in app_ids]
-    command += [f"--dev-app-id={app_id}" for app_id in dev_app_ids]
-    if root_ca is not None:
-        command.append(f"--root-ca={root_ca.resolve()}")
+    command += policy.arguments()
     if concurrency:
         command.append(f"--concurrency={concurrency}")
     if hostname:
@@ -555,25 +771,45 @@ def _unsupervised_worker_command(
     return command
 
 
-def _parse_queues(text: str) -> list[str]:
-    """The queues ``--queues`` names, in the order of ``QUEUES``; a usage error for an unknown
-    or empty list."""
-    named = {part.strip() for part in text.split(",") if part.strip()}
-    unknown = sorted(named - set(QUEUES))
-    if unknown or not named:
-        raise click.UsageError(
-            f"--queues: {', '.join(unknown) or 'no queue'} is not a queue of this service "
-            f"(queues: {', '.join(QUEUES)})"
-        )
-    return [queue for queue in QUEUES if queue in named]
+def _serve_worker_metrics(settings: Settings) -> None:
+    """With a metrics port, or a metrics folder given (``PROMETHEUS_MULTIPROC_DIR``, as
+    ``appattest serve`` does), the worker's processes write their metrics to files there
+    (a temporary folder when only the port is given); with a port, this process serves them
+    all on it."""
+    port = settings.worker_metrics_port
+    given = os.environ.get(MULTIPROC_ENV)
+    if port is None and not given:
+        return
+    if given:
+        directory = Path(given)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="appattest-metrics-"))
+        owner = os.getpid()
+
+        def remove() -> None:
+            if os.getpid() == owner:  # never from a pool process that runs exit handlers
+                shutil.rmtree(directory, ignore_errors=True)
+
+        atexit.register(remove)
+    enable_multiprocess(directory, clear=True)
+    if port is not None:
+        try:
+            registry = multiprocess_registry(directory)
+            registry.register(WorkerCpu())
+            start_http_server(port, registry=registry)
+        except OSError as exc:
+            raise click.UsageError(f"cannot serve metrics on port {port}: {exc}") from exc
+        log.info("worker metrics on port %d", port)
 
 
-def _node_name(hostname: str | None, queues: list[str]) -> str | None:
-    """The Celery node name of the worker serving ``queues``: the Android queue's worker is
-    ``android@HOST`` (or ``android-NAME``), so that two workers of one host differ."""
-    if queues != [ANDROID_QUEUE]:
-        return hostname
-    return f"android-{hostname}" if hostname else "android@%h"
+def _purge_while_running(settings: Settings) -> None:
+    """Run the retention purge (``worker.queue.retention``) in this worker's main process once it is
+    ready, until it shuts down."""
+    from worker.queue.retention import Purger
+
+    purger = Purger(create_store_engine(settings.store_url), settings)
+    signals.worker_ready.connect(lambda **_: purger.start(), weak=False)
+    signals.worker_shutdown.connect(lambda **_: purger.stop(), weak=False)
 
 
 def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
@@ -600,9 +836,7 @@ def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
 
 
 @main.command()
-@_app_id_option
-@_dev_app_id_option
-@_root_ca_option
+@policy_options
 @click.option(
     "--distrust-cert",
     "distrust_certs",
@@ -666,9 +900,7 @@ def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
     help="SQLAlchemy URL of the key store (default: the settings' store).",
 )
 def reverify(
-    app_ids: tuple[str, ...],
-    dev_app_ids: tuple[str, ...],
-    root_ca: Path | None,
+    policy: PolicyOptions,
     distrust_certs: tuple[str, ...],
     distrust_keys: tuple[str, ...],
     only_app_ids: tuple[str, ...],
@@ -686,7 +918,8 @@ def reverify(
     """Re-verify stored registrations against today's policy, through the workers.
 
     Each stored attestation is verified again as of the instant it was first verified, against
-    the given (or configured) apps, environment rules, trust root and distrust lists. Without
+    the given (or configured) apps, environment rules, trust root, distrust lists and build
+    policy (validation categories, minimum bundle version, required extensions). Without
     --apply nothing changes; with it, keys that now fail are revoked and their assertions get
     key_revoked. A run is resumable: run again with its --run-id to continue where it stopped.
     """
@@ -699,19 +932,13 @@ def reverify(
         reverify_local,
         reverify_rows,
     )
-    from worker.service.reverify import Reverifier, RunFilters, RunMismatch, RunPolicy, start_run
+    from worker.service.reverify import Reverifier, RunFilters, RunMismatch, start_run
 
     extra = {"store_url": store_url} if store_url else {}
-    settings = _settings_with(app_ids, dev_app_ids, root_ca, **extra)
+    settings = _settings_with(policy, **extra)
     try:
-        run_policy = RunPolicy(
-            # Sorted and without repeats: the same policy given in another order is the same
-            # run when it is resumed.
-            app_ids=tuple(sorted(set(settings.app_ids))),
-            dev_app_ids=tuple(sorted(set(settings.dev_app_ids))),
-            root_pem=settings.root_ca.read_text() if settings.root_ca else None,
-            distrusted_certificates=tuple(sorted(h.lower() for h in distrust_certs)),
-            distrusted_key_ids=tuple(sorted(distrust_keys)),
+        run_policy = settings.policy_spec(
+            distrusted_certificates=distrust_certs, distrusted_key_ids=distrust_keys
         )
         run_policy.build()
     except (ValueError, OSError) as exc:
@@ -767,6 +994,185 @@ def reverify(
     engine.dispose()
     print_summary(summary, sys.stderr, title=f"reverify {run_id}")
     click.echo(f"results: {jsonl} {csv_path}", err=True)
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted, and delete nothing.")
+@click.option(
+    "--store",
+    "store_url",
+    envvar="APPATTEST_STORE_URL",
+    default=None,
+    help="SQLAlchemy URL of the key store (default: the settings' store).",
+)
+def purge(dry_run: bool, store_url: str | None) -> None:
+    """Delete expired challenges, verdicts past APPATTEST_VERDICT_RETENTION_DAYS and expired
+    idempotency keys, in batches of APPATTEST_PURGE_BATCH_SIZE rows (what the workers do every
+    APPATTEST_PURGE_INTERVAL_SECONDS). Device keys are never deleted. Prints the counts."""
+    from worker.queue.retention import run_purge
+
+    try:
+        settings = load_settings(**({"store_url": store_url} if store_url else {}))
+    except ValueError as exc:
+        raise click.UsageError(f"invalid configuration: {exc}") from exc
+    engine = _open_store(settings.store_url)
+    try:
+        counts = run_purge(engine, settings, dry_run=dry_run)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"the purge failed: {type(exc).__name__}") from exc
+    finally:
+        engine.dispose()
+    if counts is None:
+        raise click.ClickException("another purge is running; try again later")
+    verb = "would delete" if dry_run else "deleted"
+    for table, rows in counts.items():
+        click.echo(f"{verb} {rows} {table}")
+
+
+@main.group()
+def receipts() -> None:
+    """Apple's fraud signal: exchange stored receipts for fresh ones and their risk metric."""
+
+
+@receipts.command("refresh")
+@click.option(
+    "--app-id",
+    "app_ids",
+    multiple=True,
+    metavar="APPID",
+    help="Refresh only keys of this App ID. Repeatable.",
+)
+@click.option(
+    "--environment",
+    type=click.Choice(["production", "development"]),
+    help="Refresh only keys of this environment.",
+)
+@click.option("--due-only", is_flag=True, help="Only keys whose next refresh is due now.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many keys.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="List the keys a run would refresh; call nobody, change nothing.",
+)
+@click.option("--run-id", help="Resume the run with this id (printed when a run starts).")
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write results.jsonl and results.csv (default refresh-RUNID).",
+)
+@click.option("--batch-size", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Give up (resumably) when the workers decide nothing for this many seconds.",
+)
+@click.option(
+    "--store",
+    "store_url",
+    envvar="APPATTEST_STORE_URL",
+    default=None,
+    help="SQLAlchemy URL of the key store (default: the settings' store).",
+)
+def refresh_receipts(
+    app_ids: tuple[str, ...],
+    environment: str | None,
+    due_only: bool,
+    limit: int | None,
+    dry_run: bool,
+    run_id: str | None,
+    report_dir: Path | None,
+    batch_size: int,
+    stall_timeout: float,
+    store_url: str | None,
+) -> None:
+    """Exchange the selected keys' receipts at Apple's fraud-metric service, through the
+    workers of the receipts queue, and report each key's outcome and risk metric.
+
+    A run is resumable: run again with its --run-id to continue where it stopped (a run that
+    stopped because Apple refused the token goes on once the configuration is fixed). Exit
+    status: 0 when every key was decided, 1 when the run stopped or stalled, 2 on a usage
+    error.
+    """
+    from worker.cli.progress import RunProgress
+    from worker.cli.reports import print_summary, write_reports
+    from worker.cli.runs import (
+        REFRESH_REPORT_COLUMNS,
+        RunStopped,
+        Stalled,
+        refresh_distributed,
+        refresh_rows,
+        refresh_summary_key,
+    )
+    from worker.service.refresh_runs import RefreshFilters, RunMismatch, select_keys, start_run
+
+    try:
+        settings = load_settings(**({"store_url": store_url} if store_url else {}))
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(f"invalid configuration: {exc}") from exc
+    if dry_run and run_id:
+        raise click.UsageError("--dry-run starts no run: it takes no --run-id")
+    if not dry_run and not settings.apple_configured():
+        raise click.UsageError(
+            "APPATTEST_APPLE_TEAM_ID, APPATTEST_APPLE_KEY_ID and "
+            "APPATTEST_APPLE_PRIVATE_KEY_FILE are required to refresh receipts"
+        )
+    filters = RefreshFilters(
+        app_ids=tuple(sorted(set(app_ids))), environment=environment, due_only=due_only, limit=limit
+    )
+    engine = _open_store(settings.store_url)
+    sessions = session_factory(engine)
+    if dry_run:
+        with sessions() as session:
+            selected = select_keys(session, filters, datetime.now(UTC))
+        for key_id in selected:
+            sys.stdout.write(json.dumps({"keyId": key_id, "outcome": "would_refresh"}) + "\n")
+        engine.dispose()
+        click.echo(f"dry run: {len(selected)} keys would be refreshed", err=True)
+        return
+    run_id = run_id or uuid.uuid4().hex[:16]
+    try:
+        with sessions() as session, session.begin():
+            state = start_run(session, run_id=run_id, filters=filters, now=datetime.now(UTC))
+    except RunMismatch as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(
+        f"refresh run {run_id}: {state.total} keys, {state.done} already decided "
+        f"(resume with --run-id {run_id})",
+        err=True,
+    )
+    app = create_celery_app(settings)
+    status = 0
+    try:
+        with RunProgress(description="refresh", total=state.total, completed=state.done) as bar:
+            refresh_distributed(sessions, app, run_id, batch_size, bar, stall_seconds=stall_timeout)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; resume with --run-id {run_id}", err=True)
+        sys.exit(130)
+    except RunStopped as exc:
+        click.echo(f"error: run stopped: {exc}; resume with --run-id {run_id}", err=True)
+        status = 1
+    except Stalled as exc:
+        click.echo(
+            f"error: {exc}; are workers of the receipts queue running? "
+            f"resume with --run-id {run_id}",
+            err=True,
+        )
+        status = 1
+    finally:
+        app.close()
+    directory = report_dir or Path(f"refresh-{run_id}")
+    jsonl, csv_path, summary = write_reports(
+        refresh_rows(sessions, run_id),
+        directory,
+        columns=REFRESH_REPORT_COLUMNS,
+        summary_key=refresh_summary_key,
+    )
+    engine.dispose()
+    print_summary(summary, sys.stderr, title=f"refresh {run_id}")
+    click.echo(f"results: {jsonl} {csv_path}", err=True)
+    sys.exit(status)
 
 
 main.add_command(simulate_command)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,11 +34,20 @@ def print_summary(counts: Counter[tuple[str, str]], stream: TextIO, *, title: st
     stream.flush()
 
 
+def _verdict_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    return ("accepted", "-") if row.get("ok") else ("rejected", str(row.get("reason")))
+
+
 def write_reports(
-    rows: Iterable[Mapping[str, Any]], directory: Path, *, columns: Sequence[str]
+    rows: Iterable[Mapping[str, Any]],
+    directory: Path,
+    *,
+    columns: Sequence[str],
+    summary_key: Callable[[Mapping[str, Any]], tuple[str, str]] = _verdict_key,
 ) -> tuple[Path, Path, Counter[tuple[str, str]]]:
     """Write ``results.jsonl`` and ``results.csv`` in ``directory``; return their paths and
-    the summary counts, gathered in the same pass."""
+    the summary counts (by verdict and reason, or by ``summary_key``), gathered in the same
+    pass."""
     directory.mkdir(parents=True, exist_ok=True)
     jsonl_path, csv_path = directory / "results.jsonl", directory / "results.csv"
     counts: Counter[tuple[str, str]] = Counter()
@@ -48,7 +57,5 @@ def write_reports(
         for row in rows:
             jsonl.write(json.dumps(dict(row)) + "\n")
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-            counts[
-                ("accepted", "-") if row.get("ok") else ("rejected", str(row.get("reason")))
-            ] += 1
+            counts[summary_key(row)] += 1
     return jsonl_path, csv_path, counts

@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -21,8 +21,16 @@ from worker.cli.progress import RunProgress
 from worker.contract import VerificationResult, kind_of
 from worker.core import Reason
 from worker.queue.ledger import Ledger, ledger_for
-from worker.queue.messaging import ReverifyBatch, VerifyOne, publish, read_task_metas
+from worker.queue.messaging import (
+    ReverifyBatch,
+    VerifyOne,
+    publish,
+    read_task_metas,
+)
+from worker.queue.schedule import publish_refresh
+from worker.service.refresh_runs import run_state as refresh_run_state
 from worker.service.reverify import Reverifier, iter_pending_batches, results, run_state
+from worker.store import refresh_runs
 
 REPORT_COLUMNS = ("keyId", "ok", "reason", "detail", "appId", "environment", "decidedAt")
 
@@ -239,3 +247,68 @@ def verify_queued(
     finally:
         if run.ledger is not None:
             run.ledger.close()
+
+
+# Receipt refresh runs ------------------------------------------------------------------------
+
+REFRESH_REPORT_COLUMNS = ("keyId", "outcome", "reason", "riskMetric", "detail", "decidedAt")
+
+
+class RunStopped(RuntimeError):
+    """The run was stopped by a worker: Apple refused the DeviceCheck token."""
+
+
+def refresh_distributed(
+    sessions: sessionmaker[Session],
+    app: Celery,
+    run_id: str,
+    batch_size: int,
+    progress: RunProgress,
+    *,
+    stall_seconds: float,
+    poll_seconds: float = 0.5,
+) -> None:
+    """Hand every pending key of the run to the workers in batches, then wait until all are
+    decided. Raises ``RunStopped`` when a worker stopped the run (401) and ``Stalled`` when
+    nothing was decided for ``stall_seconds``; either way the run can be resumed by its id."""
+
+    def batches() -> Iterator[list[str]]:
+        # Read all pending ids first (paged): publishing claims rows as it goes.
+        with sessions() as session:
+            pending = list(refresh_runs.iter_pending_batches(session, run_id, batch_size))
+        yield from pending
+
+    publish_refresh(sessions, app, run_id, batches(), now=datetime.now(UTC))
+    last_done, last_change = -1, time.monotonic()
+    while True:
+        with sessions() as session:
+            state = refresh_run_state(session, run_id)
+        progress.update(state.done)
+        if state.stopped_reason is not None:
+            raise RunStopped(state.stopped_reason)
+        if state.pending == 0:
+            return
+        if state.done != last_done:
+            last_done, last_change = state.done, time.monotonic()
+        elif time.monotonic() - last_change > stall_seconds:
+            raise Stalled(f"no key was decided for {stall_seconds:.0f} s")
+        time.sleep(poll_seconds)
+
+
+def refresh_rows(sessions: sessionmaker[Session], run_id: str) -> Iterator[dict[str, Any]]:
+    """The run's per-key results, as report rows (a key still pending reads ``pending``)."""
+    with sessions() as session:
+        for row in refresh_runs.results(session, run_id):
+            yield {
+                "keyId": row.key_id,
+                "outcome": row.outcome or row.status,
+                "reason": row.reason,
+                "riskMetric": row.risk_metric,
+                "detail": row.detail,
+                "decidedAt": row.decided_at.isoformat() if row.decided_at else None,
+            }
+
+
+def refresh_summary_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    """A refresh report row's line in the summary: its outcome and reason."""
+    return str(row.get("outcome")), str(row.get("reason") or "-")

@@ -140,9 +140,10 @@ def verify_assertion(
 
     Takes the CBOR object, the clientDataHash of the payload (32 bytes from the plugin), the
     key's public key (a 65-byte uncompressed point or a loaded key), the App ID the key was
-    registered for and the stored counter. Returns the new counter, which the caller must store
-    with a compare-and-set against ``previous_counter``. Raises ``Rejected`` with the reason of
-    the first failed check.
+    registered for and the stored counter. Returns the new counter, which the caller must
+    store with a compare-and-set against ``previous_counter``, and the extensions, which the
+    caller holds to the app's rules (``AppConfig.extensions.check``) once it told the key's
+    state. Raises ``Rejected`` with the reason of the first failed check.
     """
     if not 0 <= previous_counter <= _MAX_COUNTER:
         raise ValueError("previous_counter must fit in 32 bits")

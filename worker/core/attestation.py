@@ -172,6 +172,13 @@ def _check_distrust(
     return leaf_fp, intermediate_fp
 
 
+def _check_build(auth_data: AttestedAuthData, app: AppConfig) -> None:
+    # Not one of Apple's steps: the app's rules for the iOS 27 extensions (validation category,
+    # bundle version). Checked once the chain verified, so that only a genuine key is ever
+    # reported as refused for its build.
+    app.extensions.check(auth_data.extensions)
+
+
 def verify_attestation(
     *,
     attestation_object: bytes,
@@ -187,8 +194,9 @@ def verify_attestation(
     from the plugin; Apple's documentation samples used other lengths),
     the policy, the verification instant (timezone-aware) and an optional intermediate cache.
     Returns what must be stored for the key. Raises ``Rejected`` with the reason of the first
-    failed check. The cheap structural and hash checks run before any signature, so garbage
-    costs microseconds, not a P-384 verification; every check still runs before acceptance.
+    failed check; after Apple's steps, the app's rules for the iOS 27 extensions apply. The
+    cheap structural and hash checks run before any signature, so garbage costs microseconds,
+    not a P-384 verification; every check still runs before acceptance.
 
     The receipt is stored as received and is not part of the verdict: no device signature
     covers it, Apple's steps do not include it, and some real receipts do not pass standard
@@ -217,6 +225,7 @@ def verify_attestation(
         cache=cache,
         fingerprints=fingerprints,
     )
+    _check_build(parsed.auth_data, app)
     return VerifiedAttestation(
         key_id=key_id,
         public_key=point,

@@ -14,7 +14,17 @@ _REDIS_TRANSPORT: Final = "worker.queue.redis_transport:Transport"
 
 
 def create_celery_app(settings: Settings) -> Celery:
-    """Build the Celery app for these settings and register the tasks on it."""
+    """Build the Celery app for these settings and register the tasks on it: the workers'."""
+    app = queue_app(settings)
+    from worker.queue import tasks
+
+    tasks.register(app, settings)
+    return app
+
+
+def queue_app(settings: Settings) -> Celery:
+    """The Celery app for these settings without the tasks: what a process that only
+    publishes and reads results needs (the API), which so loads no verification code."""
     app = Celery("appattest", set_as_current=False)
     app.conf.update(
         broker_url=settings.broker_url,
@@ -37,7 +47,11 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         # Hide task arguments (tokens, challenges) from Celery's own logs and events.
         worker_log_format="%(asctime)s %(levelname)s %(processName)s %(message)s",
-        task_send_sent_event=False,
+        # Celery's task events (-E, and "task-sent" from publishers) for Flower and exporters;
+        # APPATTEST_CELERY_EVENTS=false turns them off. Arguments in events are redacted
+        # (worker.messaging.REDACTED_ARGS).
+        worker_send_task_events=settings.celery_events,
+        task_send_sent_event=settings.celery_events,
     )
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # Verdicts take milliseconds, so a message unacknowledged for this long belongs to a
@@ -66,7 +80,4 @@ def create_celery_app(settings: Settings) -> Celery:
         app.conf.broker_transport = _EMBEDDED_TRANSPORT
         app.conf.broker_url = settings.broker_url.removeprefix("sqla+")
     app.conf.appattest_settings = settings
-    from worker.queue import tasks
-
-    tasks.register(app, settings)
     return app

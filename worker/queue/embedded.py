@@ -92,16 +92,16 @@ def _env_value(value: object) -> str:
     if isinstance(value, list | tuple):
         return ",".join(_env_value(item) for item in value)
     if isinstance(value, dict):
-        # Android apps' policies are models: written with their camelCase names, as read.
-        return json.dumps(
-            {
-                key: item.model_dump(mode="json", by_alias=True)
-                if isinstance(item, BaseModel)
-                else item
-                for key, item in value.items()
-            }
-        )
+        return json.dumps(value, default=_json_value)
     return str(value)
+
+
+def _json_value(value: object) -> object:
+    # A model inside a mapping setting (an App ID's own policy, APPATTEST_APP_POLICIES) is
+    # written with the fields it was given only: a rule it leaves out stays the global one.
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    raise TypeError(f"{type(value).__name__} is not a setting value")
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:

@@ -41,6 +41,7 @@ import redis
 from celery import Celery, states
 
 from worker.queue.messaging import Message, decode, publish, read_task_metas
+from worker.queue.metrics import worker_metrics
 
 log = logging.getLogger("appattest.ledger")
 
@@ -115,13 +116,16 @@ class Ledger:
         pipe.hdel(JOBS_KEY, *ids)
         pipe.execute()
 
-    def holding(self, task_ids: Sequence[str]) -> set[str]:
-        """Which of these tasks have an entry (accepted, and no result stored yet)."""
+    def holding(self, task_ids: Sequence[str]) -> dict[str, float]:
+        """Which of these tasks have an entry (accepted, and no result stored yet), with the
+        time (epoch seconds) it was last published."""
         if not task_ids:
-            return set()
+            return {}
         scores = self.client.zmscore(LEDGER_KEY, list(task_ids))
         return {
-            task_id for task_id, score in zip(task_ids, scores, strict=True) if score is not None
+            task_id: float(score)
+            for task_id, score in zip(task_ids, scores, strict=True)
+            if score is not None
         }
 
     def pending(self) -> int:
@@ -247,7 +251,9 @@ class Sweeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.sweep_once()
+                report = self.sweep_once()
+                if report is not None and report.resent:
+                    worker_metrics().ledger_republished.inc(len(report.resent))
             except Exception as exc:  # a down broker, or a bug: log it, try again next round
                 log.warning("ledger sweep failed: %s: %s", type(exc).__name__, exc)
 

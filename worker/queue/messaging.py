@@ -18,7 +18,7 @@ are unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Final, Protocol
 
 from celery import Celery, states
@@ -42,17 +42,22 @@ READABLE_VERSIONS: Final = frozenset({1})
 # Google's network answers, so a pool of threads serves their queue, apart from the processes
 # that run Apple's CPU-bound checks.
 QUEUE: Final = "appattest"
+# Receipt refreshes wait on Apple's fraud-metric service (I/O): a queue of their own, served by
+# a pool of threads, so that the CPU-bound verification workers never wait on Apple.
+RECEIPTS_QUEUE: Final = "appattest.receipts"
 ANDROID_QUEUE: Final = "appattest.android"
-QUEUES: Final = (QUEUE, ANDROID_QUEUE)
 
 # Task names: running deployments hold queued messages under these names; never rename them.
 VERIFY_TASK: Final = "appattest.verify"
 REVERIFY_TASK: Final = "appattest.reverify"
 VERIFY_BATCH_TASK: Final = "appattest.verify_batch"
 VERIFY_ANDROID_BATCH_TASK: Final = "appattest.verify_android_batch"
+REFRESH_TASK: Final = "appattest.refresh_receipts"
 
 # The largest batch a message may carry: bounds the memory and the transaction of one task.
 MAX_BATCH_JOBS: Final = 1000
+# The most keys one refresh message carries (each costs a call to Apple).
+MAX_REFRESH_KEYS: Final = 1000
 
 # The printable copy of a message's arguments in its headers, for monitoring tools and worker
 # logs: tokens, challenges and payloads stay out of it.
@@ -109,6 +114,13 @@ class Message(BaseModel):
     task: ClassVar[str]
     queue: ClassVar[str] = QUEUE
 
+    # When the work was handed to ``publish`` (set there when absent; a resend keeps the
+    # first): the workers' submission-to-verdict histogram and the broker's oldest-job age
+    # read it. Optional, so older workers ignore it and messages without it still read.
+    submitted_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
+        default=None, validation_alias="submittedAt", serialization_alias="submittedAt"
+    )
+
 
 class VerifyJob(BaseModel):
     """One job of a verify batch: its (sealed) id, the plugin body, the submitting key's name."""
@@ -119,6 +131,10 @@ class VerifyJob(BaseModel):
     body: Any
     submitted_by: _Id | None = Field(
         default=None, validation_alias="submittedBy", serialization_alias="submittedBy"
+    )
+    # The HTTP request that submitted the job (``X-Request-ID``), for log correlation.
+    request_id: _Id | None = Field(
+        default=None, validation_alias="requestId", serialization_alias="requestId"
     )
 
 
@@ -166,9 +182,32 @@ class ReverifyBatch(Message):
     )
 
 
+class RefreshReceipts(Message):
+    """``appattest.refresh_receipts``: keys whose receipts are to be exchanged at Apple's
+    fraud-metric service, on the receipts queue. ``run_id`` names the ``appattest receipts
+    refresh`` run they belong to; the periodic refresh sends none. Idempotent per (run, key):
+    a key already decided in the run is not exchanged again."""
+
+    task: ClassVar[str] = REFRESH_TASK
+    queue: ClassVar[str] = RECEIPTS_QUEUE
+
+    run_id: _Id | None = Field(default=None, validation_alias="runId", serialization_alias="runId")
+    key_ids: tuple[_KeyId, ...] = Field(
+        validation_alias="keyIds",
+        serialization_alias="keyIds",
+        min_length=1,
+        max_length=MAX_REFRESH_KEYS,
+    )
+
+
 _MESSAGES: Final[dict[str, type[Message]]] = {
-    m.task: m for m in (VerifyBatch, VerifyAndroidBatch, VerifyOne, ReverifyBatch)
+    m.task: m for m in (VerifyBatch, VerifyAndroidBatch, VerifyOne, ReverifyBatch, RefreshReceipts)
 }
+
+
+def queues() -> tuple[str, ...]:
+    """Every queue a message is published to, in a stable order (for monitoring)."""
+    return tuple(sorted({m.queue for m in _MESSAGES.values()}))
 
 
 def queue_of(task: str) -> str:
@@ -241,6 +280,8 @@ def publish(
     not ``send_task``: with the Redis result backend it subscribes to every job's result
     channel. The headers carry ``REDACTED_ARGS``, never the message.
     """
+    if message.submitted_at is None:
+        message = message.model_copy(update={"submitted_at": datetime.now(UTC)})
     payload = encode(message)
     if ledger is not None:
         ledger.record([(task_id, message.task, payload)])

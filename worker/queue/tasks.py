@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -28,21 +30,26 @@ from worker.core import IntermediateCache, Reason, Rejected
 from worker.queue.ledger import Ledger, ledger_for
 from worker.queue.messaging import (
     MAX_BATCH_JOBS,
+    REFRESH_TASK,
     REVERIFY_TASK,
     VERIFY_ANDROID_BATCH_TASK,
     VERIFY_BATCH_TASK,
     VERIFY_TASK,
     MessageError,
+    RefreshReceipts,
     ReverifyBatch,
     UnsupportedMessage,
     VerifyAndroidBatch,
     VerifyBatch,
     VerifyOne,
     decode,
+    encode,
 )
+from worker.queue.metrics import CacheCounts, WorkerMetrics, observe_verdicts, worker_metrics
 from worker.queue.play_integrity import PlayIntegrityClient
 from worker.service import VerificationService
 from worker.service.integrity import IntegrityService
+from worker.service.refresh_runs import RefreshRunner
 from worker.service.reverify import Reverifier
 from worker.settings import Settings
 from worker.store.db import create_store_engine, session_factory
@@ -66,7 +73,48 @@ class ProcessResources:
     reverifier: Reverifier
     cache: IntermediateCache
     ledger: Ledger | None
-    settings: Settings
+    # --- metrics (issue 11): this process's worker metrics, the App IDs that may be labels,
+    # and what the caches had counted when the metrics last saw them.
+    metrics: WorkerMetrics = field(default_factory=worker_metrics)
+    known_apps: frozenset[str] = frozenset()
+    intermediate_counts: CacheCounts = field(default_factory=lambda: CacheCounts("intermediate"))
+    key_counts: CacheCounts = field(default_factory=lambda: CacheCounts("public_key"))
+
+    def observe(
+        self, results: list[dict[str, Any]], seconds: float, submitted_at: datetime | None
+    ) -> None:
+        """Count one task's verdicts and the caches' hits and misses in the metrics."""
+        observe_verdicts(
+            self.metrics,
+            results,
+            known_apps=self.known_apps,
+            seconds=seconds,
+            submitted_at=submitted_at,
+            now=datetime.now(UTC),
+        )
+        self.intermediate_counts.update(self.metrics, self.cache.hits, self.cache.misses)
+        self.key_counts.update(
+            self.metrics,
+            self.service.public_key_hits + self.offline.public_key_hits,
+            self.service.public_key_misses + self.offline.public_key_misses,
+        )
+
+    # Built by the first refresh task of the process (``refresh_runner``): only workers of the
+    # receipts queue talk to Apple.
+    runner: RefreshRunner | None = None
+
+    def refresh_runner(self, settings: Settings) -> RefreshRunner:
+        """This process's receipt refresher; raises ``RefreshNotConfigured`` without the
+        DeviceCheck key, ``ValueError`` or ``OSError`` for a key file that is not one."""
+        if self.runner is None:
+            from worker.queue.receipts_setup import build_runner, redis_client
+
+            self.runner, _ = build_runner(
+                settings, sessions=self.service.sessions, client=redis_client(settings)
+            )
+        return self.runner
+
+    settings: Settings | None = None
     _android: dict[bool, IntegrityService] = field(default_factory=dict)
     _android_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -74,6 +122,8 @@ class ProcessResources:
         """The Android service (Google's client, its pool of threads for the decode calls),
         built on first use, so that a process serving only Apple's queue never signs in to
         Google; None when no Android app is configured."""
+        if self.settings is None:
+            return None
         credentials = self.settings.google_credentials_file
         if not self.settings.android_apps or credentials is None:
             return None
@@ -117,6 +167,7 @@ class ProcessResources:
             sessions=sessions,
             cache=cache,
             public_key_cache_size=settings.public_key_cache_size,
+            max_risk_metric=settings.max_risk_metric,
         )
         return cls(
             pid=os.getpid(),
@@ -127,6 +178,7 @@ class ProcessResources:
             reverifier=Reverifier(sessions=sessions, cache=cache),
             cache=cache,
             ledger=ledger_for(app),
+            known_apps=frozenset(settings.app_ids) | frozenset(settings.dev_app_ids),
             settings=settings,
         )
 
@@ -194,6 +246,7 @@ def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         _refused(task, exc)
         return _rejection(body, Reason.INVALID_REQUEST, exc.detail)
     assert isinstance(message, VerifyOne)
+    started = time.perf_counter()
     try:
         if message.body is None:
             raise Rejected(Reason.INVALID_REQUEST, "job has no body")
@@ -203,23 +256,26 @@ def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
         at = message.at if message.challenges_given else None
         if request.platform == PLATFORM_ANDROID:
             android = _android_service(resources, issued=not message.challenges_given)
-            verdict = android.handle(request, job_id=job_id, now=at)
+            verdict = android.handle(request, job_id=job_id, now=at).to_json_dict()
         else:
             service = resources.offline if message.challenges_given else resources.service
-            verdict = service.handle(request, job_id=job_id, now=at)
-        result: dict[str, Any] = verdict.to_json_dict()
-        return result
+            verdict = service.handle(request, job_id=job_id, now=at).to_json_dict()
     except Rejected as exc:
-        return _rejection(body, exc.reason, exc.detail)
+        verdict = _rejection(body, exc.reason, exc.detail)
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("job %s: %s, retries exhausted", job_id, type(exc).__name__)
-        return _rejection(
-            body, Reason.INTERNAL_ERROR, "the store was unavailable; retries exhausted"
-        )
+        detail = "the store was unavailable; retries exhausted"
+        verdict = _rejection(body, Reason.INTERNAL_ERROR, detail)
     except Exception:
         log.exception("job %s: unexpected error", job_id)
-        return _rejection(body, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
+        verdict = _rejection(body, Reason.INTERNAL_ERROR, "unexpected error; see the worker log")
+    # Every verdict is counted and logged, those reached without the service included.
+    elapsed = time.perf_counter() - started
+    resources_of(task.app, settings).observe([verdict], elapsed, message.submitted_at)
+    if settings.log_verdicts:
+        _log_verdict(job_id, verdict, None)
+    return verdict
 
 
 def _refused_batch(payload: Any, exc: MessageError) -> dict[str, Any]:
@@ -253,16 +309,18 @@ def _decide(
     resources: ProcessResources,
     items: list[tuple[str | None, PluginRequest | VerificationResult]],
     owners: list[str | None],
+    request_ids: list[str | None],
 ) -> list[VerificationResult]:
     """Decide a batch's items: Android requests by the Android service (Google decodes them),
-    the rest (and the rejections already made) by Apple's; verdicts in the items' order."""
+    the rest (and the rejections already made) by Apple's; verdicts in the items' order.
+    (Android verdict rows carry no request id.)"""
     android = [
         n
         for n, (_, item) in enumerate(items)
         if not isinstance(item, VerificationResult) and item.platform == PLATFORM_ANDROID
     ]
     if not android:
-        return resources.service.handle_batch(items, submitted_by=owners)
+        return resources.service.handle_batch(items, submitted_by=owners, request_ids=request_ids)
     results: list[VerificationResult | None] = [None] * len(items)
     chosen = set(android)
     apple = [n for n in range(len(items)) if n not in chosen]
@@ -281,7 +339,7 @@ def _decide(
                 platform=PLATFORM_ANDROID,
             )
             items[n] = (job_id, rejection)
-        return resources.service.handle_batch(items, submitted_by=owners)
+        return resources.service.handle_batch(items, submitted_by=owners, request_ids=request_ids)
     decided = service.handle_batch(
         [items[n] for n in android], submitted_by=[owners[n] for n in android]
     )
@@ -289,7 +347,9 @@ def _decide(
         results[n] = verdict
     if apple:
         decided = resources.service.handle_batch(
-            [items[n] for n in apple], submitted_by=[owners[n] for n in apple]
+            [items[n] for n in apple],
+            submitted_by=[owners[n] for n in apple],
+            request_ids=[request_ids[n] for n in apple],
         )
         for n, verdict in zip(apple, decided, strict=True):
             results[n] = verdict
@@ -326,30 +386,58 @@ def run_batch(
         except Rejected as exc:
             rejection = _rejection(job.body, exc.reason, exc.detail)
             items.append((job.job_id, VerificationResult.model_validate(rejection)))
+    request_ids: list[str | None] = [job.request_id for job in batch.jobs]
+    resources = resources_of(task.app, settings)
+    started = time.perf_counter()
     try:
-        results = _decide(resources_of(task.app, settings), items, owners)
+        results = _decide(resources, items, owners, request_ids)
+        decided = [result.to_json_dict() for result in results]
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
         log.error("batch %s: %s, retries exhausted", task.request.id, type(exc).__name__)
         detail = "the store was unavailable; retries exhausted"
-        return {
-            "results": [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs],
-            "jobIds": job_ids,
-        }
+        decided = [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs]
     except Exception:
         log.exception("batch %s: unexpected error", task.request.id)
         detail = "unexpected error; see the worker log"
-        return {
-            "results": [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs],
-            "jobIds": job_ids,
-        }
+        decided = [_rejection(j.body, Reason.INTERNAL_ERROR, detail) for j in batch.jobs]
+    # Every verdict is counted and logged, internal errors included.
+    resources.observe(decided, time.perf_counter() - started, batch.submitted_at)
+    resources.metrics.batch_jobs.observe(len(decided))
+    if settings.log_verdicts:
+        for job_id, request_id, result in zip(job_ids, request_ids, decided, strict=True):
+            _log_verdict(job_id, result, request_id)
     # The job ids beside the results: a reader finds a job's verdict by its id.
-    return {"results": [result.to_json_dict() for result in results], "jobIds": job_ids}
+    return {"results": decided, "jobIds": job_ids}
+
+
+def _log_verdict(job_id: str | None, result: dict[str, Any], request_id: str | None) -> None:
+    """One line per decided job: its ids, kind, App ID and reason (never its body)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    reason = "ok" if result.get("ok") else result.get("reason")
+    kind, app_id = result.get("kind"), result.get("appId")
+    log.info(
+        "job %s: %s %s (app %s, request %s)",
+        job_id,
+        kind,
+        reason,
+        app_id,
+        request_id,
+        extra={
+            "job_id": job_id,
+            "kind": kind,
+            "reason": reason,
+            "app_id": app_id,
+            "request_id": request_id,
+        },
+    )
 
 
 def _retry_or_raise(task: Task, settings: Settings, exc: Exception) -> None:
     retries = task.request.retries
     if retries < settings.task_max_retries:
+        resources_of(task.app, settings).metrics.retries.labels(task.name).inc()
         countdown = min(settings.task_retry_backoff_max, 2**retries)
         log.warning(
             "task %s: %s, retry %d in %ds",
@@ -377,6 +465,65 @@ def run_reverify(task: Task, settings: Settings, payload: Any) -> dict[str, Any]
         log.error("reverify batch %s: retries exhausted", task.request.id)
         return {"decided": 0, "error": "the store was unavailable; retries exhausted"}
     return {"decided": decided}
+
+
+def run_refresh(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
+    """Decide one ``RefreshReceipts`` batch: exchange its keys at Apple, record the outcomes.
+
+    Keys Apple asked to retry later (429, 5xx, network) are sent again by this task, alone,
+    after Apple's ``Retry-After`` or a jittered backoff, up to ``receipt_refresh_retries``
+    times (a backoff longer than half the broker's visibility timeout is not waited for);
+    then their run rows end as ``retry_later`` (the keys stay due, so a later run or
+    the periodic refresh takes them up). A refused token (401) stops the run. Store and Redis
+    errors retry the batch like the other tasks. A worker without the DeviceCheck key ends
+    the task with an error and decides nothing: the keys stay pending and due.
+    """
+    from worker.queue.receipts_setup import RefreshNotConfigured
+
+    try:
+        message = decode(REFRESH_TASK, payload)
+    except MessageError as exc:
+        _refused(task, exc)
+        return {"decided": 0, "error": exc.detail}
+    assert isinstance(message, RefreshReceipts)
+    try:
+        runner = resources_of(task.app, settings).refresh_runner(settings)
+    except (RefreshNotConfigured, ValueError, OSError) as exc:
+        log.error("refresh %s: receipts cannot be refreshed: %s", task.request.id, exc)
+        return {"decided": 0, "error": f"not configured: {exc}"}
+    try:
+        step = runner.decide(message.run_id, message.key_ids)
+    except (*INFRASTRUCTURE_ERRORS, redis.RedisError) as exc:
+        _retry_or_raise(task, settings, exc)
+        log.error("refresh %s: %s, retries exhausted", task.request.id, type(exc).__name__)
+        return {"decided": 0, "error": "the store or Redis was unavailable; retries exhausted"}
+    if step.stopped:
+        log.error("refresh %s: run stopped: %s", task.request.id, step.stopped)
+    elif step.retry:
+        # A message waiting longer than the broker's visibility timeout would be delivered a
+        # second time meanwhile: a longer backoff leaves the keys to their due time instead.
+        backoff = step.backoff or 0.0
+        waits = backoff <= settings.visibility_timeout_seconds / 2
+        if waits and task.request.retries < settings.receipt_refresh_retries:
+            again = RefreshReceipts(run_id=message.run_id, key_ids=step.retry)
+            log.warning(
+                "refresh %s: Apple asked to slow down; %d keys again in %.1f s",
+                task.request.id,
+                len(step.retry),
+                step.backoff or 0.0,
+            )
+            raise task.retry(
+                args=(encode(again),),
+                countdown=step.backoff,
+                max_retries=settings.receipt_refresh_retries,
+            )
+        detail = (
+            "Apple asked to retry later; retries ended"
+            if waits
+            else f"Apple asked to retry in {backoff:.0f} s; the keys are due then"
+        )
+        runner.give_up(message.run_id, step.retry, detail)
+    return {"decided": step.decided, "retry": len(step.retry), "stopped": step.stopped}
 
 
 class LedgeredTask(Task):  # type: ignore[misc]
@@ -429,3 +576,7 @@ def register(app: Celery, settings: Settings) -> None:
     @task(REVERIFY_TASK)  # type: ignore[untyped-decorator]
     def reverify(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         return run_reverify(self, settings, payload)
+
+    @task(REFRESH_TASK)  # type: ignore[untyped-decorator]
+    def refresh_receipts(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        return run_refresh(self, settings, payload)

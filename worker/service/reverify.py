@@ -4,7 +4,8 @@ A run snapshots the keys it covers as ``pending`` rows when it starts; each batc
 keys and turns their rows to ``done`` with one conditional update, so a batch delivered twice,
 or a run started again after an interruption, never counts a key twice. Every stored
 attestation is verified again as of the instant it was first verified (credential certificates
-live only days), against the run's trust root, apps, environment rules and distrust lists.
+live only days), against the run's trust root, apps, environment rules, distrust lists and
+rules for the iOS 27 extensions (``worker.core.PolicySpec``).
 """
 
 from __future__ import annotations
@@ -13,18 +14,17 @@ import base64
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core import (
     IntermediateCache,
     Policy,
+    PolicySpec,
     Reason,
     Rejected,
-    TrustStore,
     verify_attestation,
 )
 from worker.service.verification import utc_now
@@ -38,47 +38,6 @@ from worker.store.reverify import RunFilters as RunFilters  # the CLI builds the
 
 class RunMismatch(ValueError):
     """A run id was reused with another policy, other filters or another --apply choice."""
-
-
-@dataclass(frozen=True)
-class RunPolicy:
-    """The policy of a run, in a form that survives JSON and rebuilds the same ``Policy``."""
-
-    app_ids: tuple[str, ...] = ()
-    dev_app_ids: tuple[str, ...] = ()
-    root_pem: str | None = None
-    distrusted_certificates: tuple[str, ...] = ()  # SHA-256 hex of credCert or intermediate
-    distrusted_key_ids: tuple[str, ...] = ()  # standard base64 keyIds
-
-    def build(self) -> Policy:
-        """The verification policy; raises ``ValueError`` subclasses when it is incomplete."""
-        trust = (
-            TrustStore.replacing_apple_root(self.root_pem.encode())
-            if self.root_pem
-            else TrustStore.apple()
-        )
-        return Policy.build(
-            trust=trust,
-            production_apps=self.app_ids,
-            development_apps=self.dev_app_ids,
-            distrusted_certificates=[bytes.fromhex(h) for h in self.distrusted_certificates],
-            distrusted_key_ids=[
-                base64.b64decode(k, validate=True) for k in self.distrusted_key_ids
-            ],
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RunPolicy:
-        return cls(
-            app_ids=tuple(data.get("app_ids", ())),
-            dev_app_ids=tuple(data.get("dev_app_ids", ())),
-            root_pem=data.get("root_pem"),
-            distrusted_certificates=tuple(data.get("distrusted_certificates", ())),
-            distrusted_key_ids=tuple(data.get("distrusted_key_ids", ())),
-        )
 
 
 @dataclass(frozen=True)
@@ -99,7 +58,7 @@ def start_run(
     session: Session,
     *,
     run_id: str,
-    policy: RunPolicy,
+    policy: PolicySpec,
     filters: RunFilters,
     apply: bool,
     now: datetime,
@@ -110,9 +69,13 @@ def start_run(
     change what a run means.
     """
     existing = runs.get_run(session, run_id)
+    policy = policy.normalized()
     if existing is not None:
-        if (existing.policy, existing.filters, existing.apply) != (
-            policy.to_json(),
+        # Compared as specs, so that a run stored before a release added policy fields (which
+        # it lacks, and which then take the defaults it ran with) resumes under the same policy.
+        stored_policy = PolicySpec.from_json(existing.policy).normalized()
+        if (stored_policy, existing.filters, existing.apply) != (
+            policy,
             filters.to_json(),
             apply,
         ):
@@ -180,7 +143,7 @@ class Reverifier:
         run = runs.get_run(session, run_id)
         if run is None:
             raise KeyError(f"unknown re-verification run {run_id}")
-        built = (RunPolicy.from_json(run.policy).build(), run.apply)
+        built = (PolicySpec.from_json(run.policy).build(), run.apply)
         with self._lock:
             self._policies[run_id] = built
             while len(self._policies) > 16:

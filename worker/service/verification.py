@@ -8,6 +8,7 @@ happens in one transaction whose conditional statements decide every race.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -39,23 +40,54 @@ from worker.core import (
     verify_attestation,
 )
 from worker.core.assertion import load_public_key
+from worker.core.receipt import parse_receipt
 from worker.service.plugin import DecodedRequest, decode_plugin_fields
 from worker.store import bulk
+from worker.store import receipts as receipt_store
 from worker.store.bulk import IssuedChallenge, StoredKey
 from worker.store.challenges import Purpose, challenge_digest
 
 # A batch whose verdicts conflict with a concurrent delivery of the same jobs is decided again;
 # the second attempt finds the recorded verdicts. More attempts would mean a bug.
 _ATTEMPTS = 3
+# Lines decided in order in one transaction (``decide_in_order``): few enough that their key
+# reads are one statement on any store (SQLite allows 32,766 parameters) and that a failed
+# transaction repeats little.
+ORDERED_CHUNK = 500
 # Loaded public keys kept per service, by their stored point: about 2 KiB each (OpenSSL's key
 # structures), so the default bound is about 100 MiB per worker process once that many
 # distinct devices have asserted.
 PUBLIC_KEY_CACHE_SIZE = 50_000
 
 
+class ConcurrentChange(Exception):
+    """Another writer changed a key that an in-order transaction read: nothing was written,
+    and the lines are to be decided again one at a time."""
+
+
 def utc_now() -> datetime:
     """The wall clock, in UTC. The only place the service reads it."""
     return datetime.now(UTC)
+
+
+def receipt_state(key_id: str, receipt: bytes) -> dict[str, Any]:
+    """The first receipt state of a newly registered key: its attestation receipt with the
+    dates it carries, so that its first refresh can be scheduled. The receipt is parsed, not
+    verified (registration does not gate on it); one that does not parse leaves the dates
+    empty and the key due at once."""
+    try:
+        parsed = parse_receipt(receipt)
+    except Rejected:
+        return {"key_id": key_id, "receipt": receipt}
+    return {
+        "key_id": key_id,
+        "receipt": receipt,
+        "receipt_type": parsed.receipt_type,
+        "created_at": parsed.creation_time,
+        "not_before": parsed.not_before,
+        "expires_at": parsed.expiration_time,
+        "next_refresh_at": parsed.not_before,
+    }
 
 
 def _extensions(ext: AuthDataExtensions | None) -> Extensions | None:
@@ -76,6 +108,32 @@ def _assertion_challenge(request: AssertionRequest) -> str:
     return request.challenge
 
 
+def _key_row(
+    key_id: str,
+    verified: VerifiedAttestation,
+    token: bytes,
+    challenge: str,
+    at: datetime,
+    registered_by: str | None = None,
+) -> dict[str, Any]:
+    """The ``device_keys`` row of a newly registered key (``registered_by``: the API key's
+    name that submitted it, the only one that may read its state)."""
+    return {
+        "key_id": key_id,
+        "app_id": verified.app_id,
+        "environment": verified.environment.value,
+        "public_key": verified.public_key,
+        "counter": 0,
+        "receipt": verified.receipt,
+        "attestation": token,
+        "client_data_hash": client_data_hash(challenge),
+        "verified_at": at,
+        "leaf_fingerprint": verified.leaf_fingerprint,
+        "intermediate_fingerprint": verified.intermediate_fingerprint,
+        "registered_by": registered_by,
+    }
+
+
 @dataclass
 class _Job:
     """One job on its way through a batch."""
@@ -90,6 +148,10 @@ class _Job:
     attestation: VerifiedAttestation | None = None
     new_counter: int | None = None
     submitted_by: str | None = None
+    request_id: str | None = None
+
+    # The key's current risk metric and when it was measured (assertions).
+    risk: tuple[int, datetime | None] | None = None
 
     @property
     def kind(self) -> Kind:
@@ -132,6 +194,7 @@ class VerificationService:
         clock: Callable[[], datetime] = utc_now,
         issued_challenges: bool = False,
         public_key_cache_size: int = PUBLIC_KEY_CACHE_SIZE,
+        max_risk_metric: int | None = None,
     ) -> None:
         if public_key_cache_size < 0:
             raise ValueError("public_key_cache_size must not be negative")
@@ -140,9 +203,14 @@ class VerificationService:
         self.cache = cache if cache is not None else IntermediateCache()
         self.clock = clock
         self.issued_challenges = issued_challenges
+        # Optional policy: assertions of a key whose risk metric is above it are refused.
+        self.max_risk_metric = max_risk_metric
         self._public_key_cache_size = public_key_cache_size
         self._public_keys: OrderedDict[bytes, ec.EllipticCurvePublicKey] = OrderedDict()
         self._public_keys_lock = threading.Lock()
+        # Counted for the workers' metrics (the cache's hits and misses since it was built).
+        self.public_key_hits = 0
+        self.public_key_misses = 0
 
     def _public_key(self, point: bytes) -> ec.EllipticCurvePublicKey:
         """The loaded form of a stored public key, from a bounded per-process cache: loading a
@@ -151,7 +219,9 @@ class VerificationService:
             key = self._public_keys.get(point)
             if key is not None:
                 self._public_keys.move_to_end(point)
+                self.public_key_hits += 1
                 return key
+            self.public_key_misses += 1
         key = load_public_key(point)
         with self._public_keys_lock:
             self._public_keys[point] = key
@@ -171,20 +241,111 @@ class VerificationService:
         *,
         now: datetime | None = None,
         submitted_by: Sequence[str | None] | None = None,
+        request_ids: Sequence[str | None] | None = None,
     ) -> list[VerificationResult]:
         """Decide a batch of jobs, given as (job id or None, request); return the verdicts in
         the same order. An item may already be a verdict (a body that failed the contract),
         which is then only recorded. ``submitted_by`` names, per item, who submitted it (an
-        API key's name), recorded with the verdict."""
+        API key's name), recorded with the verdict; ``request_ids`` likewise names the HTTP
+        request that submitted each (for log correlation)."""
         at = now or self.clock()
         owners = list(submitted_by) if submitted_by is not None else [None] * len(items)
-        if len(owners) != len(items):
-            raise ValueError("submitted_by must name one submitter per item")
+        requests = list(request_ids) if request_ids is not None else [None] * len(items)
+        if len(owners) != len(items) or len(requests) != len(items):
+            raise ValueError("submitted_by and request_ids must name one per item")
         for _ in range(_ATTEMPTS):
-            decided = self._attempt(items, owners, at)
+            decided = self._attempt(items, owners, at, requests)
             if decided is not None:
                 return decided
         raise RuntimeError("verdicts of a batch kept conflicting with another delivery")
+
+    # In order, offline -----------------------------------------------------------------------
+
+    def decide_in_order(
+        self,
+        items: Sequence[PluginRequest | VerificationResult],
+        *,
+        now: datetime | None = None,
+    ) -> list[VerificationResult]:
+        """Decide offline requests as if one after another, in one transaction: each sees the
+        keys registered and the counters advanced by those before it, exactly as if each had
+        been ``handle``d and committed in turn. An item may already be a verdict (a line that
+        failed the contract), returned as it is. The clock is read once per request, as
+        ``handle`` would.
+
+        The keys are read in one statement, the checks run in order against what the earlier
+        requests changed, then the new keys and the final counters are written in one
+        transaction. Raises ``ConcurrentChange`` (nothing written) when another writer
+        registered one of those keys or moved one of those counters meanwhile; any other error
+        propagates with nothing written, so that the caller can decide the requests again one
+        at a time. Only for a service that takes challenges as given, without job ids.
+        """
+        if self.issued_challenges:
+            raise ValueError("decide_in_order takes challenges as given")
+        jobs = [
+            _Job(None, None, result=item)
+            if isinstance(item, VerificationResult)
+            else _Job(None, item)
+            for item in items
+        ]
+        for job in jobs:
+            if job.result is None:
+                self._decode(job)
+        wanted = [job.key_id for job in jobs if job.result is None]
+        if not wanted:
+            return [job.result for job in jobs if job.result is not None]
+        with self.sessions() as session:
+            stored = bulk.get_keys(session, wanted)
+            risks = receipt_store.get_risk_metrics(session, wanted)
+        for job in jobs:
+            if job.result is None and isinstance(job.request, AssertionRequest):
+                job.risk = risks.get(job.key_id)
+        known: dict[str, StoredKey] = dict(stored)
+        new_keys: dict[str, dict[str, Any]] = {}
+        counters: dict[str, int] = {}
+        for job in jobs:
+            if job.result is not None:
+                continue
+            at = now or self.clock()
+            self._check(job, {}, known, at)
+            if not job.ok:
+                continue
+            if job.attestation is not None:
+                known[job.key_id] = self._registered(job, at, new_keys)
+            elif job.new_counter is not None:
+                known[job.key_id] = dataclasses.replace(known[job.key_id], counter=job.new_counter)
+                if job.key_id in new_keys:
+                    new_keys[job.key_id]["counter"] = job.new_counter
+                else:
+                    counters[job.key_id] = job.new_counter
+        with self.sessions() as session, session.begin():
+            if len(bulk.insert_keys(session, list(new_keys.values()))) != len(new_keys):
+                raise ConcurrentChange("a key was registered by another writer")
+            receipt_store.insert_receipt_states(
+                session, [receipt_state(k, row["receipt"]) for k, row in new_keys.items()]
+            )
+            if not bulk.advance_all_counters(session, list(counters.items())):
+                raise ConcurrentChange("a counter was advanced by another writer")
+        return [job.result for job in jobs if job.result is not None]
+
+    def _registered(
+        self, job: _Job, at: datetime, new_keys: dict[str, dict[str, Any]]
+    ) -> StoredKey:
+        """The row of a key a job registers (added to ``new_keys``) and its stored form."""
+        verified, decoded, request = job.attestation, job.decoded, job.request
+        assert verified and decoded and isinstance(request, RegistrationRequest)
+        row = _key_row(job.key_id, verified, decoded.token, request.challenge, at, job.submitted_by)
+        new_keys[job.key_id] = row
+        return StoredKey(
+            key_id=job.key_id,
+            app_id=verified.app_id,
+            environment=verified.environment.value,
+            public_key=verified.public_key,
+            counter=0,
+            revoked_at=None,
+            revoked_reason=None,
+            revoked_by_run=None,
+        )
 
     # One attempt ---------------------------------------------------------------------------
 
@@ -193,12 +354,13 @@ class VerificationService:
         items: Sequence[tuple[str | None, PluginRequest | VerificationResult]],
         owners: Sequence[str | None],
         at: datetime,
+        request_ids: Sequence[str | None],
     ) -> list[VerificationResult] | None:
         jobs = [
-            _Job(job_id, None, result=item, submitted_by=owner)
+            _Job(job_id, None, result=item, submitted_by=owner, request_id=request_id)
             if isinstance(item, VerificationResult)
-            else _Job(job_id, item, submitted_by=owner)
-            for (job_id, item), owner in zip(items, owners, strict=True)
+            else _Job(job_id, item, submitted_by=owner, request_id=request_id)
+            for (job_id, item), owner, request_id in zip(items, owners, request_ids, strict=True)
         ]
         challenges, keys = self._read(jobs)
         for job in jobs:
@@ -230,6 +392,10 @@ class VerificationService:
                 else {}
             )
             keys = bulk.get_keys(session, [j.key_id for j in open_jobs])
+            asserting = [j for j in open_jobs if j.kind == "assertion"]
+            risks = receipt_store.get_risk_metrics(session, [j.key_id for j in asserting])
+            for job in asserting:
+                job.risk = risks.get(job.key_id)
         return challenges, keys
 
     def _decode(self, job: _Job) -> None:
@@ -334,6 +500,15 @@ class VerificationService:
             raise Rejected(
                 Reason.ENVIRONMENT_MISMATCH, f"{app.app_id} no longer accepts {environment} keys"
             )
+        # Last, the app's rules for the iOS 27 extensions, on every assertion on its own: an
+        # assertion from an app version retired since its key registered is refused.
+        app.extensions.check(verified.extensions)
+
+        limit = self.max_risk_metric
+        if limit is not None and job.risk is not None and job.risk[0] > limit:
+            raise Rejected(
+                Reason.RISK_METRIC_EXCEEDED, f"risk metric {job.risk[0]} is above {limit}"
+            )
         job.new_counter = verified.counter
         job.result = VerificationResult(
             ok=True,
@@ -344,6 +519,8 @@ class VerificationService:
             counter=verified.counter,
             extensions=_extensions(verified.extensions),
             verifiedAt=at,
+            riskMetric=job.risk[0] if job.risk else None,
+            riskMetricAt=job.risk[1] if job.risk else None,
         )
 
     # The transaction -----------------------------------------------------------------------
@@ -385,21 +562,13 @@ class VerificationService:
             verified, decoded, request = job.attestation, job.decoded, job.request
             assert verified and decoded and isinstance(request, RegistrationRequest)
             rows.append(
-                {
-                    "key_id": key_id,
-                    "app_id": verified.app_id,
-                    "environment": verified.environment.value,
-                    "public_key": verified.public_key,
-                    "counter": 0,
-                    "receipt": verified.receipt,
-                    "attestation": decoded.token,
-                    "client_data_hash": client_data_hash(request.challenge),
-                    "verified_at": at,
-                    "leaf_fingerprint": verified.leaf_fingerprint,
-                    "intermediate_fingerprint": verified.intermediate_fingerprint,
-                }
+                _key_row(key_id, verified, decoded.token, request.challenge, at, job.submitted_by)
             )
         inserted = bulk.insert_keys(session, rows)
+        receipt_store.insert_receipt_states(
+            session,
+            [receipt_state(r["key_id"], r["receipt"]) for r in rows if r["key_id"] in inserted],
+        )
         for key_id, job in first.items():
             if key_id not in inserted:
                 job.reject(Reason.KEY_ALREADY_REGISTERED, "keyId is already registered")
@@ -446,6 +615,7 @@ class VerificationService:
                     "result": result.to_json_dict(),
                     "decided_at": at,
                     "submitted_by": job.submitted_by,
+                    "request_id": job.request_id,
                 }
             )
         return len(bulk.record_verdicts(session, rows)) == len(rows)

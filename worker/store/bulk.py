@@ -251,6 +251,25 @@ def advance_counters(session: Session, updates: Sequence[tuple[str, int]]) -> se
     return advanced
 
 
+# SQLite: one prepared statement run with every row's parameters, on the driver's cursor
+# (no statement built, compiled or cached per row).
+_ADVANCE_SQLITE = "UPDATE device_keys SET counter = ? WHERE key_id = ? AND counter < ?"
+
+
+def advance_all_counters(session: Session, updates: Sequence[tuple[str, int]]) -> bool:
+    """Set each key's counter to its new value where that is above the stored one; whether
+    every key advanced (the caller rolls back otherwise). Keys must be distinct."""
+    if not updates:
+        return True
+    if _is_postgresql(session):
+        return len(advance_counters(session, updates)) == len(updates)
+    connection = session.connection()
+    result = connection.exec_driver_sql(
+        _ADVANCE_SQLITE, [(counter, key_id, counter) for key_id, counter in updates]
+    )
+    return result.rowcount == len(updates)
+
+
 @functools.cache
 def _recordset_insert(table: Table, columns: tuple[str, ...], returning: str) -> TextClause:
     """``INSERT ... SELECT FROM json_populate_recordset(rows) ON CONFLICT DO NOTHING

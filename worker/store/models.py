@@ -48,6 +48,10 @@ class DeviceKey(Base):
     verified_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     leaf_fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
     intermediate_fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
+    # The name of the API key whose registration stored the key (``verdicts.submitted_by``):
+    # only that API key may read the key's state. Null for keys registered without one (an
+    # operator's import, or before it was kept and not found among the verdicts).
+    registered_by: Mapped[str | None] = mapped_column(String(64))
 
 
 class Challenge(Base):
@@ -84,6 +88,8 @@ class Verdict(Base):
     # The name (or fingerprint) of the API key that submitted the job; null for jobs queued
     # by an operator (bulk imports) or before it was recorded.
     submitted_by: Mapped[str | None] = mapped_column(String(64))
+    # The X-Request-ID of the HTTP request that submitted the job (log correlation).
+    request_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class IdempotencyKey(Base):
@@ -130,4 +136,71 @@ class ReverifyResult(Base):
     detail: Mapped[str | None] = mapped_column(String(500))
     app_id: Mapped[str | None] = mapped_column(String(300))
     environment: Mapped[str | None] = mapped_column(String(16))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ReceiptState(Base):
+    """A key's current App Attest receipt and what its last exchange with Apple came to.
+
+    ``receipt`` is what the next exchange sends: the attestation's receipt until Apple returns
+    a fresh one, then the latest verified one. ``receipt_type``, ``created_at``, ``not_before``
+    and ``expires_at`` are fields 6, 12, 19 and 21 of that receipt (null when it could not be
+    parsed); ``risk_metric`` (17) is null until a refresh measured it. ``next_refresh_at`` is
+    when the key is due; ``outcome`` is the last exchange's (``refreshed``, ``too_early``,
+    ``receipt_stale``, ...).
+    """
+
+    __tablename__ = "receipt_states"
+
+    key_id: Mapped[str] = mapped_column(String(44), primary_key=True)
+    receipt: Mapped[bytes] = mapped_column(LargeBinary)
+    receipt_type: Mapped[str | None] = mapped_column(String(8))
+    created_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    risk_metric: Mapped[int | None] = mapped_column(BigInteger)
+    measured_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    refreshed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String(24))
+    detail: Mapped[str | None] = mapped_column(String(300))
+    next_refresh_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+
+
+class RiskMetricReading(Base):
+    """One risk metric Apple reported for a key, so that a rising metric can be seen."""
+
+    __tablename__ = "risk_metric_history"
+
+    key_id: Mapped[str] = mapped_column(String(44), primary_key=True)
+    measured_at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    risk_metric: Mapped[int] = mapped_column(BigInteger)
+
+
+class RefreshRun(Base):
+    """One ``appattest receipts refresh`` run: the keys it selected (its filters, as JSON) and,
+    when it stopped before the end, why (Apple refused the token: a configuration error)."""
+
+    __tablename__ = "refresh_runs"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    filters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    total: Mapped[int] = mapped_column(BigInteger)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stopped_reason: Mapped[str | None] = mapped_column(String(300))
+
+
+class RefreshResult(Base):
+    """One key's outcome in one refresh run; ``status`` is pending until a worker decided it
+    (a key Apple asked to retry later stays pending while its task retries)."""
+
+    __tablename__ = "refresh_results"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(44), primary_key=True)
+    status: Mapped[str] = mapped_column(String(8), index=True)
+    outcome: Mapped[str | None] = mapped_column(String(24))
+    reason: Mapped[str | None] = mapped_column(String(40))
+    detail: Mapped[str | None] = mapped_column(String(300))
+    risk_metric: Mapped[int | None] = mapped_column(BigInteger)
     decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from appattest_client.android import android_assertion, android_registration
-    from appattest_client.api import BatchJob, IssuedChallenge, JobStatus
+    from appattest_client.api import BatchJob, IssuedChallenge, JobStatus, KeyStateResponse
     from appattest_client.client import AppAttestClient, AppAttestError, AsyncAppAttestClient
     from appattest_client.codes import Environment, Reason
     from appattest_client.contract import (
@@ -46,6 +46,7 @@ _EXPORTS = {
     "IntegrityVerdict": "contract",
     "IssuedChallenge": "api",
     "JobStatus": "api",
+    "KeyStateResponse": "api",
     "Reason": "codes",
     "RegistrationRequest": "contract",
     "VerificationResult": "contract",
@@ -62,6 +63,7 @@ __all__ = [
     "IntegrityVerdict",
     "IssuedChallenge",
     "JobStatus",
+    "KeyStateResponse",
     "Reason",
     "RegistrationRequest",
     "VerificationResult",

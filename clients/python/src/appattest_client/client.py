@@ -25,7 +25,14 @@ from typing import Any, Final, Self
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from appattest_client.api import BatchJob, IssuedChallenge, JobStatus, JobType, PurposeName
+from appattest_client.api import (
+    BatchJob,
+    IssuedChallenge,
+    JobStatus,
+    JobType,
+    KeyStateResponse,
+    PurposeName,
+)
 from appattest_client.contract import AssertionRequest, RegistrationRequest, VerificationResult
 
 Body = Mapping[str, Any] | RegistrationRequest | AssertionRequest
@@ -124,6 +131,11 @@ def _job_call(job_id: str, wait: float | None) -> _Call:
     if wait is None:
         return _Call("GET", f"/v1/jobs/{job_id}")
     return _Call("GET", f"/v1/jobs/{job_id}", params={"wait": wait}, wait=wait)
+
+
+def _key_call(key_id: str) -> _Call:
+    # The keyId is standard base64: its "/" stay in the path (the route takes them).
+    return _Call("GET", f"/v1/keys/{key_id}")
 
 
 def _jobs_call(job_ids: Sequence[str], wait: float | None) -> _Call:
@@ -284,6 +296,12 @@ class AppAttestClient(_Base):
         """The job's status; with ``wait``, the server holds on up to that many seconds."""
         return JobStatus.model_validate(self._send(_job_call(job_id, wait)).json())
 
+    def get_key(self, key_id: str) -> KeyStateResponse:
+        """A key's state: counter, revocation, receipt dates, risk metric and its history.
+        Raises ``AppAttestError`` (404 ``not_found``) for a key that is unknown or that
+        another API key registered."""
+        return KeyStateResponse.model_validate(self._send(_key_call(key_id)).json())
+
     def get_jobs(self, job_ids: Sequence[str], *, wait: float | None = None) -> list[JobStatus]:
         """The statuses of several jobs in one request (as many as the server's batch limit);
         with ``wait``, the server holds on until all are done or that many seconds passed."""
@@ -402,6 +420,10 @@ class AsyncAppAttestClient(_Base):
     async def get_job(self, job_id: str, *, wait: float | None = None) -> JobStatus:
         """See ``AppAttestClient.get_job``."""
         return JobStatus.model_validate((await self._send(_job_call(job_id, wait))).json())
+
+    async def get_key(self, key_id: str) -> KeyStateResponse:
+        """See ``AppAttestClient.get_key``."""
+        return KeyStateResponse.model_validate((await self._send(_key_call(key_id))).json())
 
     async def get_jobs(
         self, job_ids: Sequence[str], *, wait: float | None = None

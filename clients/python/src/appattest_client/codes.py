@@ -44,6 +44,13 @@ class Reason(StrEnum):
     # worker decided it: recorded so that a late delivery decides nothing. Reported as the
     # job status ``lost``; submit the request again.
     JOB_LOST = "job_lost"
+    VALIDATION_CATEGORY_NOT_ALLOWED = "validation_category_not_allowed"
+    BUNDLE_VERSION_TOO_OLD = "bundle_version_too_old"
+    EXTENSIONS_MISSING = "extensions_missing"
+
+    # Optional policy (APPATTEST_MAX_RISK_METRIC): the key's risk metric, from Apple's last
+    # refreshed receipt, is above the configured limit.
+    RISK_METRIC_EXCEEDED = "risk_metric_exceeded"
     # Android (Google Play Integrity standard requests).
     INTEGRITY_TOKEN_INVALID = "integrity_token_invalid"  # noqa: S105 - a reason code
     INTEGRITY_REQUEST_HASH_MISMATCH = "integrity_request_hash_mismatch"

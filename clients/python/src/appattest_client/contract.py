@@ -148,6 +148,10 @@ class VerificationResult(BaseModel):
     counter: int | None = None
     extensions: Extensions | None = None
     verified_at: datetime | None = Field(default=None, alias="verifiedAt")
+    # Assertions only: the key's risk metric from Apple's last refreshed receipt, and when it
+    # was measured; absent until a refresh measured one.
+    risk_metric: int | None = Field(default=None, alias="riskMetric")
+    risk_metric_at: datetime | None = Field(default=None, alias="riskMetricAt")
     # Android verdicts only: iOS verdicts leave them out rather than carry them as null, so
     # that their JSON stays what it was before Android was supported.
     platform: str | None = Field(default=None, exclude_if=_is_none)
