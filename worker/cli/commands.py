@@ -636,11 +636,13 @@ def worker(
     if parent_pid is not None:
         stop_with_parent(parent_pid)
     configure_logging(settings.log_format)
-    for other in queues[1:]:
-        # The first queue's worker runs here; each other queue's pool is a child.
-        _start_child(policy, loglevel, hostname, other, android_concurrency)
     # Before any metric exists and before the pool forks (see worker.queue.metrics).
     _serve_worker_metrics(settings)
+    for other in queues[1:]:
+        # The first queue's worker runs here; each other queue's pool is a child, which
+        # writes its metrics beside this worker's (the folder is in its environment now)
+        # and leaves them to this process to serve.
+        _start_child(policy, loglevel, hostname, other, android_concurrency)
     app = create_celery_app(settings)
     # A worker must not lose a verdict to a result backend that blinked: storing the result
     # retries, for a few minutes (randomised exponential backoff up to 5 s between attempts);
@@ -690,6 +692,8 @@ def worker(
 
 
 _QUEUE_NAMES = ("verify", "receipts", "android")
+# Set in the environment of a queue's worker started by another worker (``_start_child``).
+_CHILD_ENV = "APPATTEST_INTERNAL_QUEUE_CHILD"
 
 
 def _worker_queues(text: str | None, settings: Settings) -> tuple[str, ...]:
@@ -729,7 +733,8 @@ def _start_child(
         policy, None, "threads", loglevel, f"{name}-{queue}@{host}"
     )
     command.append(f"--android-concurrency={android_concurrency}")
-    subprocess.Popen([*command, f"--queues={queue}"])  # noqa: S603 - our own interpreter
+    env = {**os.environ, _CHILD_ENV: "1"}
+    subprocess.Popen([*command, f"--queues={queue}"], env=env)  # noqa: S603 - our own interpreter
 
 
 def _schedule_while_running(app: Celery, settings: Settings) -> None:
@@ -778,6 +783,12 @@ def _serve_worker_metrics(settings: Settings) -> None:
     all on it."""
     port = settings.worker_metrics_port
     given = os.environ.get(MULTIPROC_ENV)
+    if os.environ.get(_CHILD_ENV):
+        # A queue's pool started by another worker: that worker cleared the folder and
+        # serves it; this one only writes there.
+        if given:
+            enable_multiprocess(Path(given), clear=False)
+        return
     if port is None and not given:
         return
     if given:
