@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -68,10 +68,7 @@ def charge(request: Request, cost: int, *, take: bool = True) -> None:
         )
 
 
-async def authenticate(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
+def _identify(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
     """Admit a request with a valid API key (401 otherwise), and note which key it was."""
     keys: ApiKeys = request.app.state.api_keys
     matched = keys.match(credentials.credentials if credentials else None)
@@ -87,6 +84,23 @@ async def authenticate(
     request.state.caller = matched
 
 
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def admit(request: Request, credentials: Credentials) -> None:
+    """A valid API key (401 otherwise), charged one token of its rate limit (429). One
+    dependency, not one per check: FastAPI's cost is per dependency, on every request."""
+    _identify(request, credentials)
+    charge(request, 1)
+
+
+async def admit_counted(request: Request, credentials: Credentials) -> None:
+    """A valid API key with a token left, taking none: for the routes that charge once they
+    know how many jobs the request carries."""
+    _identify(request, credentials)
+    charge(request, 1, take=False)
+
+
 def metrics_of(request: Request) -> ProducerMetrics:
     """The app's metrics (``producer.metrics``)."""
     metrics: ProducerMetrics = request.app.state.metrics
@@ -96,17 +110,6 @@ def metrics_of(request: Request) -> ProducerMetrics:
 def caller_of(request: Request) -> Caller:
     caller: Caller = request.state.caller
     return caller
-
-
-async def rate_limit(request: Request) -> None:
-    """Charge one request to its key (after ``authenticate``)."""
-    charge(request, 1)
-
-
-async def rate_limit_check(request: Request) -> None:
-    """Refuse a request whose key has no token left, taking none: for the batch route, which
-    charges once it knows how many jobs the batch carries."""
-    charge(request, 1, take=False)
 
 
 @contextmanager
@@ -128,16 +131,6 @@ def waiting_on(request: Request, count: int) -> Iterator[None]:
         yield
     finally:
         budget.release(key, count)
-
-
-async def wait_budget(request: Request) -> AsyncIterator[None]:
-    """A request for one job with ``?wait`` holds one id of its key's wait budget (after
-    ``authenticate``)."""
-    if "wait" not in request.query_params:
-        yield
-        return
-    with waiting_on(request, 1):
-        yield
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -212,12 +205,11 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
-# The dependency lists of the routes: an API key and one token of its rate limit; with a wait
-# on one job, one id of the key's wait budget too. The batch and status routes charge the rate
-# limit themselves, once they know how many jobs they carry; before reading the body, they
-# only check that the key has a token left.
-AUTH = [Depends(authenticate), Depends(rate_limit)]
-WAITING = [*AUTH, Depends(wait_budget)]
-BATCH_AUTH = [Depends(authenticate), Depends(rate_limit_check)]
+# The dependency lists of the routes: an API key and one token of its rate limit (a route that
+# waits on a job holds an id of the key's wait budget itself, see ``waiting_on``). The batch
+# and status routes charge the rate limit themselves, once they know how many jobs they
+# carry; before reading the body, they only check that the key has a token left.
+AUTH = [Depends(admit)]
+BATCH_AUTH = [Depends(admit_counted)]
 # Every route with a body answers these (see producer.middleware.RequestGuard).
 REFUSALS = error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503)

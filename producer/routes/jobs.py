@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from typing import Annotated, Any, Final
 from uuid import UUID
@@ -17,9 +18,9 @@ from starlette.responses import JSONResponse
 
 from producer.auth import Caller
 from producer.deps import (
+    AUTH,
     BATCH_AUTH,
     REFUSALS,
-    WAITING,
     AppResources,
     IdempotencyKeyHeader,
     Resources,
@@ -98,18 +99,21 @@ async def _submit(
     if len(request.headers.getlist("idempotency-key")) > 1:
         # Which of two keys would the retry match? Neither is taken.
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "send at most one Idempotency-Key header")
-    plugin = check_request(await request.body(), expected=kind)
-    outcome = await run_in_threadpool(
-        partial(
-            resources.queue.accept,
-            plugin,
-            owner=caller_of(request).owner,
-            idempotency_key=idempotency_key,
+    # A wait holds an id of the key's wait budget from before the job is accepted (429
+    # too_many_waits refuses the request, never a job already queued) until it ends.
+    with waiting_on(request, 1) if wait is not None else nullcontext():
+        plugin = check_request(await request.body(), expected=kind)
+        outcome = await run_in_threadpool(
+            partial(
+                resources.queue.accept,
+                plugin,
+                owner=caller_of(request).owner,
+                idempotency_key=idempotency_key,
+            )
         )
-    )
-    if outcome.error is None and not outcome.replayed:
-        metrics_of(request).jobs_submitted.labels(kind).inc()
-    return await _answer(request, resources.queue, outcome, wait)
+        if outcome.error is None and not outcome.replayed:
+            metrics_of(request).jobs_submitted.labels(kind).inc()
+        return await _answer(request, resources.queue, outcome, wait)
 
 
 @router.post(
@@ -118,7 +122,7 @@ async def _submit(
     status_code=202,
     response_model=None,
     responses=_JOB_ANSWERS,
-    dependencies=WAITING,
+    dependencies=AUTH,
     openapi_extra=request_body(RegistrationRequest, "The plugin's registration body."),
 )
 async def submit_attestation(
@@ -138,7 +142,7 @@ async def submit_attestation(
     status_code=202,
     response_model=None,
     responses=_JOB_ANSWERS,
-    dependencies=WAITING,
+    dependencies=AUTH,
     openapi_extra=request_body(
         AssertionRequest,
         "The plugin's assertion body. With `challenge`, the payload must contain it.",
@@ -236,7 +240,7 @@ async def submit_jobs(request: Request, resources: Resources) -> JSONResponse:
     summary="A job's status and, once done, its verdict",
     response_model=JobStatus,
     responses=error_responses(401, 422, 429, 500, 503),
-    dependencies=WAITING,
+    dependencies=AUTH,
 )
 async def get_job(
     request: Request,
@@ -251,7 +255,8 @@ async def get_job(
     if wait is None:
         status = await run_in_threadpool(partial(resources.queue.status, str(job_id), owner=owner))
     else:
-        status = await resources.queue.wait_async(str(job_id), wait, owner=owner)
+        with waiting_on(request, 1):
+            status = await resources.queue.wait_async(str(job_id), wait, owner=owner)
         if not status.final:
             metrics_of(request).wait_timeouts.inc()
     if status.status == "not_found":
