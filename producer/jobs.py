@@ -45,8 +45,8 @@ from producer.batching import (
 from producer.errors import ErrorCode, QueueUnavailable, validation_summary
 from producer.schemas import BatchItem, ErrorDetail, JobStatus, JobType
 from worker.contract import (
-    FORMAT_APPLE_APP_ATTEST,
-    PLATFORM_IOS,
+    PLATFORM_ANDROID,
+    SUPPORTED_FORMATS,
     AssertionRequest,
     Kind,
     PluginRequest,
@@ -58,7 +58,14 @@ from worker.contract import (
 )
 from worker.queue.ledger import Ledger, ledger_for
 from worker.queue.logs import request_id_var
-from worker.queue.messaging import Message, VerifyBatch, VerifyJob, publish, read_task_metas
+from worker.queue.messaging import (
+    Message,
+    VerifyAndroidBatch,
+    VerifyBatch,
+    VerifyJob,
+    publish,
+    read_task_metas,
+)
 from worker.store import bulk, idempotency
 
 log = logging.getLogger("appattest.producer")
@@ -103,7 +110,7 @@ def check_request(body: PluginBody, *, expected: Kind | None = None) -> PluginRe
     expects. Returns the validated request. Raises ``Rejected`` with ``invalid_request`` for
     anything that is not the contract, for a body of the other kind, and for an assertion
     whose ``challenge`` is not in its payload; with ``unsupported_format`` for anything but iOS
-    App Attest (the plugin's Android and web fallbacks included).
+    App Attest and Android Play Integrity (the plugin's web fallback included).
     """
     if isinstance(body, RegistrationRequest | AssertionRequest):
         request: PluginRequest = body
@@ -115,11 +122,9 @@ def check_request(body: PluginBody, *, expected: Kind | None = None) -> PluginRe
     if expected is not None and kind != expected:
         raise Rejected(Reason.INVALID_REQUEST, f"expected a {expected} body, got a {kind} body")
     # A plain comparison of the claims; the worker checks them again along with everything else.
-    if request.platform != PLATFORM_IOS or request.format != FORMAT_APPLE_APP_ATTEST:
-        raise Rejected(
-            Reason.UNSUPPORTED_FORMAT,
-            f"only platform {PLATFORM_IOS!r} with format {FORMAT_APPLE_APP_ATTEST!r} is supported",
-        )
+    if (request.platform, request.format) not in SUPPORTED_FORMATS:
+        supported = ", ".join(f"{p} {f}" for p, f in sorted(SUPPORTED_FORMATS))
+        raise Rejected(Reason.UNSUPPORTED_FORMAT, f"only {supported} are supported")
     if (
         isinstance(request, AssertionRequest)
         and request.challenge is not None
@@ -318,8 +323,10 @@ class JobQueue:
         submissions: Sequence[Submission],
         job_ids: Sequence[str],
         positions: Sequence[int],
+        message: type[VerifyBatch | VerifyAndroidBatch] = VerifyBatch,
     ) -> None:
-        """Publish one batch message for the submissions at ``positions``."""
+        """Publish one batch message (of type ``message``) for the submissions at
+        ``positions``."""
         if not positions:
             return
         jobs = tuple(
@@ -331,10 +338,16 @@ class JobQueue:
             )
             for i in positions
         )
-        self._publish(producer, batch_id, VerifyBatch(jobs=jobs))
+        self._publish(producer, batch_id, message(jobs=jobs))
 
-    def _send_batch(self, submissions: Sequence[Submission], producer: Any) -> list[Outcome]:
-        """Publish one batch message for these submissions; return their outcomes.
+    def _send_batch(
+        self,
+        submissions: Sequence[Submission],
+        producer: Any,
+        message: type[VerifyBatch | VerifyAndroidBatch] = VerifyBatch,
+    ) -> list[Outcome]:
+        """Publish one batch message (of type ``message``) for these submissions; return their
+        outcomes.
 
         Idempotency keys are claimed in a transaction that commits only once the batch is in
         the ledger (or published): a concurrent request with the same key waits for it, and
@@ -347,14 +360,14 @@ class JobQueue:
         keyed = [i for i, s in enumerate(submissions) if s.idempotency_key is not None]
         plain = [i for i, s in enumerate(submissions) if s.idempotency_key is None]
         if not keyed:
-            self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+            self._publish_jobs(producer, batch_id, submissions, job_ids, plain, message)
             return outcomes
         if self.sessions is None:
             for i in keyed:
                 outcomes[i] = _refused(
                     ErrorCode.INVALID_REQUEST, "idempotency keys need the service's store"
                 )
-            self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+            self._publish_jobs(producer, batch_id, submissions, job_ids, plain, message)
             return outcomes
         published = False
         refused: BaseException | None = None
@@ -362,7 +375,9 @@ class JobQueue:
             with self.sessions() as session, session.begin():
                 send = self._claim_keys(session, submissions, job_ids, outcomes)
                 try:
-                    self._publish_jobs(producer, batch_id, submissions, job_ids, sorted(send))
+                    self._publish_jobs(
+                        producer, batch_id, submissions, job_ids, sorted(send), message
+                    )
                 except self._unreachable() as exc:
                     if self.ledger is None:
                         raise  # nothing was queued: the claims roll back
@@ -387,7 +402,7 @@ class JobQueue:
                 outcomes[i] = _refused(
                     ErrorCode.SERVICE_UNAVAILABLE, "the store is unavailable; try again later"
                 )
-            self._publish_jobs(producer, batch_id, submissions, job_ids, plain)
+            self._publish_jobs(producer, batch_id, submissions, job_ids, plain, message)
         if refused is not None:
             raise refused
         return outcomes
@@ -460,9 +475,35 @@ class JobQueue:
         return send
 
     def _submit_chunk(self, submissions: Sequence[Submission]) -> list[Outcome]:
+        """Publish a chunk: its Android jobs in a ``VerifyAndroidBatch`` on their own queue
+        (their workers wait on Google), the others in a ``VerifyBatch``. A mixed chunk is two
+        batches, each with its own id; a chunk refused by the broker after its first batch
+        was published keeps that batch and refuses the rest's jobs."""
+        android = [i for i, s in enumerate(submissions) if s.request.platform == PLATFORM_ANDROID]
         try:
             with self.celery_app.producer_or_acquire() as producer:
-                return self._send_batch(submissions, producer)
+                if not android:
+                    return self._send_batch(submissions, producer)
+                if len(android) == len(submissions):
+                    return self._send_batch(submissions, producer, VerifyAndroidBatch)
+                chosen = set(android)
+                apple = [i for i in range(len(submissions)) if i not in chosen]
+                outcomes: list[Outcome | None] = [None] * len(submissions)
+                groups: tuple[tuple[list[int], type[VerifyBatch | VerifyAndroidBatch]], ...] = (
+                    (apple, VerifyBatch),
+                    (android, VerifyAndroidBatch),
+                )
+                for n, (positions, kind) in enumerate(groups):
+                    try:
+                        sent = self._send_batch([submissions[i] for i in positions], producer, kind)
+                    except self._unreachable() as exc:
+                        if n == 0:
+                            raise
+                        detail = f"the broker is unavailable ({type(exc).__name__}); not accepted"
+                        sent = [_refused(ErrorCode.SERVICE_UNAVAILABLE, detail)] * len(positions)
+                    for i, outcome in zip(positions, sent, strict=True):
+                        outcomes[i] = outcome
+                return [outcome for outcome in outcomes if outcome is not None]
         except self._unreachable() as exc:
             raise QueueUnavailable(f"the broker is unavailable ({type(exc).__name__})") from exc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,14 +12,25 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from appattest_client import AppAttestClient, android_assertion, android_registration
 from tests.factory import APP_ID, Device, TestCA
+from tests.fake_google import FakeGoogle, fake_google, payload
 
 API_KEY = "embedded-test-key"
+PACKAGE = "com.example.app"
+CERT = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def google() -> Iterator[FakeGoogle]:
+    with fake_google() as fake:
+        yield fake
 
 
 def _free_port() -> int:
@@ -28,12 +40,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def served(
+    ca: TestCA, google: FakeGoogle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
     workdir = tmp_path_factory.mktemp("embedded")
     (workdir / "root.pem").write_bytes(ca.root_pem)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPATTEST_")}
     env["APPATTEST_API_KEYS"] = API_KEY
+    # Android too, against the local fake of Google.
+    env["APPATTEST_ANDROID_APPS"] = json.dumps({PACKAGE: {"certificateDigests": [CERT.hex()]}})
+    env["APPATTEST_GOOGLE_CREDENTIALS_FILE"] = str(google.service_account_file(workdir))
+    env["APPATTEST_PLAY_INTEGRITY_URL"] = google.url
     log_path = workdir / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -178,3 +196,77 @@ def test_metrics_of_the_embedded_worker_on_the_servers_page(
     after = _verdict_counts(served)
     moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
     assert moved == {**expected, "histogram": len(jobs)}
+
+
+def test_android_bodies_through_the_embedded_default_and_the_python_client(
+    served: httpx.Client, google: FakeGoogle
+) -> None:
+    """``appattest serve`` runs Android's worker too: the plugin's Android bodies, built with
+    the Python client's helpers and sent through ``AppAttestClient``, get their verdicts."""
+    challenge = _challenge(served, "registration")
+    token = google.add_token(
+        PACKAGE,
+        payload(
+            package_name=PACKAGE,
+            signed_text=challenge,
+            certificate_digest=CERT,
+            at=datetime.now(UTC),
+        ),
+    )
+    with AppAttestClient(str(served.base_url), API_KEY) as client:
+        verdict = client.verify_attestation(android_registration(token, challenge))
+        assert verdict.ok and verdict.platform == "android" and verdict.app_id == PACKAGE
+        assert verdict.integrity is not None
+        assert "MEETS_DEVICE_INTEGRITY" in verdict.integrity.device_labels
+        # The same token again: its challenge is spent.
+        replay = client.verify_attestation(android_registration(token, challenge))
+        assert (replay.ok, replay.reason) == (False, "challenge_used")
+
+        nonce = _challenge(served, "assertion")
+        text = f"transfer=10;nonce={nonce}"
+        token = google.add_token(
+            PACKAGE,
+            payload(
+                package_name=PACKAGE,
+                signed_text=text,
+                certificate_digest=CERT,
+                at=datetime.now(UTC),
+                device_labels=("MEETS_BASIC_INTEGRITY",),
+            ),
+        )
+        verdict = client.verify_assertion(android_assertion(token, text, challenge=nonce))
+        assert (verdict.ok, verdict.reason) == (False, "integrity_device_not_trusted")
+
+
+def test_a_bulk_submission_mixing_platforms(
+    served: httpx.Client, google: FakeGoogle, ca: TestCA
+) -> None:
+    """``POST /v1/jobs`` with iOS and Android bodies together (two batch messages, one per
+    queue) and ``wait_many``: every job its verdict, under its own id, in order."""
+    ios = [Device(ca=ca) for _ in range(3)]
+    jobs: list[tuple[Any, Any]] = []
+    for n in range(6):
+        challenge = _challenge(served, "registration")
+        if n % 2:
+            jobs.append(
+                ("attestation", ios[n // 2].registration_body(challenge, now=datetime.now(UTC)))
+            )
+        else:
+            token = google.add_token(
+                PACKAGE,
+                payload(
+                    package_name=PACKAGE,
+                    signed_text=challenge,
+                    certificate_digest=CERT,
+                    at=datetime.now(UTC),
+                ),
+            )
+            jobs.append(("attestation", android_registration(token, challenge)))
+    with AppAttestClient(str(served.base_url), API_KEY) as client:
+        queued = client.submit_many(jobs)
+        job_ids = [job.job_id for job in queued]
+        assert all(job_ids)
+        verdicts = client.wait_many([j for j in job_ids if j], timeout=60)
+    platforms = [verdicts[j].platform for j in job_ids if j]
+    assert platforms == ["android", None, "android", None, "android", None]
+    assert all(verdicts[j].ok for j in job_ids if j)

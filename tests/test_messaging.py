@@ -14,17 +14,22 @@ from pydantic import SecretStr
 
 from worker.queue.embedded import worker_environment
 from worker.queue.messaging import (
+    ANDROID_QUEUE,
+    QUEUE,
     REVERIFY_TASK,
+    VERIFY_ANDROID_BATCH_TASK,
     VERIFY_BATCH_TASK,
     VERIFY_TASK,
     MessageError,
     ReverifyBatch,
     UnsupportedMessage,
+    VerifyAndroidBatch,
     VerifyBatch,
     VerifyJob,
     VerifyOne,
     decode,
     encode,
+    queue_of,
 )
 from worker.queue.tasks import run_batch, run_job, run_reverify
 from worker.settings import Settings
@@ -52,6 +57,7 @@ def test_messages_written_before_versions_read_as_version_one() -> None:
     ("task", "message"),
     [
         (VERIFY_BATCH_TASK, VerifyBatch(jobs=(VerifyJob(job_id="j", body=BODY),))),
+        (VERIFY_ANDROID_BATCH_TASK, VerifyAndroidBatch(jobs=(VerifyJob(job_id="j", body=BODY),))),
         (VERIFY_TASK, VerifyOne(body=BODY)),
         (VERIFY_TASK, VerifyOne(body=BODY, challenges_given=True, at=datetime.now(UTC))),
         (REVERIFY_TASK, ReverifyBatch(run_id="r", key_ids=("k",))),
@@ -130,6 +136,13 @@ def test_a_task_given_a_newer_version_ends_with_a_result_and_a_log_line(
     assert reverify["decided"] == 0 and "version 9" in reverify["error"]
 
 
+def test_android_batches_travel_on_the_android_queue() -> None:
+    assert VerifyAndroidBatch.queue == queue_of(VERIFY_ANDROID_BATCH_TASK) == ANDROID_QUEUE
+    assert queue_of(VERIFY_BATCH_TASK) == queue_of(REVERIFY_TASK) == QUEUE
+    with pytest.raises(MessageError, match="jobs"):
+        decode(VERIFY_ANDROID_BATCH_TASK, {"v": 1, "jobs": []})
+
+
 def test_the_embedded_worker_gets_every_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,6 +161,9 @@ def test_the_embedded_worker_gets_every_setting(
         ledger_resend_seconds=12.5,
         max_waits_per_key=3,
         task_max_retries=2,
+        android_apps={"com.example.app": {"certificateDigests": ["ab" * 32], "maxAgeSeconds": 60}},
+        google_credentials_file=root,
+        play_integrity_timeout_seconds=2.5,
     )
     env = worker_environment(settings)
     assert "APPATTEST_STRAY" not in env

@@ -440,7 +440,8 @@ def test_malformed_requests_are_invalid_request(
 @pytest.mark.parametrize(
     "claims",
     [
-        {"platform": "android", "format": "google-play-integrity-standard"},
+        {"platform": "android", "format": "apple-app-attest"},
+        {"platform": "ios", "format": "google-play-integrity-standard"},
         {"format": "web-fallback"},
         {"platform": "IOS"},
     ],

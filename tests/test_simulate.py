@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import stat
@@ -350,3 +351,45 @@ def test_percentiles_are_nearest_rank() -> None:
     assert [percentile(values, rank) for rank in (50, 95, 99)] == [50.0, 95.0, 99.0]
     assert percentile([7.0], 99) == 7.0
     assert percentile([], 50) == 0.0
+
+
+def test_android_devices_against_serve_and_a_fake_google(tmp_path: Path) -> None:
+    """``--make-ca --google-port`` writes a simulated service account and prints the Android
+    settings; ``appattest serve`` with them and ``simulate --android`` (which serves the fake
+    Google on that port) give every Android case its verdict, beside the iOS devices."""
+    port = _free_port()
+    made = _invoke("--make-ca", str(tmp_path / "ca"), "--google-port", str(port))
+    assert made.exit_code == 0, made.output
+    exports = dict(
+        shlex.split(line.strip().removeprefix("export "))[0].split("=", 1)
+        for line in made.output.splitlines()
+        if line.strip().startswith("export APPATTEST_")
+    )
+    assert set(exports) == {
+        "APPATTEST_ANDROID_APPS",
+        "APPATTEST_GOOGLE_CREDENTIALS_FILE",
+        "APPATTEST_PLAY_INTEGRITY_URL",
+    }
+    account = tmp_path / "ca" / "google-service-account.json"
+    assert stat.S_IMODE(account.stat().st_mode) == 0o600
+    with _serve(tmp_path, root_ca=tmp_path / "ca" / "root.pem", env=exports) as url:
+        result = _simulate(
+            *("--url", url, "--api-key", API_KEY, "--ca", str(tmp_path / "ca")),
+            *("--devices", "1", "--android", "2", "--assertions", "1", "--hostile", "--json"),
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["unexpected"] == []
+    verdicts = {name: case["verdicts"] for name, case in summary["cases"].items()}
+    assert {k: v for k, v in verdicts.items() if k.startswith("android")} == {
+        # An iOS device's forged Android token: Google refuses it.
+        "android_body": {"integrity_token_invalid": 1},
+        "android_registration": {"accepted": 2},
+        "android_assertion": {"accepted": 2},
+        "android_replay": {"challenge_used": 2},
+        "android_foreign_package": {"integrity_token_invalid": 2},
+        "android_hash_mismatch": {"integrity_request_hash_mismatch": 2},
+        "android_stale": {"integrity_token_stale": 2},
+        "android_untrusted_device": {"integrity_device_not_trusted": 2},
+        "android_sideloaded": {"integrity_app_unrecognized": 2},
+    }

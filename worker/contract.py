@@ -18,9 +18,13 @@ from pydantic import ValidationError
 
 from appattest_client.contract import (
     FORMAT_APPLE_APP_ATTEST,
+    FORMAT_PLAY_INTEGRITY,
+    PLATFORM_ANDROID,
     PLATFORM_IOS,
+    SUPPORTED_FORMATS,
     AssertionRequest,
     Extensions,
+    IntegrityVerdict,
     Kind,
     PluginRequest,
     RegistrationRequest,
@@ -35,12 +39,16 @@ MAX_BODY_BYTES: Final = 192 * 1024
 
 __all__ = [
     "FORMAT_APPLE_APP_ATTEST",
+    "FORMAT_PLAY_INTEGRITY",
     "MAX_BODY_BYTES",
     "MAX_CHALLENGE_CHARS",
     "MAX_PAYLOAD_CHARS",
+    "PLATFORM_ANDROID",
     "PLATFORM_IOS",
+    "SUPPORTED_FORMATS",
     "AssertionRequest",
     "Extensions",
+    "IntegrityVerdict",
     "Kind",
     "PluginRequest",
     "Reason",

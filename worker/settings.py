@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.core import Policy, PolicySpec, parse_bundle_version
+from worker.core import Policy, PolicyError, PolicySpec, parse_bundle_version
+from worker.core.integrity import (
+    AndroidApp,
+    AndroidPolicy,
+    AppRecognition,
+    DeviceLevel,
+    parse_certificate_digest,
+)
 from worker.core.refreshed import APPLE_DATA_DEVELOPMENT_URL, APPLE_DATA_URL
+from worker.queue.play_integrity import PLAY_INTEGRITY_URL
 from worker.store.db import DEFAULT_STORE_URL
 
 
@@ -49,6 +58,37 @@ class AppPolicy(BaseModel):
     require_extensions: bool = False
 
     _version = field_validator("min_bundle_version")(_check_bundle_version)
+
+
+class AndroidAppSettings(BaseModel):
+    """One Android app's policy as written in ``APPATTEST_ANDROID_APPS`` (camelCase keys)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    certificate_digests: list[str] = Field(alias="certificateDigests", min_length=1)
+    app_recognition: AppRecognition = Field(
+        default=AppRecognition.PLAY_RECOGNIZED, alias="appRecognition"
+    )
+    device_level: DeviceLevel = Field(
+        default=DeviceLevel.MEETS_DEVICE_INTEGRITY, alias="deviceLevel"
+    )
+    require_licensed: bool = Field(default=True, alias="requireLicensed")
+    max_age_seconds: int = Field(default=300, ge=1, le=86_400, alias="maxAgeSeconds")
+    min_version_code: int | None = Field(default=None, ge=0, alias="minVersionCode")
+
+    def build(self, package_name: str) -> AndroidApp:
+        """The core's policy of this app; raises ``PolicyError`` for a bad name or digest."""
+        return AndroidApp(
+            package_name=package_name,
+            certificate_digests=frozenset(
+                parse_certificate_digest(d) for d in self.certificate_digests
+            ),
+            app_recognition=self.app_recognition,
+            device_level=self.device_level,
+            require_licensed=self.require_licensed,
+            max_age=timedelta(seconds=self.max_age_seconds),
+            min_version_code=self.min_version_code,
+        )
 
 
 class Settings(BaseSettings):
@@ -179,6 +219,60 @@ class Settings(BaseSettings):
             if url.startswith(("redis://", "rediss://")):
                 return url
         return None
+
+    # Android (Google Play Integrity). The apps, as JSON keyed by package name,
+    # {"com.example.app": {"certificateDigests": ["AB:CD:..."], "deviceLevel": ...}}, or the
+    # path of a file holding that JSON.
+    android_apps: Annotated[dict[str, AndroidAppSettings], NoDecode] = Field(default_factory=dict)
+    # The Google Cloud service account's JSON key, which may decode the apps' tokens, and the
+    # Play Integrity API's base URL.
+    google_credentials_file: Path | None = None
+    play_integrity_url: str = PLAY_INTEGRITY_URL
+    # One call to Google: its timeout, and how many attempts a decode makes (429, 5xx, a
+    # timeout or a network error are tried again with jittered backoff; after the last the
+    # job's verdict is internal_error and its challenge stays unused).
+    play_integrity_timeout_seconds: float = Field(default=10.0, gt=0, le=120, allow_inf_nan=False)
+    play_integrity_attempts: int = Field(default=4, ge=1, le=10)
+    # Per worker process: concurrent calls to Google (threads and pooled connections).
+    play_integrity_concurrency: int = Field(default=32, ge=1, le=1000)
+
+    @field_validator("android_apps", mode="before")
+    @classmethod
+    def _json_or_file(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if not text.startswith("{"):
+            try:
+                text = Path(text).expanduser().read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"neither JSON nor a readable JSON file: {exc}") from exc
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from exc
+
+    @model_validator(mode="after")
+    def _android_is_complete(self) -> Settings:
+        # Built here so that a bad package name or digest stops the process at start.
+        try:
+            self.android_policy()
+        except PolicyError as exc:
+            raise ValueError(f"APPATTEST_ANDROID_APPS: {exc}") from exc
+        if self.android_apps and self.google_credentials_file is None:
+            raise ValueError(
+                "APPATTEST_ANDROID_APPS needs APPATTEST_GOOGLE_CREDENTIALS_FILE: only Google "
+                "can decode Play Integrity tokens"
+            )
+        if not self.play_integrity_url.startswith(("https://", "http://")):
+            raise ValueError("APPATTEST_PLAY_INTEGRITY_URL is not an http(s) URL")
+        return self
+
+    def android_policy(self) -> AndroidPolicy:
+        """The Android apps these settings accept (possibly none)."""
+        return AndroidPolicy.build(
+            app.build(package_name) for package_name, app in self.android_apps.items()
+        )
 
     @field_validator("app_ids", "dev_app_ids", "api_keys", mode="before")
     @classmethod

@@ -36,7 +36,7 @@ from worker.core import Reason
 from worker.queue.app import create_celery_app
 from worker.queue.ledger import Sweeper, ledger_for
 from worker.queue.logs import configure_logging, omit_task_results
-from worker.queue.messaging import QUEUE, RECEIPTS_QUEUE
+from worker.queue.messaging import ANDROID_QUEUE, QUEUE, RECEIPTS_QUEUE
 from worker.queue.metrics import (
     MULTIPROC_ENV,
     WorkerCpu,
@@ -568,10 +568,18 @@ def _settings_with(policy: PolicyOptions, **extra: object) -> Settings:
 @click.option(
     "--queues",
     "queues_text",
-    metavar="verify,receipts",
-    help="Serve only these queues: verify (verification, the CPU pool) and receipts (receipt "
-    "refreshes, a pool of APPATTEST_RECEIPT_REFRESH_THREADS threads). Default: verify, and "
-    "receipts too when the DeviceCheck key is configured.",
+    metavar="verify,receipts,android",
+    help="Serve only these queues: verify (verification, the CPU pool), receipts (receipt "
+    "refreshes, a pool of APPATTEST_RECEIPT_REFRESH_THREADS threads) and android (Android "
+    "jobs waiting on Google, a pool of --android-concurrency threads). Default: verify and "
+    "android, and receipts too when the DeviceCheck key is configured.",
+)
+@click.option(
+    "--android-concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Threads of the worker serving the android queue (its jobs wait on Google).",
 )
 @click.option("--parent-pid", type=int, hidden=True, help="Stop when this process is gone.")
 def worker(
@@ -586,6 +594,7 @@ def worker(
     healthy_after: float,
     metrics_port: int | None,
     queues_text: str | None,
+    android_concurrency: int,
     parent_pid: int | None,
 ) -> None:
     """Run a Celery worker that verifies queued jobs (settings from APPATTEST_* variables).
@@ -593,8 +602,9 @@ def worker(
     By default the worker runs under a supervisor (this process), which starts it again when
     it exits with an error or is killed, after 1, 2, 4, ... seconds (see --restart-delay);
     SIGTERM or SIGINT stop both, and a worker that exits cleanly is not restarted. Serving
-    both queues, the receipts queue's pool of threads is a child of the verification worker
-    (it stops with it, and is started again with it).
+    several queues, the receipts and android queues' pools of threads are children of the
+    first queue's worker (they stop with it, and are started again with it), so that Apple's
+    CPU-bound checks never wait on Google or Apple's servers.
     """
     from worker.queue.supervise import Backoff, Supervisor, stop_with_parent
 
@@ -611,6 +621,7 @@ def worker(
         command = _unsupervised_worker_command(policy, concurrency, pool, loglevel, hostname)
         if metrics_port is not None:
             command.append(f"--metrics-port={metrics_port}")
+        command.append(f"--android-concurrency={android_concurrency}")
         supervisor = Supervisor([*command, f"--queues={','.join(queues)}"], backoff=backoff)
         logging.getLogger("appattest.supervise").setLevel(loglevel.upper())
         if parent_pid is not None:
@@ -625,10 +636,13 @@ def worker(
     if parent_pid is not None:
         stop_with_parent(parent_pid)
     configure_logging(settings.log_format)
-    if "verify" in queues and "receipts" in queues:
-        _start_receipts_child(policy, loglevel, hostname)
     # Before any metric exists and before the pool forks (see worker.queue.metrics).
     _serve_worker_metrics(settings)
+    for other in queues[1:]:
+        # The first queue's worker runs here; each other queue's pool is a child, which
+        # writes its metrics beside this worker's (the folder is in its environment now)
+        # and leaves them to this process to serve.
+        _start_child(policy, loglevel, hostname, other, android_concurrency)
     app = create_celery_app(settings)
     # A worker must not lose a verdict to a result backend that blinked: storing the result
     # retries, for a few minutes (randomised exponential backoff up to 5 s between attempts);
@@ -658,10 +672,14 @@ def worker(
         signals.worker_init.connect(lambda **_: resources_of(app, settings), weak=False)
     else:
         signals.worker_process_init.connect(lambda **_: start_process(app, settings), weak=False)
-    if "verify" in queues:
+    if queues[0] == "verify":
         argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"--queues={QUEUE}"]
         if concurrency:
             argv.append(f"--concurrency={concurrency}")
+    elif queues[0] == "android":
+        # Android jobs wait on Google's answers: many threads in one process.
+        argv = ["worker", "--pool=threads", f"--loglevel={loglevel}", f"--queues={ANDROID_QUEUE}"]
+        argv.append(f"--concurrency={android_concurrency}")
     else:
         # Exchanges wait on Apple: a pool of threads, not processes.
         threads = concurrency or settings.receipt_refresh_threads
@@ -673,19 +691,25 @@ def worker(
     app.worker_main(argv)
 
 
-_QUEUE_NAMES = ("verify", "receipts")
+_QUEUE_NAMES = ("verify", "receipts", "android")
+# Set in the environment of a queue's worker started by another worker (``_start_child``).
+_CHILD_ENV = "APPATTEST_INTERNAL_QUEUE_CHILD"
 
 
 def _worker_queues(text: str | None, settings: Settings) -> tuple[str, ...]:
     """The queues a worker serves: those named, or by default verify, and receipts too when
     receipts can be refreshed (the DeviceCheck key is configured)."""
     if text is None:
-        return ("verify", "receipts") if settings.apple_configured() else ("verify",)
+        # The android queue is served even without an Android app: its jobs then end as
+        # unsupported_format instead of waiting for a worker that never comes.
+        if settings.apple_configured():
+            return ("verify", "receipts", "android")
+        return ("verify", "android")
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = sorted(set(names) - set(_QUEUE_NAMES))
     if unknown or not names:
         raise click.UsageError(
-            f"--queues takes verify and/or receipts, comma-separated (not {text!r})"
+            f"--queues takes verify, receipts and/or android, comma-separated (not {text!r})"
         )
     if "receipts" in names and not settings.apple_configured():
         raise click.UsageError(
@@ -695,14 +719,22 @@ def _worker_queues(text: str | None, settings: Settings) -> tuple[str, ...]:
     return tuple(name for name in _QUEUE_NAMES if name in names)
 
 
-def _start_receipts_child(policy: PolicyOptions, loglevel: str, hostname: str | None) -> None:
-    """Start the receipts queue's worker (a pool of threads) as a child that stops when this
-    process is gone; it shares this process's output."""
+def _start_child(
+    policy: PolicyOptions,
+    loglevel: str,
+    hostname: str | None,
+    queue: str,
+    android_concurrency: int,
+) -> None:
+    """Start the worker of ``queue`` (receipts or android: a pool of threads) as a child that
+    stops when this process is gone, named NAME-QUEUE@HOST; it shares this process's output."""
     name, _, host = (hostname or f"celery@{os.uname().nodename}").partition("@")
     command = _unsupervised_worker_command(
-        policy, None, "threads", loglevel, f"{name}-receipts@{host}"
+        policy, None, "threads", loglevel, f"{name}-{queue}@{host}"
     )
-    subprocess.Popen([*command, "--queues=receipts"])  # noqa: S603 - our own interpreter
+    command.append(f"--android-concurrency={android_concurrency}")
+    env = {**os.environ, _CHILD_ENV: "1"}
+    subprocess.Popen([*command, f"--queues={queue}"], env=env)  # noqa: S603 - our own interpreter
 
 
 def _schedule_while_running(app: Celery, settings: Settings) -> None:
@@ -751,6 +783,12 @@ def _serve_worker_metrics(settings: Settings) -> None:
     all on it."""
     port = settings.worker_metrics_port
     given = os.environ.get(MULTIPROC_ENV)
+    if os.environ.get(_CHILD_ENV):
+        # A queue's pool started by another worker: that worker cleared the folder and
+        # serves it; this one only writes there.
+        if given:
+            enable_multiprocess(Path(given), clear=False)
+        return
     if port is None and not given:
         return
     if given:

@@ -1,2 +1,3 @@
 """The queue adapters: the Celery app and its tasks, the one message contract and its publish
-path, the Redis ledger, the broker transports, and the worker's supervision and health check."""
+path, the Redis ledger, the broker transports, the worker's supervision and health check, and
+the client of Google's Play Integrity API that Android jobs need."""

@@ -40,7 +40,7 @@ from typing import Any, Final
 import redis
 from celery import Celery, states
 
-from worker.queue.messaging import decode, publish, read_task_metas
+from worker.queue.messaging import Message, decode, publish, read_task_metas
 from worker.queue.metrics import worker_metrics
 
 log = logging.getLogger("appattest.ledger")
@@ -141,10 +141,11 @@ class Ledger:
                 held.add(task_id)
         return held
 
-    def _queue_head_score(self) -> float | None:
-        """Publish time of the message workers take next; +inf for an empty queue, None when
-        that message is not in the ledger (nothing can then be concluded)."""
-        raw = self.client.lindex(self.queue, -1)
+    def _queue_head_score(self, queue: str | None = None) -> float | None:
+        """Publish time of the message workers take next from ``queue`` (the default queue
+        when None); +inf for an empty queue, None when that message is not in the ledger
+        (nothing can then be concluded)."""
+        raw = self.client.lindex(queue or self.queue, -1)
         if raw is None:
             return float("inf")
         task_id = _task_id_of(raw, wrapped=False)
@@ -174,25 +175,36 @@ class Ledger:
         if not open_entries:
             return SweepReport(len(stale), len(finished), [])
         held = self._in_flight()
-        head = self._queue_head_score()
-        if head is None:
-            return SweepReport(len(stale), len(finished), [])
-        lost = [task_id for task_id, score in open_entries if task_id not in held and score < head]
+        candidates = [(task_id, score) for task_id, score in open_entries if task_id not in held]
+        stored = (
+            self.client.hmget(JOBS_KEY, [task_id for task_id, _ in candidates])
+            if candidates
+            else []
+        )
+        # Each message is compared with the head of its own queue: a backlog on the Android
+        # queue (jobs waiting on Google) says nothing of Apple's, and the other way round.
+        heads: dict[str, float | None] = {}
         resent: list[str] = []
+        lost: list[tuple[str, Message]] = []
+        for (task_id, score), raw in zip(candidates, stored, strict=True):
+            if raw is None:
+                self.forget([task_id])
+                continue
+            entry = json.loads(raw)
+            try:
+                message = decode(entry["task"], entry["job"])
+            except ValueError as exc:  # MessageError: nothing a worker could run
+                log.error("task %s: ledger entry dropped: %s", task_id, exc)
+                self.forget([task_id])
+                continue
+            if message.queue not in heads:
+                heads[message.queue] = self._queue_head_score(message.queue)
+            head = heads[message.queue]
+            if head is not None and score < head:
+                lost.append((task_id, message))
         if lost:
-            stored = self.client.hmget(JOBS_KEY, lost)
             with celery_app.producer_or_acquire() as producer:
-                for task_id, raw in zip(lost, stored, strict=True):
-                    if raw is None:
-                        self.forget([task_id])
-                        continue
-                    entry = json.loads(raw)
-                    try:
-                        message = decode(entry["task"], entry["job"])
-                    except ValueError as exc:  # MessageError: nothing a worker could run
-                        log.error("task %s: ledger entry dropped: %s", task_id, exc)
-                        self.forget([task_id])
-                        continue
+                for task_id, message in lost:
                     # Re-scored first: the next sweep sees it as just published.
                     self.client.zadd(LEDGER_KEY, {task_id: time.time()})
                     publish(celery_app, task_id, message, ledger=None, producer=producer)

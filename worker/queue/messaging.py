@@ -38,16 +38,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 VERSION: Final = 1
 READABLE_VERSIONS: Final = frozenset({1})
 
-# Queues. Jobs of another kind (Android, receipt refresh) get a queue of their own, named here.
+# Queues. Jobs of another kind get a queue of their own, named here: Android jobs wait on
+# Google's network answers, so a pool of threads serves their queue, apart from the processes
+# that run Apple's CPU-bound checks.
 QUEUE: Final = "appattest"
 # Receipt refreshes wait on Apple's fraud-metric service (I/O): a queue of their own, served by
 # a pool of threads, so that the CPU-bound verification workers never wait on Apple.
 RECEIPTS_QUEUE: Final = "appattest.receipts"
+ANDROID_QUEUE: Final = "appattest.android"
 
 # Task names: running deployments hold queued messages under these names; never rename them.
 VERIFY_TASK: Final = "appattest.verify"
 REVERIFY_TASK: Final = "appattest.reverify"
 VERIFY_BATCH_TASK: Final = "appattest.verify_batch"
+VERIFY_ANDROID_BATCH_TASK: Final = "appattest.verify_android_batch"
 REFRESH_TASK: Final = "appattest.refresh_receipts"
 
 # The largest batch a message may carry: bounds the memory and the transaction of one task.
@@ -142,6 +146,16 @@ class VerifyBatch(Message):
     jobs: tuple[VerifyJob, ...] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
 
 
+class VerifyAndroidBatch(Message):
+    """``appattest.verify_android_batch``: Android jobs of the HTTP producer (bodies with
+    ``"platform": "android"``), on the Android queue; the same jobs as ``VerifyBatch``."""
+
+    task: ClassVar[str] = VERIFY_ANDROID_BATCH_TASK
+    queue: ClassVar[str] = ANDROID_QUEUE
+
+    jobs: tuple[VerifyJob, ...] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
+
+
 class VerifyOne(Message):
     """``appattest.verify``: one plugin body, the job id being the task id.
 
@@ -187,13 +201,19 @@ class RefreshReceipts(Message):
 
 
 _MESSAGES: Final[dict[str, type[Message]]] = {
-    m.task: m for m in (VerifyBatch, VerifyOne, ReverifyBatch, RefreshReceipts)
+    m.task: m for m in (VerifyBatch, VerifyAndroidBatch, VerifyOne, ReverifyBatch, RefreshReceipts)
 }
 
 
 def queues() -> tuple[str, ...]:
     """Every queue a message is published to, in a stable order (for monitoring)."""
     return tuple(sorted({m.queue for m in _MESSAGES.values()}))
+
+
+def queue_of(task: str) -> str:
+    """The queue the messages of ``task`` travel on (the default queue for an unknown task)."""
+    model = _MESSAGES.get(task)
+    return model.queue if model is not None else QUEUE
 
 
 def encode(message: Message) -> dict[str, Any]:

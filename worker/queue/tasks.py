@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -16,26 +18,37 @@ from sqlalchemy import text
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from worker.contract import VerificationResult, kind_of, parse_request
+from worker.contract import (
+    PLATFORM_ANDROID,
+    AssertionRequest,
+    PluginRequest,
+    VerificationResult,
+    kind_of,
+    parse_request,
+)
 from worker.core import IntermediateCache, Reason, Rejected
 from worker.queue.ledger import Ledger, ledger_for
 from worker.queue.messaging import (
     MAX_BATCH_JOBS,
     REFRESH_TASK,
     REVERIFY_TASK,
+    VERIFY_ANDROID_BATCH_TASK,
     VERIFY_BATCH_TASK,
     VERIFY_TASK,
     MessageError,
     RefreshReceipts,
     ReverifyBatch,
     UnsupportedMessage,
+    VerifyAndroidBatch,
     VerifyBatch,
     VerifyOne,
     decode,
     encode,
 )
 from worker.queue.metrics import CacheCounts, WorkerMetrics, observe_verdicts, worker_metrics
+from worker.queue.play_integrity import PlayIntegrityClient
 from worker.service import VerificationService
+from worker.service.integrity import IntegrityService
 from worker.service.refresh_runs import RefreshRunner
 from worker.service.reverify import Reverifier
 from worker.settings import Settings
@@ -101,6 +114,48 @@ class ProcessResources:
             )
         return self.runner
 
+    settings: Settings | None = None
+    _android: dict[bool, IntegrityService] = field(default_factory=dict)
+    _android_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def android(self, *, issued_challenges: bool = True) -> IntegrityService | None:
+        """The Android service (Google's client, its pool of threads for the decode calls),
+        built on first use, so that a process serving only Apple's queue never signs in to
+        Google; None when no Android app is configured."""
+        if self.settings is None:
+            return None
+        credentials = self.settings.google_credentials_file
+        if not self.settings.android_apps or credentials is None:
+            return None
+        with self._android_lock:
+            service = self._android.get(issued_challenges)
+            if service is None:
+                first = next(iter(self._android.values()), None)
+                if first is not None:
+                    decoder, executor = first.decoder, first.executor
+                else:
+                    settings = self.settings
+                    decoder = PlayIntegrityClient(
+                        credentials_file=credentials,
+                        base_url=settings.play_integrity_url,
+                        timeout_seconds=settings.play_integrity_timeout_seconds,
+                        attempts=settings.play_integrity_attempts,
+                        max_connections=settings.play_integrity_concurrency,
+                    )
+                    executor = ThreadPoolExecutor(
+                        max_workers=settings.play_integrity_concurrency,
+                        thread_name_prefix="play-integrity",
+                    )
+                service = IntegrityService(
+                    policy=self.settings.android_policy(),
+                    decoder=decoder,
+                    sessions=self.service.sessions,
+                    issued_challenges=issued_challenges,
+                    executor=executor,
+                )
+                self._android[issued_challenges] = service
+        return service
+
     @classmethod
     def build(cls, app: Celery, settings: Settings) -> ProcessResources:
         sessions = session_factory(create_store_engine(settings.store_url))
@@ -124,6 +179,7 @@ class ProcessResources:
             cache=cache,
             ledger=ledger_for(app),
             known_apps=frozenset(settings.app_ids) | frozenset(settings.dev_app_ids),
+            settings=settings,
         )
 
 
@@ -196,10 +252,14 @@ def run_job(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
             raise Rejected(Reason.INVALID_REQUEST, "job has no body")
         request = parse_request(message.body)
         resources = resources_of(task.app, settings)
-        service = resources.offline if message.challenges_given else resources.service
         # Operator imports may verify as of the instant the registrations were made.
         at = message.at if message.challenges_given else None
-        verdict = service.handle(request, job_id=job_id, now=at).to_json_dict()
+        if request.platform == PLATFORM_ANDROID:
+            android = _android_service(resources, issued=not message.challenges_given)
+            verdict = android.handle(request, job_id=job_id, now=at).to_json_dict()
+        else:
+            service = resources.offline if message.challenges_given else resources.service
+            verdict = service.handle(request, job_id=job_id, now=at).to_json_dict()
     except Rejected as exc:
         verdict = _rejection(body, exc.reason, exc.detail)
     except INFRASTRUCTURE_ERRORS as exc:
@@ -234,8 +294,73 @@ def _refused_batch(payload: Any, exc: MessageError) -> dict[str, Any]:
     }
 
 
-def run_batch(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
-    """Decide a ``VerifyBatch``; return ``{"results": [...], "jobIds": [...]}`` in job order,
+def _android_service(resources: ProcessResources, *, issued: bool = True) -> IntegrityService:
+    service = resources.android(issued_challenges=issued)
+    if service is None:
+        raise Rejected(
+            Reason.UNSUPPORTED_FORMAT,
+            "no Android app is configured (APPATTEST_ANDROID_APPS and "
+            "APPATTEST_GOOGLE_CREDENTIALS_FILE)",
+        )
+    return service
+
+
+def _decide(
+    resources: ProcessResources,
+    items: list[tuple[str | None, PluginRequest | VerificationResult]],
+    owners: list[str | None],
+    request_ids: list[str | None],
+) -> list[VerificationResult]:
+    """Decide a batch's items: Android requests by the Android service (Google decodes them),
+    the rest (and the rejections already made) by Apple's; verdicts in the items' order.
+    (Android verdict rows carry no request id.)"""
+    android = [
+        n
+        for n, (_, item) in enumerate(items)
+        if not isinstance(item, VerificationResult) and item.platform == PLATFORM_ANDROID
+    ]
+    if not android:
+        return resources.service.handle_batch(items, submitted_by=owners, request_ids=request_ids)
+    results: list[VerificationResult | None] = [None] * len(items)
+    chosen = set(android)
+    apple = [n for n in range(len(items)) if n not in chosen]
+    try:
+        service = _android_service(resources)
+    except Rejected as exc:
+        # Recorded as verdicts like any other rejection, through the Apple service's batch.
+        for n in android:
+            job_id, item = items[n]
+            assert not isinstance(item, VerificationResult)
+            rejection = VerificationResult.rejection(
+                kind="assertion" if isinstance(item, AssertionRequest) else "registration",
+                key_id=item.key_id,
+                reason=exc.reason,
+                detail=exc.detail,
+                platform=PLATFORM_ANDROID,
+            )
+            items[n] = (job_id, rejection)
+        return resources.service.handle_batch(items, submitted_by=owners, request_ids=request_ids)
+    decided = service.handle_batch(
+        [items[n] for n in android], submitted_by=[owners[n] for n in android]
+    )
+    for n, verdict in zip(android, decided, strict=True):
+        results[n] = verdict
+    if apple:
+        decided = resources.service.handle_batch(
+            [items[n] for n in apple],
+            submitted_by=[owners[n] for n in apple],
+            request_ids=[request_ids[n] for n in apple],
+        )
+        for n, verdict in zip(apple, decided, strict=True):
+            results[n] = verdict
+    return [verdict for verdict in results if verdict is not None]
+
+
+def run_batch(
+    task: Task, settings: Settings, payload: Any, *, task_name: str = VERIFY_BATCH_TASK
+) -> dict[str, Any]:
+    """Decide a ``VerifyBatch`` (or a ``VerifyAndroidBatch``: ``task_name``); return
+    ``{"results": [...], "jobIds": [...]}`` in job order,
     one result backend write for the whole batch. ``submittedBy`` (an API key's name) is
     recorded with each verdict.
 
@@ -246,12 +371,12 @@ def run_batch(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
     ends every job id found in it as ``invalid_request``, with ``error`` saying why.
     """
     try:
-        batch = decode(VERIFY_BATCH_TASK, payload)
+        batch = decode(task_name, payload)
     except MessageError as exc:
         _refused(task, exc)
         return _refused_batch(payload, exc)
-    assert isinstance(batch, VerifyBatch)
-    items: list[tuple[str | None, Any]] = []
+    assert isinstance(batch, VerifyBatch | VerifyAndroidBatch)
+    items: list[tuple[str | None, PluginRequest | VerificationResult]] = []
     job_ids: list[str | None] = [job.job_id for job in batch.jobs]
     owners: list[str | None] = [job.submitted_by for job in batch.jobs]
     for job in batch.jobs:
@@ -265,9 +390,7 @@ def run_batch(task: Task, settings: Settings, payload: Any) -> dict[str, Any]:
     resources = resources_of(task.app, settings)
     started = time.perf_counter()
     try:
-        results = resources.service.handle_batch(
-            items, submitted_by=owners, request_ids=request_ids
-        )
+        results = _decide(resources, items, owners, request_ids)
         decided = [result.to_json_dict() for result in results]
     except INFRASTRUCTURE_ERRORS as exc:
         _retry_or_raise(task, settings, exc)
@@ -445,6 +568,10 @@ def register(app: Celery, settings: Settings) -> None:
     @task(VERIFY_BATCH_TASK)  # type: ignore[untyped-decorator]
     def verify_batch(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         return run_batch(self, settings, payload)
+
+    @task(VERIFY_ANDROID_BATCH_TASK)  # type: ignore[untyped-decorator]
+    def verify_android_batch(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        return run_batch(self, settings, payload, task_name=VERIFY_ANDROID_BATCH_TASK)
 
     @task(REVERIFY_TASK)  # type: ignore[untyped-decorator]
     def reverify(self: Task, payload: dict[str, Any]) -> dict[str, Any]:

@@ -13,11 +13,13 @@ import asyncio
 import json
 import shlex
 import sys
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 import click
+from cryptography.hazmat.primitives.asymmetric import rsa
 from rich.console import Console
 
 from worker.cli.progress import RunProgress
@@ -32,9 +34,20 @@ from worker.simulator.authority import (
     sample_bodies,
 )
 from worker.simulator.devices import APP_ID, TestCA
-from worker.simulator.flow import Outcome, Plan, ServiceError, Simulation, planned_jobs, simulate
+from worker.simulator.flow import (
+    SIMULATED_CERTIFICATE,
+    SIMULATED_PACKAGE,
+    Outcome,
+    Plan,
+    ServiceError,
+    Simulation,
+    planned_jobs,
+    simulate,
+)
+from worker.simulator.google import FakeGoogle, fake_google, load_service_account
 from worker.simulator.report import render, summarize
 
+GOOGLE_ACCOUNT_FILE: Final = "google-service-account.json"
 UNEXPECTED_VERDICT: Final = 1
 SERVICE_UNUSABLE: Final = 3
 
@@ -67,11 +80,33 @@ def _write_sample(ca: TestCA, sample_file: Path, ca_dir: Path, app_id: str) -> N
     click.echo(f"  {command}")
 
 
-def _make_ca(ca_dir: Path, sample_file: Path | None, app_id: str) -> None:
+def _make_google(ca_dir: Path, port: int) -> None:
+    """Write the simulated Google service account beside the CA, and print the Android
+    settings that point a service at the fake Google ``--android`` runs on ``port``."""
+    path = ca_dir / GOOGLE_ACCOUNT_FILE
+    if path.exists():
+        return
+    fake = FakeGoogle(url=f"http://127.0.0.1:{port}", key=rsa.generate_private_key(65537, 2048))
+    fake.service_account_file(ca_dir, GOOGLE_ACCOUNT_FILE).chmod(0o600)
+    apps = {SIMULATED_PACKAGE: {"certificateDigests": [SIMULATED_CERTIFICATE.hex()]}}
+    click.echo(
+        f"{GOOGLE_ACCOUNT_FILE} is a simulated Google service account (private, mode 0600): "
+        f"for Android devices (--android N), which run a fake Google on port {port}, also set:"
+    )
+    for name, value in (
+        ("APPATTEST_ANDROID_APPS", json.dumps(apps)),
+        ("APPATTEST_GOOGLE_CREDENTIALS_FILE", str(path.resolve())),
+        ("APPATTEST_PLAY_INTEGRITY_URL", fake.url),
+    ):
+        click.echo(f"  export {name}={shlex.quote(value)}")
+
+
+def _make_ca(ca_dir: Path, sample_file: Path | None, app_id: str, google_port: int) -> None:
     try:
         ca = create_ca_dir(ca_dir, now=datetime.now(UTC))
     except CAFilesError as exc:
         raise click.UsageError(f"--make-ca: {exc}") from exc
+    _make_google(ca_dir, google_port)
     root = ca_dir / ROOT_FILE
     click.echo(
         f"created a throwaway test CA in {ca_dir} (valid {CA_LIFETIME.days} days): {ROOT_FILE} is"
@@ -161,6 +196,22 @@ def _make_ca(ca_dir: Path, sample_file: Path | None, app_id: str) -> None:
     show_default=True,
     help="Give up when a job has no verdict after this many seconds.",
 )
+@click.option(
+    "--android",
+    "android",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Android devices to run too (Play Integrity), against a fake Google this command "
+    "serves; the service must use the Android settings --make-ca printed.",
+)
+@click.option(
+    "--google-port",
+    type=click.IntRange(1, 65535),
+    default=8790,
+    show_default=True,
+    help="With --make-ca: the port the fake Google of --android will listen on.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def simulate_command(
     make_ca_dir: Path | None,
@@ -175,6 +226,8 @@ def simulate_command(
     hostile: bool,
     wait_seconds: float,
     job_timeout: float,
+    android: int,
+    google_port: int,
     as_json: bool,
 ) -> None:
     """Try a service without a phone: fake devices under a throwaway CA run the real flow.
@@ -188,7 +241,7 @@ def simulate_command(
     if make_ca_dir is not None:
         if url is not None or ca_dir is not None:
             raise click.UsageError("--make-ca creates a CA and stops; run again with --ca DIR")
-        _make_ca(make_ca_dir, sample_file, app_id)
+        _make_ca(make_ca_dir, sample_file, app_id, google_port)
         return
     if ca_dir is None:
         raise click.UsageError("give --make-ca DIR to create a CA, or --ca DIR to use one")
@@ -211,8 +264,9 @@ def simulate_command(
         hostile=hostile,
         wait_seconds=wait_seconds,
         job_timeout_seconds=job_timeout,
+        android=android,
     )
-    simulation = _run(url, api_key, _load(ca_dir), plan)
+    simulation = _run(url, api_key, _load(ca_dir), plan, ca_dir)
     summary = summarize(simulation)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -222,7 +276,7 @@ def simulate_command(
         sys.exit(UNEXPECTED_VERDICT)
 
 
-def _run(url: str, api_key: str, ca: TestCA, plan: Plan) -> Simulation:
+def _run(url: str, api_key: str, ca: TestCA, plan: Plan, ca_dir: Path) -> Simulation:
     click.echo(
         f"simulating {plan.devices} devices ({plan.concurrency} at a time) against {url}", err=True
     )
@@ -232,7 +286,22 @@ def _run(url: str, api_key: str, ca: TestCA, plan: Plan) -> Simulation:
         progress.update(progress.completed + 1)
 
     try:
-        return asyncio.run(simulate(url=url, api_key=api_key, ca=ca, plan=plan, on_outcome=count))
+        with ExitStack() as stack:
+            google = None
+            if plan.android:
+                try:
+                    key, key_id, port = load_service_account(ca_dir / GOOGLE_ACCOUNT_FILE)
+                    google = stack.enter_context(fake_google(key, key_id=key_id, port=port))
+                except (ValueError, OSError) as exc:
+                    raise ServiceError(
+                        f"--android: cannot run the fake Google ({exc}); make the CA directory "
+                        "again with --make-ca"
+                    ) from exc
+            return asyncio.run(
+                simulate(
+                    url=url, api_key=api_key, ca=ca, plan=plan, on_outcome=count, google=google
+                )
+            )
     except ServiceError as exc:
         message, status = f"error: {exc}", SERVICE_UNUSABLE
     except KeyboardInterrupt:

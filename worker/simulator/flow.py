@@ -20,13 +20,20 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from worker.simulator.devices import Device, TestCA
+from worker.simulator.google import FakeGoogle, payload
+
+# The Android app the simulated devices run, as ``appattest simulate --make-ca`` prints its
+# policy: its package, and the SHA-256 of its signing certificate.
+SIMULATED_PACKAGE: Final = "com.example.simulated"
+SIMULATED_OTHER_PACKAGE: Final = "com.example.someoneelse"
+SIMULATED_CERTIFICATE: Final = bytes.fromhex("5a" * 32)
 
 ACCEPTED: Final = "accepted"
 """The verdict of a job the service accepted; every other verdict is a reason code."""
@@ -122,8 +129,58 @@ FOREIGN_APP_REGISTRATION: Final = Case(
 ANDROID_BODY: Final = Case(
     "android_body",
     "registration",
-    frozenset({"unsupported_format"}),
-    "the plugin's Android body, refused at the door",
+    frozenset({"unsupported_format", "integrity_token_invalid"}),
+    "an Android body whose token Google never issued (unsupported_format where no Android app"
+    " is configured)",
+)
+# Android devices (``Plan.android``), against the local fake of Google the service asks.
+ANDROID_REGISTRATION: Final = Case(
+    "android_registration",
+    "registration",
+    frozenset({ACCEPTED}),
+    "an Android app attests over a fresh challenge (Play Integrity)",
+)
+ANDROID_ASSERTION: Final = Case(
+    "android_assertion",
+    "assertion",
+    frozenset({ACCEPTED}),
+    "an Android request whose payload embeds a fresh challenge",
+)
+ANDROID_REPLAY: Final = Case(
+    "android_replay",
+    "registration",
+    frozenset({"challenge_used"}),
+    "an accepted Android body sent again (same token, same challenge)",
+)
+ANDROID_FOREIGN_PACKAGE: Final = Case(
+    "android_foreign_package",
+    "registration",
+    frozenset({"integrity_token_invalid"}),
+    "a genuine token of another package (Google refuses to decode it for ours)",
+)
+ANDROID_HASH_MISMATCH: Final = Case(
+    "android_hash_mismatch",
+    "registration",
+    frozenset({"integrity_request_hash_mismatch"}),
+    "a token requested over another challenge",
+)
+ANDROID_STALE: Final = Case(
+    "android_stale",
+    "registration",
+    frozenset({"integrity_token_stale"}),
+    "a token requested an hour ago",
+)
+ANDROID_UNTRUSTED_DEVICE: Final = Case(
+    "android_untrusted_device",
+    "registration",
+    frozenset({"integrity_device_not_trusted"}),
+    "a device that meets only basic integrity (rooted, emulator)",
+)
+ANDROID_SIDELOADED: Final = Case(
+    "android_sideloaded",
+    "registration",
+    frozenset({"integrity_app_unrecognized"}),
+    "a build Play does not recognise",
 )
 
 HONEST_CASES: Final = (REGISTRATION, ASSERTION)
@@ -139,6 +196,15 @@ HOSTILE_CASES: Final = (
     NONCE_MISMATCH,
     FOREIGN_APP_REGISTRATION,
     ANDROID_BODY,
+)
+ANDROID_CASES: Final = (ANDROID_REGISTRATION, ANDROID_ASSERTION)
+ANDROID_HOSTILE_CASES: Final = (
+    ANDROID_REPLAY,
+    ANDROID_FOREIGN_PACKAGE,
+    ANDROID_HASH_MISMATCH,
+    ANDROID_STALE,
+    ANDROID_UNTRUSTED_DEVICE,
+    ANDROID_SIDELOADED,
 )
 
 
@@ -174,12 +240,15 @@ class Plan:
     hostile: bool = False
     wait_seconds: float = 10.0
     job_timeout_seconds: float = 60.0
+    # Android devices, run beside the iOS ones; they need ``simulate``'s ``google``.
+    android: int = 0
 
 
 def planned_jobs(plan: Plan) -> int:
     """How many verdicts the plan asks for when every registration is accepted."""
     per_device = 1 + plan.assertions + (len(HOSTILE_CASES) if plan.hostile else 0)
-    return plan.devices * per_device
+    per_android = 1 + plan.assertions + (len(ANDROID_HOSTILE_CASES) if plan.hostile else 0)
+    return plan.devices * per_device + plan.android * per_android
 
 
 @dataclass
@@ -432,6 +501,68 @@ async def _run_hostile(
     record(await service.judge(ANDROID_BODY, android))
 
 
+def _android_body(token: str, challenge: str, payload_text: str | None = None) -> dict[str, str]:
+    body = {
+        "platform": "android",
+        "format": "google-play-integrity-standard",
+        "keyId": "android-standard-integrity",
+        "token": token,
+        "challenge": challenge,
+    }
+    if payload_text is not None:
+        body["payload"] = payload_text
+    return body
+
+
+def _token(
+    google: FakeGoogle, signed_text: str, *, package: str = SIMULATED_PACKAGE, **verdict: Any
+) -> str:
+    """A token the fake Google decodes to a verdict over ``signed_text`` (``verdict``: the
+    fields a test changes, as ``payload`` takes them)."""
+    at = verdict.pop("at", None) or _now()
+    answer = payload(
+        package_name=SIMULATED_PACKAGE,
+        signed_text=signed_text,
+        certificate_digest=SIMULATED_CERTIFICATE,
+        at=at,
+        **verdict,
+    )
+    return google.add_token(package, answer)
+
+
+async def _run_android_device(
+    service: _Service, google: FakeGoogle, plan: Plan, record: Callable[[Outcome], None]
+) -> None:
+    """One Android app's life: an attestation, assertions, then the hostile cases."""
+    challenge = await service.challenge("registration")
+    body = _android_body(_token(google, challenge), challenge)
+    registered = await service.judge(ANDROID_REGISTRATION, body)
+    record(registered)
+    for index in range(plan.assertions):
+        nonce = await service.challenge("assertion")
+        text = f"simulated request {index};nonce={nonce}"
+        asserted = _android_body(_token(google, text), nonce, text)
+        record(await service.judge(ANDROID_ASSERTION, asserted))
+    if not plan.hostile:
+        return
+    record(await service.judge(ANDROID_REPLAY, body))
+    challenge = await service.challenge("registration")
+    foreign = _token(google, challenge, package=SIMULATED_OTHER_PACKAGE)
+    record(await service.judge(ANDROID_FOREIGN_PACKAGE, _android_body(foreign, challenge)))
+    challenge = await service.challenge("registration")
+    other = _token(google, challenge + "-another")
+    record(await service.judge(ANDROID_HASH_MISMATCH, _android_body(other, challenge)))
+    challenge = await service.challenge("registration")
+    stale = _token(google, challenge, at=_now() - timedelta(hours=1))
+    record(await service.judge(ANDROID_STALE, _android_body(stale, challenge)))
+    challenge = await service.challenge("registration")
+    rooted = _token(google, challenge, device_labels=("MEETS_BASIC_INTEGRITY",))
+    record(await service.judge(ANDROID_UNTRUSTED_DEVICE, _android_body(rooted, challenge)))
+    challenge = await service.challenge("registration")
+    sideloaded = _token(google, challenge, app_recognition="UNRECOGNIZED_VERSION")
+    record(await service.judge(ANDROID_SIDELOADED, _android_body(sideloaded, challenge)))
+
+
 async def simulate(
     *,
     url: str,
@@ -439,8 +570,12 @@ async def simulate(
     ca: TestCA,
     plan: Plan,
     on_outcome: Callable[[Outcome], None] | None = None,
+    google: FakeGoogle | None = None,
 ) -> Simulation:
     """Run ``plan``'s devices against the service at ``url``, ``plan.concurrency`` at a time.
+
+    ``plan.android`` Android devices run beside the iOS ones, their tokens made by ``google``
+    (the fake the service is pointed at).
 
     Returns every outcome with the wall time of the run (the first challenge, which checks
     that the service answers and takes the key, is not timed). Raises ``ServiceError`` when the
@@ -469,11 +604,21 @@ async def simulate(
             async with slots:
                 await _run_device(service, ca, plan, record)
 
+        async def android_device() -> None:
+            assert google is not None
+            async with slots:
+                await _run_android_device(service, google, plan, record)
+
+        if plan.android and google is None:
+            raise ValueError("Android devices need the fake Google (google=...)")
+
         started = time.perf_counter()
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(plan.devices):
                     group.create_task(device())
+                for _ in range(plan.android):
+                    group.create_task(android_device())
         except BaseExceptionGroup as failures:
             service_errors = failures.subgroup(ServiceError)
             if service_errors is None or len(service_errors.exceptions) != len(failures.exceptions):

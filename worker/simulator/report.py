@@ -11,7 +11,14 @@ from typing import Any, Final
 from rich.console import Console
 from rich.table import Table
 
-from worker.simulator.flow import HONEST_CASES, HOSTILE_CASES, Outcome, Simulation
+from worker.simulator.flow import (
+    ANDROID_CASES,
+    ANDROID_HOSTILE_CASES,
+    HONEST_CASES,
+    HOSTILE_CASES,
+    Outcome,
+    Simulation,
+)
 
 PERCENTILES: Final = (50, 95, 99)
 _SHOWN_UNEXPECTED: Final = 10
@@ -31,7 +38,7 @@ def summarize(simulation: Simulation) -> dict[str, Any]:
     by job kind, and the first unexpected outcomes."""
     outcomes = simulation.outcomes
     cases: dict[str, dict[str, Any]] = {}
-    for case in (*HONEST_CASES, *HOSTILE_CASES):
+    for case in (*HONEST_CASES, *HOSTILE_CASES, *ANDROID_CASES, *ANDROID_HOSTILE_CASES):
         mine = [o for o in outcomes if o.case == case]
         if mine:
             cases[case.name] = {

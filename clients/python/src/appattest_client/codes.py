@@ -51,6 +51,16 @@ class Reason(StrEnum):
     # Optional policy (APPATTEST_MAX_RISK_METRIC): the key's risk metric, from Apple's last
     # refreshed receipt, is above the configured limit.
     RISK_METRIC_EXCEEDED = "risk_metric_exceeded"
+    # Android (Google Play Integrity standard requests).
+    INTEGRITY_TOKEN_INVALID = "integrity_token_invalid"  # noqa: S105 - a reason code
+    INTEGRITY_REQUEST_HASH_MISMATCH = "integrity_request_hash_mismatch"
+    INTEGRITY_PACKAGE_MISMATCH = "integrity_package_mismatch"
+    INTEGRITY_APP_UNRECOGNIZED = "integrity_app_unrecognized"
+    INTEGRITY_CERTIFICATE_MISMATCH = "integrity_certificate_mismatch"
+    INTEGRITY_VERSION_TOO_OLD = "integrity_version_too_old"
+    INTEGRITY_DEVICE_NOT_TRUSTED = "integrity_device_not_trusted"
+    INTEGRITY_UNLICENSED = "integrity_unlicensed"
+    INTEGRITY_TOKEN_STALE = "integrity_token_stale"  # noqa: S105 - a reason code
 
 
 class Environment(StrEnum):

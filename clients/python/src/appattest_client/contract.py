@@ -13,13 +13,27 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from appattest_client.codes import Environment, Reason
 from appattest_client.limits import MAX_CHALLENGE_CHARS, MAX_PAYLOAD_CHARS, MAX_TOKEN_CHARS
 
 PLATFORM_IOS: Final = "ios"
 FORMAT_APPLE_APP_ATTEST: Final = "apple-app-attest"
+PLATFORM_ANDROID: Final = "android"
+FORMAT_PLAY_INTEGRITY: Final = "google-play-integrity-standard"
+# The (platform, format) pairs the service verifies: iOS App Attest, and on Android a Google
+# Play Integrity standard token.
+SUPPORTED_FORMATS: Final = frozenset(
+    {(PLATFORM_IOS, FORMAT_APPLE_APP_ATTEST), (PLATFORM_ANDROID, FORMAT_PLAY_INTEGRITY)}
+)
 
 
 def _utf8_encodable(value: str) -> str:
@@ -49,6 +63,7 @@ ChallengeText = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_CHALLENGE_CHARS), _Utf8
 ]
 PayloadText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PAYLOAD_CHARS), _Utf8]
+PackageText = Annotated[str, StringConstraints(min_length=1, max_length=255), _Utf8]
 
 
 class _PluginBody(BaseModel):
@@ -58,6 +73,14 @@ class _PluginBody(BaseModel):
     format: ShortText
     key_id: KeyIdText = Field(alias="keyId")
     token: TokenText
+    # Android only: which configured app the token is for, needed when several are.
+    package_name: PackageText | None = Field(default=None, alias="packageName")
+
+    @model_validator(mode="after")
+    def _package_name_is_android_only(self) -> _PluginBody:
+        if self.package_name is not None and self.platform != PLATFORM_ANDROID:
+            raise ValueError(f"packageName is only for platform {PLATFORM_ANDROID!r}")
+        return self
 
 
 class RegistrationRequest(_PluginBody):
@@ -91,6 +114,25 @@ class Extensions(BaseModel):
     other: dict[str, str | int] = Field(default_factory=dict)
 
 
+class IntegrityVerdict(BaseModel):
+    """What Google's Play Integrity verdict said of an accepted Android request, for the
+    caller's own risk policy."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    app_recognition: str = Field(alias="appRecognition")
+    version_code: int | None = Field(default=None, alias="versionCode")
+    device_labels: list[str] = Field(alias="deviceLabels")
+    recent_device_activity: str | None = Field(default=None, alias="recentDeviceActivity")
+    licensing: str | None = None
+    play_protect: str | None = Field(default=None, alias="playProtect")
+    requested_at: datetime = Field(alias="requestedAt")
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class VerificationResult(BaseModel):
     """The verdict for one request: ``ok`` with the stored facts, or a reason code."""
 
@@ -110,6 +152,10 @@ class VerificationResult(BaseModel):
     # was measured; absent until a refresh measured one.
     risk_metric: int | None = Field(default=None, alias="riskMetric")
     risk_metric_at: datetime | None = Field(default=None, alias="riskMetricAt")
+    # Android verdicts only: iOS verdicts leave them out rather than carry them as null, so
+    # that their JSON stays what it was before Android was supported.
+    platform: str | None = Field(default=None, exclude_if=_is_none)
+    integrity: IntegrityVerdict | None = Field(default=None, exclude_if=_is_none)
 
     def to_json_dict(self) -> dict[str, Any]:
         """The result as plain JSON types, with the contract's camelCase names."""
@@ -117,7 +163,15 @@ class VerificationResult(BaseModel):
 
     @classmethod
     def rejection(
-        cls, *, kind: Kind | None, key_id: str | None, reason: Reason, detail: str
+        cls,
+        *,
+        kind: Kind | None,
+        key_id: str | None,
+        reason: Reason,
+        detail: str,
+        platform: str | None = None,
     ) -> VerificationResult:
         """A rejected verdict."""
-        return cls(ok=False, kind=kind, keyId=key_id, reason=reason, detail=detail)
+        return cls(
+            ok=False, kind=kind, keyId=key_id, reason=reason, detail=detail, platform=platform
+        )
