@@ -267,6 +267,24 @@ _store_option = click.option(
 )
 
 
+# Options of the commands that run on the settings' store (reverify, purge, receipts refresh).
+_settings_store_option = click.option(
+    "--store",
+    "store_url",
+    envvar="APPATTEST_STORE_URL",
+    default=None,
+    help="SQLAlchemy URL of the key store (default: the settings' store).",
+)
+# Options of the resumable runs through the workers (reverify, receipts refresh).
+_stall_timeout_option = click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Give up (resumably) when the workers decide nothing for this many seconds.",
+)
+
+
 @main.command()
 @click.argument("input_file", type=click.File("rb"), default="-")
 @policy_options
@@ -896,20 +914,8 @@ def _sweep_ledger_while_running(app: Celery, settings: Settings) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Where to write results.jsonl and results.csv (default reverify-RUNID).",
 )
-@click.option(
-    "--stall-timeout",
-    type=click.FloatRange(min=1),
-    default=300.0,
-    show_default=True,
-    help="Give up (resumably) when the workers decide nothing for this many seconds.",
-)
-@click.option(
-    "--store",
-    "store_url",
-    envvar="APPATTEST_STORE_URL",
-    default=None,
-    help="SQLAlchemy URL of the key store (default: the settings' store).",
-)
+@_stall_timeout_option
+@_settings_store_option
 def reverify(
     policy: PolicyOptions,
     distrust_certs: tuple[str, ...],
@@ -1009,13 +1015,7 @@ def reverify(
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted, and delete nothing.")
-@click.option(
-    "--store",
-    "store_url",
-    envvar="APPATTEST_STORE_URL",
-    default=None,
-    help="SQLAlchemy URL of the key store (default: the settings' store).",
-)
+@_settings_store_option
 def purge(dry_run: bool, store_url: str | None) -> None:
     """Delete expired challenges, verdicts past APPATTEST_VERDICT_RETENTION_DAYS and expired
     idempotency keys, in batches of APPATTEST_PURGE_BATCH_SIZE rows (what the workers do every
@@ -1072,20 +1072,8 @@ def receipts() -> None:
     help="Where to write results.jsonl and results.csv (default refresh-RUNID).",
 )
 @click.option("--batch-size", type=click.IntRange(1, 1000), default=100, show_default=True)
-@click.option(
-    "--stall-timeout",
-    type=click.FloatRange(min=1),
-    default=300.0,
-    show_default=True,
-    help="Give up (resumably) when the workers decide nothing for this many seconds.",
-)
-@click.option(
-    "--store",
-    "store_url",
-    envvar="APPATTEST_STORE_URL",
-    default=None,
-    help="SQLAlchemy URL of the key store (default: the settings' store).",
-)
+@_stall_timeout_option
+@_settings_store_option
 def refresh_receipts(
     app_ids: tuple[str, ...],
     environment: str | None,
