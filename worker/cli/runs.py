@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
@@ -80,18 +80,9 @@ def reverify_distributed(
     finally:
         if ledger is not None:
             ledger.close()
-    last_done, last_change = -1, time.monotonic()
-    while True:
-        with sessions() as session:
-            state = run_state(session, run_id)
-        progress.update(state.done)
-        if state.pending == 0:
-            return
-        if state.done != last_done:
-            last_done, last_change = state.done, time.monotonic()
-        elif time.monotonic() - last_change > stall_seconds:
-            raise Stalled(f"no key was decided for {stall_seconds:.0f} s")
-        time.sleep(poll_seconds)
+    _watch_run(
+        lambda: _state_of(sessions, run_state, run_id), progress, stall_seconds, poll_seconds
+    )
 
 
 def reverify_rows(sessions: sessionmaker[Session], run_id: str) -> Iterator[dict[str, Any]]:
@@ -258,6 +249,49 @@ class RunStopped(RuntimeError):
     """The run was stopped by a worker: Apple refused the DeviceCheck token."""
 
 
+class _RunState(Protocol):
+    @property
+    def done(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
+
+
+_S = TypeVar("_S", bound=_RunState)
+
+
+def _state_of(
+    sessions: sessionmaker[Session], read: Callable[[Session, str], _S], run_id: str
+) -> _S:
+    with sessions() as session:
+        return read(session, run_id)
+
+
+def _watch_run(
+    read: Callable[[], _RunState],
+    progress: RunProgress,
+    stall_seconds: float,
+    poll_seconds: float,
+) -> None:
+    """Follow a run the workers decide until no key is pending: progress as keys are decided,
+    ``RunStopped`` when the run records why it stopped, ``Stalled`` when nothing was decided
+    for ``stall_seconds``."""
+    last_done, last_change = -1, time.monotonic()
+    while True:
+        state = read()
+        progress.update(state.done)
+        stopped = getattr(state, "stopped_reason", None)
+        if stopped is not None:
+            raise RunStopped(stopped)
+        if state.pending == 0:
+            return
+        if state.done != last_done:
+            last_done, last_change = state.done, time.monotonic()
+        elif time.monotonic() - last_change > stall_seconds:
+            raise Stalled(f"no key was decided for {stall_seconds:.0f} s")
+        time.sleep(poll_seconds)
+
+
 def refresh_distributed(
     sessions: sessionmaker[Session],
     app: Celery,
@@ -279,20 +313,12 @@ def refresh_distributed(
         yield from pending
 
     publish_refresh(sessions, app, run_id, batches(), now=datetime.now(UTC))
-    last_done, last_change = -1, time.monotonic()
-    while True:
-        with sessions() as session:
-            state = refresh_run_state(session, run_id)
-        progress.update(state.done)
-        if state.stopped_reason is not None:
-            raise RunStopped(state.stopped_reason)
-        if state.pending == 0:
-            return
-        if state.done != last_done:
-            last_done, last_change = state.done, time.monotonic()
-        elif time.monotonic() - last_change > stall_seconds:
-            raise Stalled(f"no key was decided for {stall_seconds:.0f} s")
-        time.sleep(poll_seconds)
+    _watch_run(
+        lambda: _state_of(sessions, refresh_run_state, run_id),
+        progress,
+        stall_seconds,
+        poll_seconds,
+    )
 
 
 def refresh_rows(sessions: sessionmaker[Session], run_id: str) -> Iterator[dict[str, Any]]:
