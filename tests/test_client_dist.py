@@ -202,7 +202,7 @@ def test_client_wheel_holds_only_the_client(wheel: Path) -> None:
     requires = sorted(
         line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist")
     )
-    assert requires == ["httpx>=0.27", "pydantic>=2.6"]
+    assert requires == ["httpx>=0.27", "pydantic>=2.11"]
 
 
 @pytest.fixture(scope="module")
