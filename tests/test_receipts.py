@@ -752,7 +752,10 @@ def test_refresh_without_the_devicecheck_key_is_a_usage_error_and_dry_run_lists_
 
 @pytest.mark.parametrize(
     ("queues", "message"),
-    [("bogus", "--queues takes verify and/or receipts"), ("receipts", "APPATTEST_APPLE_KEY_ID")],
+    [
+        ("bogus", "--queues takes verify, receipts and/or android"),
+        ("receipts", "APPATTEST_APPLE_KEY_ID"),
+    ],
 )
 def test_worker_queues_are_checked(
     monkeypatch: pytest.MonkeyPatch, queues: str, message: str
