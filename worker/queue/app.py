@@ -49,7 +49,7 @@ def queue_app(settings: Settings) -> Celery:
         worker_log_format="%(asctime)s %(levelname)s %(processName)s %(message)s",
         # Celery's task events (-E, and "task-sent" from publishers) for Flower and exporters;
         # APPATTEST_CELERY_EVENTS=false turns them off. Arguments in events are redacted
-        # (worker.messaging.REDACTED_ARGS).
+        # (worker.queue.messaging.REDACTED_ARGS).
         worker_send_task_events=settings.celery_events,
         task_send_sent_event=settings.celery_events,
     )
