@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from producer.errors import ApiError, ErrorCode
-from producer.schemas import MAX_KEY_ID_CHARS, KeyStateResponse, RiskReading
+from producer.schemas import KEY_ID_PATTERN, KeyStateResponse, RiskReading
 from worker.store.receipts import KeyState, get_key_state
 
 
@@ -46,9 +46,7 @@ def key_state_response(state: KeyState) -> KeyStateResponse:
 
 # A keyId as the plugin sends it: standard base64 (its "/" are part of the path). Anything else
 # (a control character, which PostgreSQL cannot even compare) is 422 before the store is read.
-KeyIdPath = Annotated[
-    str, Path(alias="keyId", pattern=rf"^[A-Za-z0-9+/=]{{1,{MAX_KEY_ID_CHARS}}}$")
-]
+KeyIdPath = Annotated[str, Path(alias="keyId", pattern=KEY_ID_PATTERN)]
 
 
 def read_key_state(

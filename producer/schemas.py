@@ -9,6 +9,7 @@ classes; this module gives them their names on the server's side.
 from __future__ import annotations
 
 from appattest_client.api import (
+    KEY_ID_PATTERN,
     MAX_KEY_ID_CHARS,
     BatchItem,
     BatchJob,
@@ -33,6 +34,7 @@ from appattest_client.api import (
 )
 
 __all__ = [
+    "KEY_ID_PATTERN",
     "MAX_KEY_ID_CHARS",
     "BatchItem",
     "BatchJob",

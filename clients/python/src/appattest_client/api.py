@@ -28,6 +28,9 @@ IdempotencyKeyText = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,2
 # A keyId is standard base64 of 32 bytes: 44 characters. The challenge table's column has that
 # width, so a longer value could never match a key and is refused here instead of by the database.
 MAX_KEY_ID_CHARS = 44
+# A keyId where the API names one outside a plugin body (a challenge's key, the key route's
+# path): base64 text, so that nothing else (a control character) reaches the database.
+KEY_ID_PATTERN = rf"^[A-Za-z0-9+/=]{{1,{MAX_KEY_ID_CHARS}}}$"
 
 _Wire = ConfigDict(populate_by_name=True, frozen=True)
 
@@ -38,10 +41,9 @@ class ChallengeRequest(BaseModel):
     model_config = ConfigDict(populate_by_name=True, frozen=True, extra="forbid")
 
     purpose: PurposeName
-    key_id: (
-        Annotated[str, StringConstraints(pattern=rf"^[A-Za-z0-9+/=]{{1,{MAX_KEY_ID_CHARS}}}$")]
-        | None
-    ) = Field(default=None, alias="keyId")
+    key_id: Annotated[str, StringConstraints(pattern=KEY_ID_PATTERN)] | None = Field(
+        default=None, alias="keyId"
+    )
 
 
 class IssuedChallenge(BaseModel):
