@@ -439,6 +439,7 @@ class JobQueue:
             now=now,
             expired_before=now - timedelta(seconds=self.idempotency_ttl),
         )
+        replays: dict[tuple[str, bytes], tuple[int, str]] = {}
         for pair, i in first.items():
             found = held.get(pair)
             if found is None:
@@ -448,19 +449,28 @@ class JobQueue:
                     ErrorCode.IDEMPOTENCY_CONFLICT,
                     "this Idempotency-Key was used with another body",
                 )
-            elif self._is_lost(submissions[i].owner, found.job_id, session):
+            else:
+                replays[pair] = (i, found.job_id)
+        # Where the replayed jobs stand, in one read for the chunk.
+        statuses = self._read(
+            [(submissions[i].owner, job_id) for i, job_id in replays.values()],
+            consult_store=True,
+            session=session,
+        )
+        for (pair, (i, job_id)), status in zip(replays.items(), statuses, strict=True):
+            if status.status != "lost":
+                outcomes[i] = Outcome(job_id=job_id, replayed=True)
+            elif idempotency.replace_job(
+                session, *pair, old_job_id=job_id, new_job_id=job_ids[i], now=now
+            ):
                 # Accepted before, but its message was lost with the broker's data (the job
                 # is buried: no late delivery can decide it now). The key moves to a fresh
-                # job for this retry, unless a concurrent retry moved it first.
-                if idempotency.replace_job(
-                    session, *pair, old_job_id=found.job_id, new_job_id=job_ids[i], now=now
-                ):
-                    send.add(i)
-                else:
-                    current = idempotency.held_job(session, *pair)
-                    outcomes[i] = Outcome(job_id=current or found.job_id, replayed=True)
+                # job for this retry.
+                send.add(i)
             else:
-                outcomes[i] = Outcome(job_id=found.job_id, replayed=True)
+                # A concurrent retry moved the key first: answer with its job.
+                current = idempotency.held_job(session, *pair)
+                outcomes[i] = Outcome(job_id=current or job_id, replayed=True)
         for i, j in repeats.items():
             # The same key twice in one chunk: the second answers as a retry of the first.
             if hashes[i] != hashes[j]:
@@ -608,10 +618,6 @@ class JobQueue:
         return JobStatus(
             jobId=job_id, status="done", result=_internal_error(f"the job ended in state {state}")
         )
-
-    def _is_lost(self, owner: Owner, job_id: str, session: Session) -> bool:
-        [status] = self._read([(owner, job_id)], consult_store=True, session=session)
-        return status.status == "lost"
 
     def _read(
         self,
