@@ -312,43 +312,58 @@ def light(
     """Single assertions at 20/s against the stack, devices registered first."""
     runner.reset()
     register(runner, registrations)
-    prepared = [json.dumps(job.body).encode() for job in assertions]
-    _log(f"light load: {len(assertions):,} assertions at {LIGHT_RATE:g}/s")
-    before = runner.meters.read()
-    sent, seen, correct, wrong, start = asyncio.run(
-        light_load(runner.port, assertions, prepared, runner.timeout)
-    )
-    cpu = Meters.spent(before, runner.meters.read())
-    row = timed_row(
+    return _light_row(
+        runner.port,
+        assertions,
+        runner.meters,
+        runner.timeout,
         key="light_assertion",
         label=f"light load, {LIGHT_RATE:g} assertions/s ?wait",
-        kind="assertion",
-        sent=sent,
-        seen=seen,
-        start=start,
-        correct=correct,
-        wrong=wrong,
-        cpu=cpu,
-        reference=None,
+        embedded=False,
     )
-    _log(f"  p50 {row['latency_ms_p50']} ms, p99 {row['latency_ms_p99']} ms")
-    return row
 
 
 def embedded_light(
     port: int, assertions: Sequence[Job], meters: Meters, timeout: float
 ) -> dict[str, Any]:
     """The light load against ``appattest serve`` (devices registered by its bursts)."""
+    return _light_row(
+        port,
+        assertions,
+        meters,
+        timeout,
+        key="embedded_light_assertion",
+        label=f"embedded light load, {LIGHT_RATE:g} assertions/s",
+        embedded=True,
+    )
+
+
+def _light_row(
+    port: int,
+    assertions: Sequence[Job],
+    meters: Meters,
+    timeout: float,
+    *,
+    key: str,
+    label: str,
+    embedded: bool,
+) -> dict[str, Any]:
+    """One light-load row: the assertions at LIGHT_RATE per second, latency and CPU (for the
+    embedded service, the whole serve tree's)."""
     prepared = [json.dumps(job.body).encode() for job in assertions]
-    _log(f"embedded light load: {len(assertions):,} assertions at {LIGHT_RATE:g}/s")
+    _log(
+        f"{'embedded ' if embedded else ''}light load: {len(assertions):,} assertions at "
+        f"{LIGHT_RATE:g}/s"
+    )
     before = meters.read()
     sent, seen, correct, wrong, start = asyncio.run(light_load(port, assertions, prepared, timeout))
     cpu = Meters.spent(before, meters.read())
-    cpu["service"] = cpu.pop("api")
-    del cpu["workers"], cpu["postgresql"]
+    if embedded:
+        cpu["service"] = cpu.pop("api")
+        del cpu["workers"], cpu["postgresql"]
     row = timed_row(
-        key="embedded_light_assertion",
-        label=f"embedded light load, {LIGHT_RATE:g} assertions/s",
+        key=key,
+        label=label,
         kind="assertion",
         sent=sent,
         seen=seen,
