@@ -1335,8 +1335,10 @@ def run_e2e(
     reference: Reference,
     rows_wanted: Sequence[str] = ROWS,
     profile_dir: Path | None = None,
+    pool: str = "prefork",
 ) -> dict[str, Any]:
-    """Every end-to-end row; returns the results as a JSON-ready dictionary."""
+    """Every end-to-end row; returns the results as a JSON-ready dictionary. ``pool`` is the
+    workers' Celery pool (each worker runs one process of it)."""
     sizes = QUICK if quick else FULL
     timeout = 120.0 if quick else 600.0  # per burst; a job without a verdict by then is lost
     setup: dict[str, float] = {}
@@ -1375,7 +1377,9 @@ def run_e2e(
                     command, env, workdir / "api.log", f"http://127.0.0.1:{port}"
                 ) as api_pid:
                     for _ in range(2):
-                        worker_groups.append(stack.start_worker(concurrency=1, name="bench").pid)
+                        worker_groups.append(
+                            stack.start_worker(concurrency=1, pool=pool, name="bench").pid
+                        )
                     consumers = [f"bench{n}@{socket.gethostname()}" for n in range(2)]
                     setup["start_api_and_2_workers_s"] = round(time.perf_counter() - t, 2)
                     runner = Runner(
@@ -1568,6 +1572,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="record py-spy profiles of the API and the workers during each burst into DIR",
     )
+    parser.add_argument(
+        "--pool",
+        choices=("prefork", "solo"),
+        default="prefork",
+        help="the workers' Celery pool (default: prefork, as `appattest worker` runs)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument("--serve-api", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1587,6 +1597,7 @@ def main(argv: list[str] | None = None) -> int:
         reference=reference,
         rows_wanted=rows,
         profile_dir=args.profile,
+        pool=args.pool,
     )
     print(table(data))
     if args.json is not None:

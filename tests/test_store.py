@@ -13,7 +13,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import StatementError
 
 from tests.conftest import NOW
-from worker.store import bulk
+from worker.store import bulk, receipts
 from worker.store import reverify as runs
 from worker.store.challenges import Purpose, challenge_digest, issue_challenge
 from worker.store.db import create_store_engine, session_factory, upgrade
@@ -258,6 +258,90 @@ def test_batch_inserts_and_reads_keep_every_value(engine: Engine) -> None:
         assert (key.public_key, key.counter, key.revoked_at) == (rows[0]["public_key"], 0, None)
         assert bulk.get_verdicts(session, ["job-1", "job-3"]) == {"job-1": result}
         assert session.get(Verdict, "job-2").decided_at == NOW  # type: ignore[union-attr]
+
+
+def test_the_batch_read_returns_what_each_reader_returns(engine: Engine) -> None:
+    """``read_batch`` (one statement on PostgreSQL, its values as JSON) gives back exactly what
+    the one-statement-per-table readers give: bytes of every value, aware instants in UTC
+    whatever the server's zone, NULLs, revocations, risk metrics with and without a time,
+    used and unused challenges, nested verdict JSON, and nothing for unknown ids."""
+    every_byte = bytes(range(256))
+    keys = ["a" * 44, "b/+=" * 11, "c" * 44]
+    key_rows = [_key_row(k) for k in keys]
+    key_rows[0]["public_key"] = b"\x04" + every_byte[:64]
+    later = NOW + timedelta(microseconds=123457)
+    result = {"ok": False, "reason": "nonce_mismatch", "detail": 'é " \\ ✓', "n": [1, None]}
+    sessions = session_factory(engine)
+    with sessions() as session, session.begin():
+        if bulk.is_postgresql(session):
+            # Instants must come back in UTC whatever zone the server writes JSON in.
+            session.execute(text("SET LOCAL TIME ZONE 'Asia/Kathmandu'"))
+        bulk.insert_keys(session, key_rows)
+        session.execute(
+            text(
+                "UPDATE device_keys SET revoked_at = :at, revoked_reason = 'r', counter = 7 "
+                "WHERE key_id = :key"
+            ),
+            {"at": later, "key": keys[1]},
+        )
+        receipts.insert_receipt_states(
+            session,
+            [
+                {"key_id": keys[0], "receipt": b"r", "risk_metric": 12, "measured_at": later},
+                {"key_id": keys[1], "receipt": b"r", "risk_metric": 3, "measured_at": None},
+                {"key_id": keys[2], "receipt": b"r"},
+            ],
+        )
+        bulk.record_verdicts(
+            session,
+            [
+                {
+                    "job_id": "job-1",
+                    "kind": "registration",
+                    "key_id": None,
+                    "app_id": None,
+                    "ok": False,
+                    "reason": "nonce_mismatch",
+                    "result": result,
+                    "decided_at": NOW,
+                }
+            ],
+        )
+        texts = []
+        for n, key_id in enumerate([None, keys[0]]):
+            challenge, _ = issue_challenge(
+                session,
+                purpose=Purpose.ASSERTION,
+                key_id=key_id,
+                ttl=timedelta(seconds=60 + n),
+                now=NOW,
+            )
+            texts.append(challenge)
+    digests = [challenge_digest(t) for t in texts]
+    with sessions() as session, session.begin():
+        bulk.consume_challenges(
+            session, [bulk.Claim(digests[1], "assertion", keys[0], "job-9")], later
+        )
+    wanted_jobs, wanted_digests = ["job-1", "job-2"], [*digests, b"\x00" * 32]
+    wanted_keys = [*keys, "unknown"]
+    with sessions() as session:
+        if bulk.is_postgresql(session):
+            session.execute(text("SET TIME ZONE 'America/St_Johns'"))
+        read = bulk.read_batch(session, wanted_jobs, wanted_digests, wanted_keys)
+        assert read.verdicts == bulk.get_verdicts(session, wanted_jobs) == {"job-1": result}
+        assert read.challenges == bulk.get_challenges(session, wanted_digests)
+        assert read.keys == bulk.get_keys(session, wanted_keys)
+        assert read.risks == receipts.get_risk_metrics(session, wanted_keys)
+    assert set(read.challenges) == set(digests)
+    assert read.challenges[digests[1]].used_at == later
+    assert read.challenges[digests[0]].used_at is None
+    assert read.challenges[digests[0]].expires_at == NOW + timedelta(seconds=60)
+    assert read.challenges[digests[0]].expires_at.utcoffset() == timedelta(0)
+    assert read.keys[keys[0]].public_key == key_rows[0]["public_key"]
+    assert (read.keys[keys[1]].revoked_at, read.keys[keys[1]].counter) == (later, 7)
+    assert read.risks == {keys[0]: (12, later), keys[1]: (3, None)}
+    with sessions() as session:
+        assert bulk.read_batch(session, [], [], []) == bulk.BatchReads({}, {}, {}, {})
 
 
 def test_tables_updated_per_job_leave_room_for_same_page_updates(pg_url: str) -> None:

@@ -13,7 +13,7 @@ import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -34,6 +34,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from worker.store.models import Challenge, DeviceKey, ReverifyResult, Verdict
+from worker.store.receipts import get_risk_metrics
 
 # PostgreSQL: one statement of fixed text whatever the batch size, its rows in one JSON
 # parameter, so neither SQLAlchemy nor the driver parses, compiles or escapes anything per row
@@ -66,14 +67,14 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _is_postgresql(session: Session) -> bool:
+def is_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
 def _matching(session: Session, column: Any, values: list[Any]) -> Any:
     """``column IN values``; on PostgreSQL the values travel as one JSON array (bytes as hex),
     so the statement text is the same whatever the number of values."""
-    if not _is_postgresql(session):
+    if not is_postgresql(session):
         return column.in_(values)
     binary = isinstance(column.type, LargeBinary)
     document = _json([v.hex() for v in values] if binary else values)
@@ -157,6 +158,96 @@ def get_keys(session: Session, key_ids: Iterable[str]) -> dict[str, StoredKey]:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchReads:
+    """What deciding a batch reads: recorded verdicts by job id, issued challenges by digest,
+    stored keys by keyId, and the risk metric (with when it was measured) of the keys that
+    have one."""
+
+    verdicts: dict[str, dict[str, Any]]
+    challenges: dict[bytes, IssuedChallenge]
+    keys: dict[str, StoredKey]
+    risks: dict[str, tuple[int, datetime | None]]
+
+
+# PostgreSQL: every read a batch needs in one statement of fixed text (one round trip), each
+# part an aggregate of its rows as JSON; byte strings travel as hex.
+_BATCH_READS_PG = text(
+    """
+    SELECT
+      (SELECT coalesce(json_agg(json_build_array(v.job_id, v.result)), '[]')
+         FROM verdicts v
+        WHERE v.job_id IN (SELECT json_array_elements_text(CAST(:job_ids AS json)))),
+      (SELECT coalesce(json_agg(json_build_array(
+                encode(c.digest, 'hex'), c.purpose, c.key_id, c.expires_at, c.used_at)), '[]')
+         FROM challenges c
+        WHERE c.digest IN (
+              SELECT decode(json_array_elements_text(CAST(:digests AS json)), 'hex'))),
+      (SELECT coalesce(json_agg(json_build_array(
+                k.key_id, k.app_id, k.environment, encode(k.public_key, 'hex'), k.counter,
+                k.revoked_at, k.revoked_reason, k.revoked_by_run, r.risk_metric, r.measured_at
+              )), '[]')
+         FROM device_keys k LEFT JOIN receipt_states r ON r.key_id = k.key_id
+        WHERE k.key_id IN (SELECT json_array_elements_text(CAST(:key_ids AS json))))
+    """
+)
+
+
+def _instant(value: str | None) -> datetime | None:
+    """A ``timestamptz`` as PostgreSQL writes it in JSON (ISO 8601 with an offset), in UTC."""
+    return None if value is None else datetime.fromisoformat(value).astimezone(UTC)
+
+
+def read_batch(
+    session: Session,
+    job_ids: Sequence[str],
+    digests: Iterable[bytes],
+    key_ids: Iterable[str],
+) -> BatchReads:
+    """The recorded verdicts of ``job_ids``, the issued challenges of ``digests``, the stored
+    keys of ``key_ids`` and their risk metrics: on PostgreSQL in one round trip, elsewhere
+    with one statement each."""
+    wanted_digests = list(set(digests))
+    wanted_keys = list(set(key_ids))
+    if not is_postgresql(session):
+        return BatchReads(
+            get_verdicts(session, job_ids),
+            get_challenges(session, wanted_digests),
+            get_keys(session, wanted_keys),
+            get_risk_metrics(session, wanted_keys),
+        )
+    parameters = {
+        "job_ids": _json(list(job_ids)),
+        "digests": _json([d.hex() for d in wanted_digests]),
+        "key_ids": _json(wanted_keys),
+    }
+    verdict_rows, challenge_rows, key_rows = session.execute(_BATCH_READS_PG, parameters).one()
+    challenges = {}
+    for digest, purpose, key_id, expires_at, used_at in challenge_rows:
+        raw = bytes.fromhex(digest)
+        expires = _instant(expires_at)
+        assert expires is not None
+        challenges[raw] = IssuedChallenge(raw, purpose, key_id, expires, _instant(used_at))
+    keys: dict[str, StoredKey] = {}
+    risks: dict[str, tuple[int, datetime | None]] = {}
+    for row in key_rows:
+        key_id, app_id, environment, public_key, counter = row[:5]
+        revoked_at, revoked_reason, revoked_by_run, risk_metric, measured_at = row[5:]
+        keys[key_id] = StoredKey(
+            key_id,
+            app_id,
+            environment,
+            bytes.fromhex(public_key),
+            counter,
+            _instant(revoked_at),
+            revoked_reason,
+            revoked_by_run,
+        )
+        if risk_metric is not None:
+            risks[key_id] = (risk_metric, _instant(measured_at))
+    return BatchReads(dict(verdict_rows), challenges, keys, risks)
+
+
+@dataclass(frozen=True, slots=True)
 class StoredRegistration:
     """What verifying a key's attestation again needs of its registration."""
 
@@ -196,7 +287,7 @@ def consume_challenges(session: Session, claims: Sequence[Claim], now: datetime)
     unused and unexpired; return the digests consumed. Digests must be distinct."""
     if not claims:
         return set()
-    if _is_postgresql(session):
+    if is_postgresql(session):
         document = _json(
             [
                 {
@@ -234,7 +325,7 @@ def advance_counters(session: Session, updates: Sequence[tuple[str, int]]) -> se
     return the keys advanced. Keys must be distinct."""
     if not updates:
         return set()
-    if _is_postgresql(session):
+    if is_postgresql(session):
         document = _json([{"key_id": k, "counter": c} for k, c in updates])
         rows = session.execute(_ADVANCE_PG, {"advances": document})
         return {key_id for (key_id,) in rows}
@@ -261,7 +352,7 @@ def advance_all_counters(session: Session, updates: Sequence[tuple[str, int]]) -
     every key advanced (the caller rolls back otherwise). Keys must be distinct."""
     if not updates:
         return True
-    if _is_postgresql(session):
+    if is_postgresql(session):
         return len(advance_counters(session, updates)) == len(updates)
     connection = session.connection()
     result = connection.exec_driver_sql(
@@ -302,7 +393,7 @@ def _insert_ignoring_conflicts(
     if not rows:
         return set()
     table: Table = model.__table__
-    if _is_postgresql(session):
+    if is_postgresql(session):
         columns = tuple(rows[0])
         document = _json([{name: _json_value(row[name]) for name in columns} for row in rows])
         insert = _recordset_insert(table, columns, returning.key)
@@ -360,7 +451,7 @@ def finish_reverify_results(
     recorded now (a key decided before, by a redelivered batch, is not)."""
     if not outcomes:
         return set()
-    if _is_postgresql(session):
+    if is_postgresql(session):
         rows = session.execute(
             _FINISH_RESULTS_PG,
             {
@@ -412,7 +503,7 @@ def revoke_keys(
     """Revoke each key with its reason, by this run, as of ``now``."""
     if not revocations:
         return
-    if _is_postgresql(session):
+    if is_postgresql(session):
         document = _json([{"key_id": k, "reason": r} for k, r in revocations])
         session.execute(_REVOKE_KEYS_PG, {"revocations": document, "run_id": run_id, "now": now})
         return
