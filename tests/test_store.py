@@ -4,13 +4,14 @@ challenge claims and re-verification runs, each through the statements productio
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime, timedelta
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, select, text
-from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import OperationalError, StatementError
 
 from tests.conftest import NOW
 from worker.store import bulk, receipts
@@ -489,3 +490,29 @@ def test_every_public_store_function_has_a_production_caller() -> None:
             if not any(node.name in names for path, names in names_in.items() if path != module):
                 unused.append(f"{module.name}:{node.name}")
     assert unused == []
+
+
+def test_a_connection_idle_past_the_limit_is_tested_and_replaced(pg_url: str) -> None:
+    """The workers' engine tests a pooled connection only after it sat idle: one the server
+    dropped meanwhile is replaced unseen; one in steady use is not tested (no round trip),
+    so its first statement after the server dropped it fails, for the batch to retry."""
+    for idle_limit, replaced in ((0.0, True), (3600.0, False)):
+        engine = create_store_engine(pg_url, ping_when_idle_for=idle_limit)
+        try:
+            with engine.connect() as connection:
+                pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            admin = create_store_engine(pg_url)
+            with admin.connect() as connection:
+                connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                connection.commit()
+            admin.dispose()
+            time.sleep(0.05)
+            with engine.connect() as connection:
+                if replaced:
+                    new_pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                    assert new_pid != pid
+                else:
+                    with pytest.raises(OperationalError):
+                        connection.execute(text("SELECT pg_backend_pid()"))
+        finally:
+            engine.dispose()

@@ -58,6 +58,8 @@ log = logging.getLogger("appattest.worker")
 
 # Errors of the infrastructure, not of the request: these retry, everything else is a verdict.
 INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+# A pooled connection idle longer than this is tested before use (worker.store.db).
+_PING_WHEN_IDLE_FOR = 2.0
 
 
 @dataclass
@@ -158,7 +160,10 @@ class ProcessResources:
 
     @classmethod
     def build(cls, app: Celery, settings: Settings) -> ProcessResources:
-        sessions = session_factory(create_store_engine(settings.store_url))
+        # A failed statement retries the batch (see run_batch): connections are tested only
+        # after a while idle, not before every batch.
+        engine = create_store_engine(settings.store_url, ping_when_idle_for=_PING_WHEN_IDLE_FOR)
+        sessions = session_factory(engine)
         cache = IntermediateCache()
         policy = settings.policy()
         service = partial(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 # The store of `appattest serve` under its default --data-dir, so that every command that is
@@ -40,11 +42,38 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_store_engine(url: str, **kwargs: Any) -> Engine:
+def _ping_when_idle(engine: Engine, seconds: float) -> None:
+    """Test a pooled connection before use only when it sat idle in the pool for more than
+    ``seconds`` (SQLAlchemy's pessimistic disconnect handling, on checkout): a connection in
+    steady use costs no extra round trip, one left idle is tested as ``pool_pre_ping`` would
+    and replaced when the server is gone (a ``DisconnectionError`` makes the pool retry with a
+    fresh connection)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since <= seconds:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)  # what pool_pre_ping runs
+        except Exception as exc:
+            raise DisconnectionError(f"a pooled connection failed its test: {exc}") from exc
+
+
+def create_store_engine(
+    url: str, *, ping_when_idle_for: float | None = None, **kwargs: Any
+) -> Engine:
     """Create an engine for any SQLAlchemy URL; SQLite files get WAL and a busy timeout.
 
     Statement parameters are hidden from error messages: they hold attestations and challenge
-    digests, and errors end up in logs.
+    digests, and errors end up in logs. A PostgreSQL connection is tested before each use
+    (``pool_pre_ping``), or with ``ping_when_idle_for`` only after that many seconds idle in
+    the pool: for a caller that retries a statement failing on a connection the server
+    dropped (the workers), which saves a round trip per transaction.
     """
     kwargs.setdefault("hide_parameters", True)
     parsed = make_url(url)
@@ -60,13 +89,16 @@ def create_store_engine(url: str, **kwargs: Any) -> Engine:
         # A URL that names no driver gets the one the postgres extra installs, not
         # SQLAlchemy's default (psycopg2), which the package does not depend on.
         parsed = parsed.set(drivername="postgresql+psycopg")
-    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_pre_ping", ping_when_idle_for is None)
     try:
-        return create_engine(parsed, **kwargs)
+        engine = create_engine(parsed, **kwargs)
     except ImportError as exc:
         if parsed.get_backend_name() == "postgresql":
             raise MissingDriver(POSTGRES_DRIVER_MISSING) from exc
         raise
+    if ping_when_idle_for is not None:
+        _ping_when_idle(engine, ping_when_idle_for)
+    return engine
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
