@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -24,6 +25,7 @@ from producer.auth import ApiKeys
 from producer.deps import AppResources
 from producer.docs import add_offline_docs
 from producer.handlers import add_error_handlers
+from producer.issuer import ChallengeIssuer
 from producer.jobs import JobQueue
 from producer.metrics import ProducerMetrics, RequestContext
 from producer.middleware import InternalErrors, RequestGuard
@@ -67,6 +69,9 @@ def _lifespan(
             ),
             engine=engine,
             sessions=sessions,
+            challenges=ChallengeIssuer(
+                engine, ttl=timedelta(seconds=settings.challenge_ttl_seconds)
+            ),
         )
         queues = BrokerQueues(settings.broker_url, messaging_queues())
         metrics.registry.register(queues)

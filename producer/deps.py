@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 
 from producer.auth import ApiKeys, Caller
 from producer.errors import ApiError, ErrorCode
+from producer.issuer import ChallengeIssuer
 from producer.jobs import JobQueue
 from producer.metrics import ProducerMetrics
 from producer.ratelimit import RateLimiter, WaitBudget, retry_after_seconds
@@ -36,6 +37,7 @@ class AppResources:
     queue: JobQueue
     engine: Engine
     sessions: sessionmaker[Session]
+    challenges: ChallengeIssuer
 
 
 async def app_resources(request: Request) -> AppResources:

@@ -19,7 +19,9 @@ from worker.contract import Rejected
 
 log = logging.getLogger("appattest.producer")
 
-_DATABASE_DOWN = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+# The database errors that mean the store cannot be reached (503), not that it refused.
+DATABASE_DOWN: Final = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+STORE_UNAVAILABLE: Final = "the challenge store is unavailable; try again later"
 
 
 def _error(
@@ -67,9 +69,7 @@ async def _on_queue_unavailable(_request: Request, exc: Exception) -> JSONRespon
 
 async def _on_database_down(_request: Request, exc: Exception) -> JSONResponse:
     log.warning("database unavailable: %s", type(exc).__name__)
-    return _error(
-        503, ErrorCode.SERVICE_UNAVAILABLE, "the challenge store is unavailable; try again later"
-    )
+    return _error(503, ErrorCode.SERVICE_UNAVAILABLE, STORE_UNAVAILABLE)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -80,5 +80,5 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(QueueUnavailable, _on_queue_unavailable)
-    for error in _DATABASE_DOWN:
+    for error in DATABASE_DOWN:
         app.add_exception_handler(error, _on_database_down)

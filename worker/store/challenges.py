@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any, Final
 
+from sqlalchemy import Connection, insert
 from sqlalchemy.orm import Session
 
 from worker.store.models import Challenge
 
 # 32 random bytes: 256 bits, well above the 128 the threat model needs, as URL-safe text.
 _CHALLENGE_BYTES = 32
+
+# One statement for every write of new challenges: SQLAlchemy caches its compiled form, and a
+# list of rows runs as one executemany (on PostgreSQL, multi-row VALUES).
+_INSERT: Final = insert(Challenge.__table__)
 
 
 class Purpose(StrEnum):
@@ -27,19 +35,44 @@ def challenge_digest(challenge: str) -> bytes:
     return hashlib.sha256(challenge.encode("utf-8")).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class NewChallenge:
+    """A fresh challenge not yet stored: its text (for the caller only), when it expires, and
+    the row that stores it (its digest, never the text)."""
+
+    challenge: str
+    expires_at: datetime
+    row: dict[str, Any]
+
+
+def new_challenge(
+    *, purpose: Purpose, key_id: str | None, ttl: timedelta, now: datetime
+) -> NewChallenge:
+    """Draw a fresh challenge for ``purpose`` (only ``key_id`` may use it, when given), valid
+    from ``now`` for ``ttl``. Nothing is stored: see ``store_challenges``."""
+    challenge = secrets.token_urlsafe(_CHALLENGE_BYTES)
+    expires_at = now + ttl
+    row = {
+        "digest": challenge_digest(challenge),
+        "purpose": purpose.value,
+        "key_id": key_id,
+        "issued_at": now,
+        "expires_at": expires_at,
+    }
+    return NewChallenge(challenge=challenge, expires_at=expires_at, row=row)
+
+
+def store_challenges(connection: Connection | Session, challenges: Sequence[NewChallenge]) -> None:
+    """Insert the rows of ``challenges`` in one statement, in the caller's transaction."""
+    if challenges:
+        connection.execute(_INSERT, [issued.row for issued in challenges])
+
+
 def issue_challenge(
     session: Session, *, purpose: Purpose, key_id: str | None, ttl: timedelta, now: datetime
 ) -> tuple[str, datetime]:
-    """Create and store a fresh challenge; return its text and when it expires."""
-    challenge = secrets.token_urlsafe(_CHALLENGE_BYTES)
-    expires_at = now + ttl
-    session.add(
-        Challenge(
-            digest=challenge_digest(challenge),
-            purpose=purpose.value,
-            key_id=key_id,
-            issued_at=now,
-            expires_at=expires_at,
-        )
-    )
-    return challenge, expires_at
+    """Create and store a fresh challenge in the session's transaction; return its text and
+    when it expires."""
+    issued = new_challenge(purpose=purpose, key_id=key_id, ttl=ttl, now=now)
+    store_challenges(session, [issued])
+    return issued.challenge, issued.expires_at
