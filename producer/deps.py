@@ -40,16 +40,20 @@ class AppResources:
     challenges: ChallengeIssuer
 
 
-async def app_resources(request: Request) -> AppResources:
+def resources_of(request: Request) -> AppResources:
+    """The app's resources; raises ``RuntimeError`` when the lifespan that builds them has not
+    run."""
     resources: AppResources | None = getattr(request.app.state, "resources", None)
     if resources is None:
         raise RuntimeError("the app's lifespan has not run (use it as a context manager)")
     return resources
 
 
-Resources = Annotated[AppResources, Depends(app_resources)]
+async def app_resources(request: Request) -> AppResources:
+    return resources_of(request)
 
-_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+Resources = Annotated[AppResources, Depends(app_resources)]
 
 
 def charge(request: Request, cost: int, *, take: bool = True) -> None:
@@ -86,21 +90,26 @@ def _identify(request: Request, credentials: HTTPAuthorizationCredentials | None
     request.state.caller = matched
 
 
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+class _Admit(HTTPBearer):
+    """A valid API key (401 otherwise) with a token of its rate limit (429 otherwise), taken
+    or, with ``take=False``, only checked (for the routes that charge once they know how many
+    jobs the request carries).
 
+    One dependency, not one per check, nor a key check depending on the bearer scheme:
+    FastAPI's cost is per dependency, on every request. As an ``HTTPBearer``, it is what
+    OpenAPI documents as the routes' security scheme."""
 
-async def admit(request: Request, credentials: Credentials) -> None:
-    """A valid API key (401 otherwise), charged one token of its rate limit (429). One
-    dependency, not one per check: FastAPI's cost is per dependency, on every request."""
-    _identify(request, credentials)
-    charge(request, 1)
+    def __init__(self, *, take: bool) -> None:
+        super().__init__(
+            scheme_name="HTTPBearer",
+            auto_error=False,
+            description="An API key: `Authorization: Bearer <key>`",
+        )
+        self.take = take
 
-
-async def admit_counted(request: Request, credentials: Credentials) -> None:
-    """A valid API key with a token left, taking none: for the routes that charge once they
-    know how many jobs the request carries."""
-    _identify(request, credentials)
-    charge(request, 1, take=False)
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        _identify(request, await super().__call__(request))
+        charge(request, 1, take=self.take)
 
 
 def metrics_of(request: Request) -> ProducerMetrics:
@@ -211,7 +220,7 @@ IdempotencyKeyHeader = Annotated[
 # waits on a job holds an id of the key's wait budget itself, see ``waiting_on``). The batch
 # and status routes charge the rate limit themselves, once they know how many jobs they
 # carry; before reading the body, they only check that the key has a token left.
-AUTH = [Depends(admit)]
-BATCH_AUTH = [Depends(admit_counted)]
+AUTH = [Depends(_Admit(take=True))]
+BATCH_AUTH = [Depends(_Admit(take=False))]
 # Every route with a body answers these (see producer.middleware.RequestGuard).
 REFUSALS = error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503)

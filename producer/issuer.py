@@ -3,9 +3,9 @@ same time are stored together.
 
 A request draws its challenge on the event loop and joins the group of challenges waiting to be
 written. One writer task, which lives only while challenges wait, writes the groups in turn,
-each as one INSERT of all its rows in one transaction, in one hop to a worker thread. A lone
-request is written at once; requests that arrive while a write is in flight form the next
-group (up to ``max_group`` challenges). A request is answered only after its group's
+each as one executemany of one cached INSERT in one transaction, in one hop to a worker thread
+(no ORM unit of work, no session). A lone request is written at once; requests that arrive
+while a write is in flight form the next group (up to ``max_group`` challenges). A request is answered only after its group's
 transaction committed; when the write fails, every request of the group is refused and none of
 its rows is stored.
 """

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.responses import Response
 
-from producer.deps import AUTH, REFUSALS, Resources, metrics_of
+from producer.deps import AUTH, REFUSALS, metrics_of, resources_of
 from producer.schemas import ChallengeRequest, IssuedChallenge
 from worker.store.challenges import Purpose
 
@@ -19,18 +20,21 @@ router = APIRouter(prefix="/v1", tags=["challenges"])
     responses=REFUSALS,
     dependencies=AUTH,
 )
-async def create_challenge(
-    request: Request, body: ChallengeRequest, resources: Resources
-) -> IssuedChallenge:
+async def create_challenge(request: Request, body: ChallengeRequest) -> Response:
     """A fresh challenge for one registration or assertion, valid for the configured TTL;
     with ``keyId``, only that key may use it."""
-    # Stored with the challenges of the requests that arrive at the same time (see
-    # producer.issuer); answered once its row is committed.
-    issued = await resources.challenges.issue(purpose=Purpose(body.purpose), key_id=body.key_id)
+    # Stored together with the challenges that other requests ask for at the same time (see
+    # producer.issuer), and answered once its row is committed.
+    issued = await resources_of(request).challenges.issue(
+        purpose=Purpose(body.purpose), key_id=body.key_id
+    )
     metrics_of(request).challenges_issued.labels(body.purpose).inc()
-    return IssuedChallenge(
+    answer = IssuedChallenge(
         challenge=issued.challenge,
         expiresAt=issued.expires_at,
         purpose=body.purpose,
         keyId=body.key_id,
     )
+    # The answer as FastAPI would write it from response_model (which stays for OpenAPI),
+    # without validating the model a second time on the way out.
+    return Response(answer.model_dump_json(by_alias=True), 201, media_type="application/json")
