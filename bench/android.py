@@ -39,7 +39,7 @@ from tests.fake_google import FakeGoogle, fake_google, payload  # noqa: E402
 from tests.stack import fresh_database, service_stack  # noqa: E402
 from worker.contract import PluginRequest  # noqa: E402
 from worker.queue.app import create_celery_app  # noqa: E402
-from worker.store.challenges import Purpose, issue_challenge  # noqa: E402
+from worker.store.challenges import Purpose, new_challenge, store_challenges  # noqa: E402
 from worker.store.db import create_store_engine, session_factory  # noqa: E402
 from worker.store.models import Verdict  # noqa: E402
 
@@ -106,17 +106,14 @@ def _cpu_of(workers: dict[str, int]) -> dict[str, float]:
 
 
 def _issue(sessions: sessionmaker[Session], count: int) -> list[str]:
+    now = datetime.now(UTC)
+    issued = [
+        new_challenge(purpose=Purpose.REGISTRATION, key_id=None, ttl=timedelta(hours=1), now=now)
+        for _ in range(count)
+    ]
     with sessions() as session, session.begin():
-        return [
-            issue_challenge(
-                session,
-                purpose=Purpose.REGISTRATION,
-                key_id=None,
-                ttl=timedelta(hours=1),
-                now=datetime.now(UTC),
-            )[0]
-            for _ in range(count)
-        ]
+        store_challenges(session, issued)
+    return [i.challenge for i in issued]
 
 
 def _android_jobs(google: FakeGoogle, challenges: list[str]) -> list[PluginRequest]:

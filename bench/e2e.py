@@ -7,7 +7,7 @@ What one run does (``run_e2e``, used by ``bench/run.py``; also runnable alone):
    Redis databases (broker, results) the way the test suite does (``tests.stack``), so that a
    benchmark never empties the queue of a test session running beside it;
 2. mints N devices under a throwaway test CA (``tests.factory``), issues N registration
-   challenges and 5 assertion challenges per device with ``issue_challenge`` in one
+   challenges and 5 assertion challenges per device with ``new_challenge`` and stores them in one
    transaction (each assertion's payload is its own issued challenge, bound to the device's
    keyId), and builds every plugin body: N registrations, then 5 N assertions in rounds (every
    device's first assertion, then every device's second, ...), so that the assertions of one
@@ -115,7 +115,12 @@ from tests.stack import (  # noqa: E402
     server_versions,
     service_stack,
 )
-from worker.store.challenges import Purpose, challenge_digest, issue_challenge  # noqa: E402
+from worker.store.challenges import (  # noqa: E402
+    Purpose,
+    challenge_digest,
+    new_challenge,
+    store_challenges,
+)
 from worker.store.db import create_store_engine, session_factory, upgrade  # noqa: E402
 from worker.store.models import Challenge, Verdict  # noqa: E402
 
@@ -243,28 +248,27 @@ def mint_workload(store_url: str, ca: TestCA, devices: int, rounds: int) -> Work
     minted = [Device(ca) for _ in range(devices)]
     engine = create_store_engine(store_url)
     try:
+        issued_registration = [
+            new_challenge(purpose=Purpose.REGISTRATION, key_id=None, ttl=CHALLENGE_TTL, now=now)
+            for _ in minted
+        ]
+        issued_assertion = [
+            [
+                new_challenge(
+                    purpose=Purpose.ASSERTION, key_id=device.key_id_b64, ttl=CHALLENGE_TTL, now=now
+                )
+                for device in minted
+            ]
+            for _ in range(rounds)
+        ]
         with session_factory(engine)() as session, session.begin():
-            registration = [
-                issue_challenge(
-                    session, purpose=Purpose.REGISTRATION, key_id=None, ttl=CHALLENGE_TTL, now=now
-                )[0]
-                for _ in minted
-            ]
-            assertion = [
-                [
-                    issue_challenge(
-                        session,
-                        purpose=Purpose.ASSERTION,
-                        key_id=device.key_id_b64,
-                        ttl=CHALLENGE_TTL,
-                        now=now,
-                    )[0]
-                    for device in minted
-                ]
-                for _ in range(rounds)
-            ]
+            store_challenges(
+                session, [*issued_registration, *(c for r in issued_assertion for c in r)]
+            )
     finally:
         engine.dispose()
+    registration = [c.challenge for c in issued_registration]
+    assertion = [[c.challenge for c in round_] for round_ in issued_assertion]
     regs = [
         Job("attestation", device.registration_body(challenge, now=now), device.key_id_b64, 0)
         for device, challenge in zip(minted, registration, strict=True)

@@ -48,7 +48,7 @@ from tests.stack import fresh_database  # noqa: E402
 from worker.contract import parse_request  # noqa: E402
 from worker.core import IntermediateCache, Policy, TrustStore  # noqa: E402
 from worker.service import VerificationService, verification  # noqa: E402
-from worker.store.challenges import Purpose, issue_challenge  # noqa: E402
+from worker.store.challenges import Purpose, new_challenge, store_challenges  # noqa: E402
 from worker.store.db import create_store_engine, session_factory, upgrade  # noqa: E402
 
 STAGES = (
@@ -106,17 +106,18 @@ def run(pg_url: str, devices_count: int, rounds: int, batch: int) -> dict[str, A
         devices = [Device(ca) for _ in range(devices_count)]
 
         def issue(purpose: Purpose, bound: bool) -> list[str]:
+            issued = [
+                new_challenge(
+                    purpose=purpose,
+                    key_id=d.key_id_b64 if bound else None,
+                    ttl=timedelta(hours=1),
+                    now=now,
+                )
+                for d in devices
+            ]
             with sessions() as session, session.begin():
-                return [
-                    issue_challenge(
-                        session,
-                        purpose=purpose,
-                        key_id=d.key_id_b64 if bound else None,
-                        ttl=timedelta(hours=1),
-                        now=now,
-                    )[0]
-                    for d in devices
-                ]
+                store_challenges(session, issued)
+            return [i.challenge for i in issued]
 
         def decide(kind: str, bodies: list[dict[str, str]]) -> None:
             totals: dict[str, float] = {}

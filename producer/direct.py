@@ -2,7 +2,8 @@
 
 The same checks as the HTTP API apply before a body is queued, and verdicts are read by
 polling the result backend, never through a pub/sub subscription. Challenges still come from
-the challenge store (``POST /v1/challenges`` or ``worker.store.challenges.issue_challenge``).
+the challenge store (``POST /v1/challenges``, or ``new_challenge`` and ``store_challenges`` of
+``worker.store.challenges``).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ A request draws its challenge on the event loop and joins the group of challenge
 written. One writer task, which lives only while challenges wait, writes the groups in turn,
 each as one executemany of one cached INSERT in one transaction, in one hop to a worker thread
 (no ORM unit of work, no session). A lone request is written at once; requests that arrive
-while a write is in flight form the next group (up to ``max_group`` challenges). A request is answered only after its group's
-transaction committed; when the write fails, every request of the group is refused and none of
-its rows is stored.
+while a write is in flight form the next group (up to ``max_group`` challenges). A request is
+answered only after its group's transaction committed; when the write fails, every request of
+the group is refused and none of its rows is stored.
 """
 
 from __future__ import annotations

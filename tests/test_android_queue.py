@@ -38,7 +38,7 @@ from worker.queue.messaging import (
     VERIFY_BATCH_TASK,
 )
 from worker.settings import Settings
-from worker.store.challenges import Purpose, issue_challenge
+from worker.store.challenges import Purpose, new_challenge, store_challenges
 from worker.store.db import create_store_engine, session_factory
 
 pytestmark = pytest.mark.timeout(300)
@@ -124,13 +124,13 @@ def job_queue(settings: Settings, **options: Any) -> Iterator[JobQueue]:
 
 
 def issue(sessions: sessionmaker[Session], purpose: str, count: int) -> list[str]:
+    issued = [
+        new_challenge(purpose=Purpose(purpose), key_id=None, ttl=timedelta(minutes=10), now=now())
+        for _ in range(count)
+    ]
     with sessions() as session, session.begin():
-        return [
-            issue_challenge(
-                session, purpose=Purpose(purpose), key_id=None, ttl=timedelta(minutes=10), now=now()
-            )[0]
-            for _ in range(count)
-        ]
+        store_challenges(session, issued)
+    return [i.challenge for i in issued]
 
 
 def android_body(

@@ -70,7 +70,7 @@ from worker.contract import PluginRequest
 from worker.queue.app import create_celery_app
 from worker.queue.messaging import QUEUE, VERIFY_BATCH_TASK, VERIFY_TASK, decode, publish
 from worker.settings import Settings
-from worker.store.challenges import Purpose, issue_challenge
+from worker.store.challenges import Purpose, new_challenge, store_challenges
 from worker.store.db import create_store_engine, session_factory
 from worker.store.models import DeviceKey, Verdict
 
@@ -202,17 +202,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 
 def issue(sessions: sessionmaker[Session], purpose: str, key_ids: list[str | None]) -> list[str]:
     """One fresh challenge per entry of ``key_ids`` (bound to that key, or to none)."""
+    issued = [
+        new_challenge(purpose=Purpose(purpose), key_id=key_id, ttl=timedelta(minutes=10), now=now())
+        for key_id in key_ids
+    ]
     with sessions() as session, session.begin():
-        return [
-            issue_challenge(
-                session,
-                purpose=Purpose(purpose),
-                key_id=key_id,
-                ttl=timedelta(minutes=10),
-                now=now(),
-            )[0]
-            for key_id in key_ids
-        ]
+        store_challenges(session, issued)
+    return [i.challenge for i in issued]
 
 
 def issue_http(api: httpx.Client, purpose: str) -> str:

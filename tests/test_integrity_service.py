@@ -20,7 +20,12 @@ from worker.core.integrity import AndroidApp, AndroidPolicy
 from worker.queue.play_integrity import PlayIntegrityClient
 from worker.service.integrity import IntegrityService
 from worker.store import bulk
-from worker.store.challenges import Purpose, challenge_digest, issue_challenge
+from worker.store.challenges import (
+    Purpose,
+    challenge_digest,
+    new_challenge,
+    store_challenges,
+)
 from worker.store.db import create_store_engine, session_factory, upgrade
 
 PACKAGE = "com.example.app"
@@ -76,11 +81,10 @@ def _issue(
     ttl: timedelta = timedelta(minutes=5),
     now: datetime | None = None,
 ) -> str:
+    issued = new_challenge(purpose=purpose, key_id=None, ttl=ttl, now=now or datetime.now(UTC))
     with sessions() as session, session.begin():
-        challenge, _ = issue_challenge(
-            session, purpose=purpose, key_id=None, ttl=ttl, now=now or datetime.now(UTC)
-        )
-    return challenge
+        store_challenges(session, [issued])
+    return issued.challenge
 
 
 def _registration(

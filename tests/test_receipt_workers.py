@@ -385,18 +385,17 @@ def test_verdicts_through_the_workers_carry_the_refreshed_risk_metric(
 ) -> None:
     from producer.direct import QueueClient
     from tests.factory import APP_ID
-    from worker.store.challenges import Purpose, issue_challenge
+    from worker.store.challenges import Purpose, new_challenge, store_challenges
 
     fake = reset
     fake.risk_metric = 12
     now = datetime.now(UTC)
 
     def challenge(purpose: Purpose, key_id: str | None) -> str:
+        issued = new_challenge(purpose=purpose, key_id=key_id, ttl=timedelta(minutes=5), now=now)
         with env.sessions() as session, session.begin():
-            text, _ = issue_challenge(
-                session, purpose=purpose, key_id=key_id, ttl=timedelta(minutes=5), now=now
-            )
-        return text
+            store_challenges(session, [issued])
+        return issued.challenge
 
     # A device registers through the verification worker, its attestation carrying an
     # ATTEST receipt the fake accepts.

@@ -39,7 +39,7 @@ from worker.core import Policy, TrustStore
 from worker.queue.app import create_celery_app
 from worker.queue.messaging import VERIFY_TASK
 from worker.service import VerificationService
-from worker.store.challenges import Purpose, issue_challenge
+from worker.store.challenges import Purpose, new_challenge, store_challenges
 from worker.store.db import create_store_engine, session_factory
 from worker.store.models import DeviceKey, ReverifyResult
 
@@ -308,14 +308,15 @@ def revocations(store: sessionmaker[Session]) -> dict[str, tuple[str | None, str
 
 def assert_through_workers(store: sessionmaker[Session], app: Celery, device: Device) -> Any:
     """An assertion with a freshly issued challenge, decided by a real worker."""
+    issued = new_challenge(
+        purpose=Purpose.ASSERTION,
+        key_id=device.key_id_b64,
+        ttl=timedelta(minutes=5),
+        now=datetime.now(UTC),
+    )
     with store() as session, session.begin():
-        challenge, _ = issue_challenge(
-            session,
-            purpose=Purpose.ASSERTION,
-            key_id=device.key_id_b64,
-            ttl=timedelta(minutes=5),
-            now=datetime.now(UTC),
-        )
+        store_challenges(session, [issued])
+    challenge = issued.challenge
     job_id = str(uuid.uuid4())
     result = app.send_task(
         VERIFY_TASK, args=[{"body": device.assertion_body(challenge)}], task_id=job_id

@@ -16,7 +16,12 @@ from sqlalchemy.exc import OperationalError, StatementError
 from tests.conftest import NOW
 from worker.store import bulk, receipts
 from worker.store import reverify as runs
-from worker.store.challenges import Purpose, challenge_digest, issue_challenge
+from worker.store.challenges import (
+    Purpose,
+    challenge_digest,
+    new_challenge,
+    store_challenges,
+)
 from worker.store.db import create_store_engine, session_factory, upgrade
 from worker.store.models import Base, DeviceKey, Verdict
 
@@ -149,28 +154,20 @@ def test_parallel_claims_consume_each_challenge_once(engine: Engine) -> None:
     (the statement a worker runs); each challenge goes to exactly one job, and a challenge
     bound to another key, issued for another purpose or expired is never consumed."""
     sessions = session_factory(engine)
+    five = timedelta(minutes=5)
+    claimable = [
+        new_challenge(purpose=Purpose.ASSERTION, key_id="k" * 44, ttl=five, now=NOW)
+        for _ in range(20)
+    ]
+    other_key = new_challenge(purpose=Purpose.ASSERTION, key_id="m" * 44, ttl=five, now=NOW)
+    registration = new_challenge(purpose=Purpose.REGISTRATION, key_id=None, ttl=five, now=NOW)
+    expired = new_challenge(
+        purpose=Purpose.ASSERTION, key_id=None, ttl=timedelta(seconds=1), now=NOW
+    )
     with sessions() as session, session.begin():
-        issued = [
-            issue_challenge(
-                session,
-                purpose=Purpose.ASSERTION,
-                key_id="k" * 44,
-                ttl=timedelta(minutes=5),
-                now=NOW,
-            )[0]
-            for _ in range(20)
-        ]
-        other_key, _ = issue_challenge(
-            session, purpose=Purpose.ASSERTION, key_id="m" * 44, ttl=timedelta(minutes=5), now=NOW
-        )
-        registration, _ = issue_challenge(
-            session, purpose=Purpose.REGISTRATION, key_id=None, ttl=timedelta(minutes=5), now=NOW
-        )
-        expired, _ = issue_challenge(
-            session, purpose=Purpose.ASSERTION, key_id=None, ttl=timedelta(seconds=1), now=NOW
-        )
-    digests = [challenge_digest(c) for c in issued]
-    refused = [challenge_digest(c) for c in (other_key, registration, expired)]
+        store_challenges(session, [*claimable, other_key, registration, expired])
+    digests = [challenge_digest(c.challenge) for c in claimable]
+    refused = [challenge_digest(c.challenge) for c in (other_key, registration, expired)]
     consumed: list[tuple[bytes, int]] = []
     lock = threading.Lock()
     barrier = threading.Barrier(8)

@@ -32,7 +32,7 @@ from tests.factory import APP_ID, Device, TestCA
 from tests.faults import RedisServer, ServerUnavailable, free_port, redis_server
 from tests.stack import Stack, service_stack
 from worker.queue.app import create_celery_app
-from worker.store.challenges import Purpose, issue_challenge
+from worker.store.challenges import Purpose, new_challenge, store_challenges
 from worker.store.db import create_store_engine, session_factory
 
 pytestmark = [
@@ -124,17 +124,13 @@ def sessions_for(url: str) -> Iterator[sessionmaker[Session]]:
 def registrations(ca: TestCA, sessions: sessionmaker[Session], count: int) -> list[tuple[Any, str]]:
     """``count`` valid registration requests on fresh challenges, each with its keyId."""
     now = datetime.now(UTC)
+    issued = [
+        new_challenge(purpose=Purpose.REGISTRATION, key_id=None, ttl=timedelta(minutes=30), now=now)
+        for _ in range(count)
+    ]
     with sessions() as session, session.begin():
-        challenges = [
-            issue_challenge(
-                session,
-                purpose=Purpose.REGISTRATION,
-                key_id=None,
-                ttl=timedelta(minutes=30),
-                now=now,
-            )[0]
-            for _ in range(count)
-        ]
+        store_challenges(session, issued)
+    challenges = [i.challenge for i in issued]
     devices = [Device(ca=ca) for _ in range(count)]
     return [
         (check_request(d.registration_body(c, now=now)), d.key_id_b64)

@@ -66,13 +66,3 @@ def store_challenges(connection: Connection | Session, challenges: Sequence[NewC
     """Insert the rows of ``challenges`` in one statement, in the caller's transaction."""
     if challenges:
         connection.execute(_INSERT, [issued.row for issued in challenges])
-
-
-def issue_challenge(
-    session: Session, *, purpose: Purpose, key_id: str | None, ttl: timedelta, now: datetime
-) -> tuple[str, datetime]:
-    """Create and store a fresh challenge in the session's transaction; return its text and
-    when it expires."""
-    issued = new_challenge(purpose=purpose, key_id=key_id, ttl=ttl, now=now)
-    store_challenges(session, [issued])
-    return issued.challenge, issued.expires_at
