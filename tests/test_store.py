@@ -305,17 +305,14 @@ def test_the_batch_read_returns_what_each_reader_returns(engine: Engine) -> None
                 }
             ],
         )
-        texts = []
-        for n, key_id in enumerate([None, keys[0]]):
-            challenge, _ = issue_challenge(
-                session,
-                purpose=Purpose.ASSERTION,
-                key_id=key_id,
-                ttl=timedelta(seconds=60 + n),
-                now=NOW,
+        issued = [
+            new_challenge(
+                purpose=Purpose.ASSERTION, key_id=key_id, ttl=timedelta(seconds=60 + n), now=NOW
             )
-            texts.append(challenge)
-    digests = [challenge_digest(t) for t in texts]
+            for n, key_id in enumerate([None, keys[0]])
+        ]
+        store_challenges(session, issued)
+    digests = [challenge_digest(i.challenge) for i in issued]
     with sessions() as session, session.begin():
         bulk.consume_challenges(
             session, [bulk.Claim(digests[1], "assertion", keys[0], "job-9")], later
