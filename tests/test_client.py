@@ -203,6 +203,10 @@ def test_results_are_polled_or_awaited_per_batch_never_per_job(
     never to a pattern, and unsubscribes when its wait ends."""
     commands: list[str] = []
     stop = f"stop-monitor-{uuid.uuid4()}"
+    ours = {
+        int(url.rsplit("/", 1)[1])
+        for url in (stack.settings.broker_url, stack.settings.result_backend)
+    }
     monitored = redis.Redis.from_url(REDIS_URL)
     started = threading.Event()
 
@@ -210,9 +214,12 @@ def test_results_are_polled_or_awaited_per_batch_never_per_job(
         with monitored.monitor() as connection:
             started.set()
             for event in connection.listen():
-                commands.append(str(event["command"]))
-                if stop in commands[-1]:
+                command = str(event["command"])
+                if stop in command:
                     return
+                # MONITOR shows the whole server: only this stack's databases count.
+                if event["db"] in ours:
+                    commands.append(command)
 
     thread = threading.Thread(target=monitor, daemon=True)
     thread.start()
