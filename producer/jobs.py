@@ -87,8 +87,8 @@ MAX_POLL_DELAY: Final = 0.1
 # broken connection, which is noticed; a verdict only the store has is consulted once a
 # second anyway): they back off to this ceiling instead.
 SUBSCRIBED_POLL_CEILING: Final = 1.0
-# A read for subscriptions that took effect comes at least this long after the previous read,
-# so that under load one read serves many batches, as one poll did.
+# A woken read comes at least this long after the previous read, unless every awaited job's
+# result was announced, so that under load one read serves many batches, as one poll did.
 _WOKEN_READ_SPACING: Final = FIRST_POLL_DELAY
 
 # Errors meaning "the broker or the result backend is not reachable", whatever the backend.
@@ -943,8 +943,8 @@ class _Watcher:
         self._announced: set[_Wanted] = set()
         self._read_all = False
         self._changed = False
-        # Set when a read is due; ``_urgent`` too when a result was announced (or the
-        # connection broke): reads for subscriptions that took effect wait for the spacing.
+        # Set when a read is due; ``_urgent`` too when the results of every awaited job were
+        # announced (or the connection broke): other reads wait for the spacing.
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()
         # Reads of the result backend, and jobs whose verdict a read found after the
@@ -1040,7 +1040,9 @@ class _Watcher:
             self._due.update(pairs)
             if stored:
                 self._announced.update(pairs)
-                self._urgent.set()
+                if len(self._announced) == len(self._waiters):
+                    # Nothing else is awaited: no other verdict to share the read with.
+                    self._urgent.set()
             self._wake.set()
 
     def _lost(self) -> None:
@@ -1102,10 +1104,12 @@ class _Watcher:
                 delays = _poll_delays()  # verdicts are flowing: keep reading often
             if not self._waiters:
                 return
-            # Sleep until the next poll, or until a read is due: at once for an announced
-            # result, and once the last read is _WOKEN_READ_SPACING old for a subscription that
-            # took effect (its batch's result is rarely stored already), so that under load
-            # one read answers many. A woken read covers only the jobs it is due for.
+            # Sleep until the next poll, or until a read is due: at once when the results of
+            # every awaited job were announced (light load), otherwise once the last read is
+            # _WOKEN_READ_SPACING old, so that under load one read answers many batches and
+            # their callers together, as a poll did (answering each batch on its own spreads
+            # the callers' next requests into more, smaller batches). A woken read covers only
+            # the jobs it is due for.
             delay = SUBSCRIBED_POLL_CEILING if self._covered() else next(delays)
             if self._wakeups is None:
                 await asyncio.sleep(delay)
