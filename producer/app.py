@@ -80,6 +80,7 @@ def _lifespan(
         finally:
             metrics.registry.unregister(queues)
             queues.close()
+            await app.state.resources.queue.aclose()
             app.state.resources.queue.close()
             del app.state.resources
             engine.dispose()

@@ -9,6 +9,7 @@ about it at once instead of from a verdict.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ from producer.batching import (
 )
 from producer.errors import ErrorCode, QueueUnavailable, validation_summary
 from producer.schemas import BatchItem, ErrorDetail, JobStatus, JobType
+from producer.wakeups import result_wakeups
 from worker.contract import (
     PLATFORM_ANDROID,
     SUPPORTED_FORMATS,
@@ -80,6 +82,14 @@ FIRST_POLL_DELAY: Final = 0.005
 # Finished batches kept decoded in memory (at most 200 verdicts each).
 _FINISHED_BATCHES: Final = 512
 MAX_POLL_DELAY: Final = 0.1
+# While every awaited batch is subscribed to (``producer.wakeups``), a stored result wakes the
+# waiting requests, and polls only catch what no message announces (a lost message needs a
+# broken connection, which is noticed; a verdict only the store has is consulted once a
+# second anyway): they back off to this ceiling instead.
+SUBSCRIBED_POLL_CEILING: Final = 1.0
+# A woken read comes at least this long after the previous read, unless every awaited job's
+# result was announced, so that under load one read serves many batches, as one poll did.
+_WOKEN_READ_SPACING: Final = FIRST_POLL_DELAY
 
 # Errors meaning "the broker or the result backend is not reachable", whatever the backend.
 _UNREACHABLE: Final[tuple[type[BaseException], ...]] = (
@@ -242,11 +252,12 @@ class JobQueue:
 
     Jobs travel in batch messages (``producer.batching``); each job id is sealed for the owner
     that submitted it, and only that owner's lookups find it. Verdicts are read from the result
-    backend by polling (never ``AsyncResult.get()``, which would wait on a pub/sub subscription
-    per job); a job the result backend does not know is looked up in the store's ``verdicts``
-    table, the durable record, when the queue has ``sessions``. Idempotency keys need
-    ``sessions`` too. Every method raises ``QueueUnavailable`` when the broker or the result
-    backend cannot be reached.
+    backend, polled (never ``AsyncResult.get()``, which would wait on a pub/sub subscription
+    per job) or, with Redis, as soon as the backend announces them (one subscription per batch
+    awaited, see ``wait_many_async``); a job the result backend does not know is looked up in
+    the store's ``verdicts`` table, the durable record, when the queue has ``sessions``.
+    Idempotency keys need ``sessions`` too. Every method raises ``QueueUnavailable`` when the
+    broker or the result backend cannot be reached.
     """
 
     def __init__(
@@ -291,6 +302,14 @@ class JobQueue:
         """Release the ledger's connections."""
         if self.ledger is not None:
             self.ledger.close()
+
+    async def aclose(self) -> None:
+        """Release what waiting holds on the running event loop: its watcher's pub/sub
+        connection (see ``wait_many_async``). Waits that follow on this loop poll."""
+        with self._watchers_lock:
+            watcher = self._watchers.get(asyncio.get_running_loop())
+        if watcher is not None:
+            await watcher.aclose()
 
     def _unreachable(self) -> tuple[type[BaseException], ...]:
         extra = getattr(self.celery_app.backend, "connection_errors", ())
@@ -843,8 +862,11 @@ class JobQueue:
         statuses.
 
         Every request waiting in this process is served by one watcher per event loop, which
-        reads the statuses of all awaited jobs together (one backend read per tick), so a
-        thousand waiting requests cost what one does; a long wait holds no thread."""
+        reads the statuses of the awaited jobs together (one backend read per tick), so a
+        thousand waiting requests cost what one does; a long wait holds no thread. With a
+        Redis result backend the watcher reads as soon as a result it awaits is stored (it
+        subscribes to the channels on which the backend announces the results of the batches
+        awaited), and polls only as a fallback; ``aclose`` releases that connection."""
         loop = asyncio.get_running_loop()
         with self._watchers_lock:
             watcher = self._watchers.get(loop)
@@ -893,21 +915,56 @@ _Wanted = tuple[Owner, str]
 
 class _Watcher:
     """Waits for the verdicts of the jobs awaited on one event loop: while any job is awaited,
-    a single task reads all their statuses together (in a worker thread), then sleeps a short
-    poll interval that grows while nothing changes, and resolves each waiter as its jobs
-    finish. The store is consulted for jobs no result names at most once a second. A backend
-    that cannot be reached fails every waiter of that read with ``QueueUnavailable``."""
+    a single task reads their statuses (in a worker thread) and resolves each waiter as its
+    jobs finish. The store is consulted for jobs no result names at most once a second, in a
+    read of every awaited job. A backend that cannot be reached fails every waiter of that
+    read with ``QueueUnavailable``.
+
+    With a Redis result backend the watcher subscribes to the channels of the batches awaited
+    (``producer.wakeups``; each batch while it has a waiter) and reads when a result is
+    announced, only the jobs of the batches announced; while every awaited batch is
+    subscribed, polls back off to ``SUBSCRIBED_POLL_CEILING``. Without wake-ups (another
+    backend, or a connection that broke), it polls as before: every awaited job, after a
+    short interval that grows while nothing changes."""
 
     def __init__(self, queue: JobQueue) -> None:
         self.queue = queue
         self._waiters: dict[_Wanted, list[asyncio.Future[JobStatus]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._wakeups = result_wakeups(
+            queue.celery_app.backend, on_wake=self._woken, on_lost=self._lost
+        )
+        # With wake-ups: each awaited job's batch, and the awaited jobs of each batch.
+        self._batch_of: dict[_Wanted, str] = {}
+        self._by_batch: dict[str, set[_Wanted]] = {}
+        # The jobs the next read covers even when it is not a read of every job, the ones
+        # among them whose result was announced, and whether it must cover every job.
+        self._due: set[_Wanted] = set()
+        self._announced: set[_Wanted] = set()
+        self._read_all = False
+        self._changed = False
+        # Set when a read is due; ``_urgent`` too when the results of every awaited job were
+        # announced (or the connection broke): other reads wait for the spacing.
+        self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
+        # Reads of the result backend, and jobs whose verdict a read found after the
+        # announcement of their batch's result (the wake-up path), for tests and benchmarks.
+        self.reads = 0
+        self.found_on_wakeup = 0
+
+    async def aclose(self) -> None:
+        """Close the pub/sub connection (waits that follow poll)."""
+        if self._wakeups is not None:
+            await self._wakeups.aclose()
 
     async def wait(self, wanted: list[_Wanted], timeout: float) -> list[JobStatus]:
         loop = asyncio.get_running_loop()
         futures = {pair: loop.create_future() for pair in dict.fromkeys(wanted)}
         for pair, future in futures.items():
-            self._waiters.setdefault(pair, []).append(future)
+            waiting = self._waiters.get(pair)
+            if waiting is None:
+                waiting = self._add(pair)
+            waiting.append(future)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
         try:
@@ -918,7 +975,7 @@ class _Watcher:
                 if waiting is not None and future in waiting:
                     waiting.remove(future)
                     if not waiting:
-                        del self._waiters[pair]
+                        self._remove(pair)
                 future.cancel()
         found: dict[_Wanted, JobStatus] = {}
         error: BaseException | None = None
@@ -933,32 +990,137 @@ class _Watcher:
             raise error
         return [found[pair] for pair in wanted]
 
+    def _add(self, pair: _Wanted) -> list[asyncio.Future[JobStatus]]:
+        """Start awaiting a job (subscribing to its batch's channel with wake-ups); return
+        its list of waiters."""
+        waiting: list[asyncio.Future[JobStatus]] = []
+        self._waiters[pair] = waiting
+        self._changed = True
+        if self._wakeups is None:
+            return waiting
+        found = open_job_id(*pair)
+        if found is None:
+            # Not an id of this owner: the next read answers not_found.
+            self._due.add(pair)
+            self._wake.set()
+            return waiting
+        batch_id = found[0]
+        self._batch_of[pair] = batch_id
+        pairs = self._by_batch.setdefault(batch_id, set())
+        pairs.add(pair)
+        if len(pairs) == 1:
+            self._wakeups.want(batch_id)  # the subscription, once confirmed, wakes a read
+        if batch_id in self._wakeups.subscribed:
+            # Subscribed already: the batch's result may have been announced before this
+            # waiter came, after the last read.
+            self._due.add(pair)
+            self._wake.set()
+        return waiting
+
+    def _remove(self, pair: _Wanted) -> list[asyncio.Future[JobStatus]]:
+        """Stop awaiting a job (unsubscribing from its batch's channel when no other job of
+        the batch is awaited); return its waiters."""
+        waiting = self._waiters.pop(pair)
+        self._changed = True
+        self._due.discard(pair)
+        self._announced.discard(pair)
+        batch_id = self._batch_of.pop(pair, None)
+        if batch_id is not None and self._wakeups is not None:
+            pairs = self._by_batch[batch_id]
+            pairs.discard(pair)
+            if not pairs:
+                del self._by_batch[batch_id]
+                self._wakeups.drop(batch_id)
+        return waiting
+
+    def _woken(self, batch_id: str, stored: bool) -> None:
+        """A subscription took effect, or a result was stored: read the batch's jobs."""
+        pairs = self._by_batch.get(batch_id)
+        if pairs:
+            self._due.update(pairs)
+            if stored:
+                self._announced.update(pairs)
+                if len(self._announced) == len(self._waiters):
+                    # Nothing else is awaited: no other verdict to share the read with.
+                    self._urgent.set()
+            self._wake.set()
+
+    def _lost(self) -> None:
+        """The pub/sub connection broke: announcements may have been lost; read every job."""
+        self._read_all = True
+        self._urgent.set()
+        self._wake.set()
+
+    def _covered(self) -> bool:
+        """Whether a stored result of every awaited job will wake the watcher."""
+        return (
+            self._wakeups is not None
+            and len(self._batch_of) == len(self._waiters)
+            and self._wakeups.covers(self._by_batch)
+        )
+
     async def _run(self) -> None:
         delays = _poll_delays()
         last_consult = float("-inf")
+        last_read = float("-inf")
+        read_all = True
         while self._waiters:
-            wanted = list(self._waiters)
             consult = time.monotonic() - last_consult >= _STORE_CONSULT_SECONDS
-            try:
-                found = await anyio.to_thread.run_sync(
-                    partial(self.queue.statuses_of, wanted, consult_store=consult)
-                )
-            except QueueUnavailable as exc:
-                for waiting in self._waiters.values():
-                    for future in waiting:
-                        if not future.done():
-                            future.set_exception(exc)
-                self._waiters.clear()
-                return
-            if consult:
-                last_consult = time.monotonic()
+            if read_all or consult or self._read_all:
+                wanted = list(self._waiters)
+            else:
+                wanted = list(self._due)
+            announced = self._announced
+            self._due, self._announced = set(), set()
+            self._read_all = self._changed = False
+            self._wake.clear()
+            self._urgent.clear()
             progressed = False
-            for pair, status in zip(wanted, found, strict=True):
-                if status.final:
-                    for future in self._waiters.pop(pair, []):
-                        if not future.done():
-                            future.set_result(status)
-                    progressed = True
-            if progressed or len(wanted) != len(self._waiters):
+            if wanted:
+                self.reads += 1
+                try:
+                    found = await anyio.to_thread.run_sync(
+                        partial(self.queue.statuses_of, wanted, consult_store=consult)
+                    )
+                except QueueUnavailable as exc:
+                    for pair in list(self._waiters):
+                        for future in self._remove(pair):
+                            if not future.done():
+                                future.set_exception(exc)
+                    return
+                last_read = time.monotonic()
+                if consult:
+                    last_consult = last_read
+                for pair, status in zip(wanted, found, strict=True):
+                    if status.final and pair in self._waiters:
+                        waiting = self._remove(pair)
+                        for future in waiting:
+                            if not future.done():
+                                future.set_result(status)
+                        if pair in announced:
+                            self.found_on_wakeup += 1
+                        progressed = True
+            if progressed or self._changed:
                 delays = _poll_delays()  # verdicts are flowing: keep reading often
-            await asyncio.sleep(next(delays))
+            if not self._waiters:
+                return
+            # Sleep until the next poll, or until a read is due: at once when the results of
+            # every awaited job were announced (light load), otherwise once the last read is
+            # _WOKEN_READ_SPACING old, so that under load one read answers many batches and
+            # their callers together, as a poll did (answering each batch on its own spreads
+            # the callers' next requests into more, smaller batches). A woken read covers only
+            # the jobs it is due for.
+            delay = SUBSCRIBED_POLL_CEILING if self._covered() else next(delays)
+            if self._wakeups is None:
+                await asyncio.sleep(delay)
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                read_all = True
+            else:
+                read_all = False
+                spacing = last_read + _WOKEN_READ_SPACING - time.monotonic()
+                if spacing > 0 and not self._urgent.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), spacing)

@@ -194,13 +194,19 @@ def test_queue_client_end_to_end(stack: Stack, base_url: str, ca: TestCA) -> Non
         celery_app.close()
 
 
-def test_queueing_and_polling_never_subscribe_to_results(
+def test_results_are_polled_or_awaited_per_batch_never_per_job(
     stack: Stack, base_url: str, ca: TestCA
 ) -> None:
-    """Verdicts are polled: no job makes the producer subscribe to its result channel (as
-    Celery's send_task and AsyncResult.get do with the Redis backend)."""
+    """Verdicts are read from the batches' results: no job makes the producer subscribe to
+    a result channel of its own (as Celery's send_task and AsyncResult.get do with the Redis
+    backend). A waiting request subscribes to its batch's channel only (producer.wakeups),
+    never to a pattern, and unsubscribes when its wait ends."""
     commands: list[str] = []
     stop = f"stop-monitor-{uuid.uuid4()}"
+    ours = {
+        int(url.rsplit("/", 1)[1])
+        for url in (stack.settings.broker_url, stack.settings.result_backend)
+    }
     monitored = redis.Redis.from_url(REDIS_URL)
     started = threading.Event()
 
@@ -208,9 +214,12 @@ def test_queueing_and_polling_never_subscribe_to_results(
         with monitored.monitor() as connection:
             started.set()
             for event in connection.listen():
-                commands.append(str(event["command"]))
-                if stop in commands[-1]:
+                command = str(event["command"])
+                if stop in command:
                     return
+                # MONITOR shows the whole server: only this stack's databases count.
+                if event["db"] in ours:
+                    commands.append(command)
 
     thread = threading.Thread(target=monitor, daemon=True)
     thread.start()
@@ -237,7 +246,16 @@ def test_queueing_and_polling_never_subscribe_to_results(
     # polling the batches' results, never through a result subscription.
     polls = [c for c in commands if "celery-task-meta-batch-" in c]
     assert any(c.startswith(("GET ", "MGET ")) for c in polls)
-    assert not [command for command in commands if "SUBSCRIBE" in command.upper()]
+    assert not [c for c in commands if c.upper().startswith(("PSUBSCRIBE", "SSUBSCRIBE"))]
+    subscribed = [c.split()[1:] for c in commands if c.upper().startswith("SUBSCRIBE ")]
+    unsubscribed = {
+        ch for c in commands if c.upper().startswith("UNSUBSCRIBE ") for ch in c.split()[1:]
+    }
+    assert subscribed and all(
+        ch.startswith("celery-task-meta-batch-") and ch in unsubscribed
+        for channels in subscribed
+        for ch in channels
+    ), (subscribed, unsubscribed)
 
 
 class _LosesFirstAnswer(httpx.HTTPTransport):
