@@ -508,6 +508,37 @@ def test_a_run_records_outcomes_stops_on_401_and_resumes(world: World, fake: Fak
         assert run_state(session, "r1").pending == 0
 
 
+def test_a_run_s_batch_delivered_twice_at_once_exchanges_each_key_once(
+    world: World, fake: FakeApple
+) -> None:
+    """A resumed run sends again the keys of a batch the worker still holds: the two
+    deliveries, decided by two threads at the same moment, exchange each key once."""
+    import threading
+
+    from worker.service.refresh_runs import RefreshFilters, RefreshRunner, run_state, start_run
+
+    runner = RefreshRunner(sessions=world.sessions, refresher=world.refresher)
+    with world.sessions() as session, session.begin():
+        start_run(session, run_id="r4", filters=RefreshFilters(), now=datetime.now(UTC))
+    fake.latency = 0.3  # both deliveries are in flight together
+    barrier = threading.Barrier(2)
+    steps: list[int] = []
+
+    def deliver() -> None:
+        barrier.wait()
+        steps.append(runner.decide("r4", _ids(world)).decided)
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(steps) == [0, 3]
+    assert sum(fake.statuses.values()) == 3  # one exchange per key
+    with world.sessions() as session:
+        assert run_state(session, "r4").pending == 0
+
+
 def test_a_run_id_reused_with_other_filters_is_refused(world: World) -> None:
     from worker.service.refresh_runs import RefreshFilters, RunMismatch, start_run
 

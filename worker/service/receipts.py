@@ -96,6 +96,15 @@ class SavedHook(Protocol):
     ) -> None: ...  # pragma: no cover
 
 
+class ClaimHook(Protocol):
+    """Called first in the transaction that stores a batch's outcomes: which of these keys
+    this batch may store (the others were stored by another delivery meanwhile)."""
+
+    def __call__(
+        self, session: Session, key_ids: Sequence[str]
+    ) -> set[str]: ...  # pragma: no cover
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -131,12 +140,19 @@ class ReceiptRefresher:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
 
     def refresh_batch(
-        self, key_ids: Sequence[str], *, on_saved: SavedHook | None = None
+        self,
+        key_ids: Sequence[str],
+        *,
+        on_saved: SavedHook | None = None,
+        claim: ClaimHook | None = None,
     ) -> RefreshBatch:
         """Decide every key of the batch (see the class docstring) and store the outcomes.
 
         ``on_saved(session, results, stopped)`` runs in the transaction that stores them (a
-        run records its rows there, so both are stored or neither)."""
+        run records its rows there, so both are stored or neither). ``claim(session, keys)``
+        runs first in it and names the keys whose outcomes may be stored: the outcomes of the
+        others are left out of what is stored, of ``on_saved``'s results and of the batch's
+        results (another delivery decided them)."""
         with self.sessions() as session:
             targets = store.get_refresh_targets(session, key_ids)
         results: list[RefreshResult] = []
@@ -180,6 +196,10 @@ class ReceiptRefresher:
         if updates or on_saved is not None:
             at = self.clock()
             with self.sessions() as session, session.begin():
+                if claim is not None:
+                    mine = claim(session, [r.key_id for r in results])
+                    updates = [u for u in updates if u.key_id in mine]
+                    results = [r for r in results if r.key_id in mine]
                 store.save_refreshes(session, updates, targets, at)
                 if on_saved is not None:
                     on_saved(session, results, stopped)

@@ -11,7 +11,9 @@ once the configuration is fixed. The periodic refresh decides batches without a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -36,6 +38,9 @@ __all__ = [
 # Outcomes that leave a key pending in its run: it is tried again.
 _NOT_FINAL: Final = frozenset({RefreshOutcome.RETRY_LATER, RefreshOutcome.UNAUTHORIZED})
 _PAGE: Final = 5000
+# The (run, key) pairs that batches of this process are exchanging now (see ``decide``).
+_HOLDING: set[tuple[str, str]] = set()
+_HOLDING_LOCK = threading.Lock()
 
 
 class RunMismatch(ValueError):
@@ -159,16 +164,43 @@ class RefreshRunner:
         self.clock = clock
 
     def decide(self, run_id: str | None, key_ids: Sequence[str]) -> RunStep:
-        """Exchange these keys (those still pending, in a run) and record the outcomes."""
+        """Exchange these keys (those still pending, in a run) and record the outcomes.
+
+        In a run, a key is exchanged only by the one batch of this process that holds it:
+        two deliveries of it at once to the worker's threads (a batch the worker held when
+        its run was resumed and sent again) would otherwise both find it pending and both
+        exchange it. Each batch takes the keys no other batch holds, reads which of those
+        are still pending, exchanges them, and lets them go once their outcomes are
+        recorded; a key another batch holds is that batch's to decide. (Two worker processes
+        given the same key at the same moment can still both exchange it.)"""
         keys = list(dict.fromkeys(key_ids))
-        if run_id is not None:
+        if run_id is None:
+            return self._decide(None, keys)
+        with self._held(run_id, keys) as held:
             with self.sessions() as session:
                 stored = runs.get_run(session, run_id)
                 if stored is None:
                     raise KeyError(f"no refresh run {run_id}")
                 if stored.stopped_reason is not None:
                     return RunStep(0, stopped=stored.stopped_reason)
-                keys = runs.pending_keys(session, run_id, keys)
+                pending = runs.pending_keys(session, run_id, held)
+            return self._decide(run_id, pending)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _held(run_id: str, keys: list[str]) -> Iterator[list[str]]:
+        """The keys of ``keys`` no other batch of this process is exchanging, held by this
+        batch while the block runs (see ``decide``)."""
+        with _HOLDING_LOCK:
+            mine = [key for key in keys if (run_id, key) not in _HOLDING]
+            _HOLDING.update((run_id, key) for key in mine)
+        try:
+            yield mine
+        finally:
+            with _HOLDING_LOCK:
+                _HOLDING.difference_update((run_id, key) for key in mine)
+
+    def _decide(self, run_id: str | None, keys: list[str]) -> RunStep:
         if not keys:
             return RunStep(0)
         decided: list[dict[str, Any]] = []
@@ -184,7 +216,15 @@ class RefreshRunner:
                 )
                 runs.stop_run(session, run_id, _stop_reason(detail), self.clock())
 
-        batch = self.refresher.refresh_batch(keys, on_saved=record)
+        def claim(session: Session, key_ids: Sequence[str]) -> set[str]:
+            # Two deliveries of a key may both exchange it (two workers at once); only the
+            # first to store finds its row pending, the other stores nothing of it.
+            assert run_id is not None
+            return runs.lock_pending(session, run_id, key_ids)
+
+        batch = self.refresher.refresh_batch(
+            keys, on_saved=record, claim=claim if run_id is not None else None
+        )
         stopped = None
         if batch.stopped:
             detail = next(

@@ -119,6 +119,27 @@ def pending_keys(session: Session, run_id: str, key_ids: Sequence[str] | None = 
     return list(session.scalars(statement))
 
 
+def lock_pending(session: Session, run_id: str, key_ids: Sequence[str]) -> set[str]:
+    """The keys among ``key_ids`` whose rows in the run are pending, locked until the end of
+    the transaction (on PostgreSQL ``FOR UPDATE``: a transaction that decided one of them
+    first makes this one wait, then find it done)."""
+    if not key_ids:
+        return set()
+    statement = (
+        select(RefreshResult.key_id)
+        .where(
+            RefreshResult.run_id == run_id,
+            RefreshResult.status == PENDING,
+            RefreshResult.key_id.in_(list(key_ids)),
+        )
+        # Locked in key order (the lock is taken above the sort), so that two batches with
+        # keys in common never wait on each other in a cycle.
+        .order_by(RefreshResult.key_id)
+        .with_for_update()
+    )
+    return set(session.scalars(statement))
+
+
 def iter_pending_batches(session: Session, run_id: str, size: int) -> Iterator[list[str]]:
     """The run's pending keys in batches of ``size``, by key order (paged, bounded memory)."""
     after = ""
