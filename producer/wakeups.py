@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
@@ -37,6 +38,8 @@ _CONNECT_TIMEOUT: Final = 2.0
 # doubling up to the last while it keeps failing.
 _RECONNECT_FIRST: Final = 0.5
 _RECONNECT_MAX: Final = 15.0
+# A connection that served this long before it broke was healthy: the pauses start again.
+_HEALTHY_SECONDS: Final = 30.0
 # How long a connection with no channel to listen to stays open: light load leaves gaps
 # between waits, and opening a connection for each would cost a handshake per request.
 _IDLE_SECONDS: Final = 30.0
@@ -182,10 +185,14 @@ class ResultWakeups:
                 pause = min(pause * 2, _RECONNECT_MAX)
                 continue
             self.connections += 1
+            opened = time.monotonic()
             try:
                 await self._serve(connection)
             except _FAILURES as exc:
                 self.failures += 1
+                if time.monotonic() - opened >= _HEALTHY_SECONDS:
+                    # It served a while: this break starts the pauses again from the first.
+                    pause = _RECONNECT_FIRST
                 log.warning(
                     "result wake-ups: the connection broke (%s); polling, reconnecting in %.1f s",
                     type(exc).__name__,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -14,6 +15,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import OperationalError, StatementError
 
 from tests.conftest import NOW
+from tests.factory import TestCA
 from worker.store import bulk, receipts
 from worker.store import reverify as runs
 from worker.store.challenges import (
@@ -510,3 +512,40 @@ def test_a_connection_idle_past_the_limit_is_tested_and_replaced(pg_url: str) ->
                         connection.execute(text("SELECT pg_backend_pid()"))
         finally:
             engine.dispose()
+
+
+def test_workers_calling_google_or_apple_test_every_connection(pg_url: str, tmp_path: Path) -> None:
+    """The Android and receipt services call Google or Apple between their reads and their
+    writes: their sessions test each pooled connection before use, so one the server dropped
+    during the call is replaced instead of failing the write (which would retry the batch and
+    repeat the calls); the verification batches test theirs only after a while idle."""
+    from worker.queue.app import create_celery_app
+    from worker.queue.tasks import ProcessResources
+    from worker.settings import Settings
+
+    root = tmp_path / "root.pem"
+    root.write_bytes(TestCA.create().root_pem)
+    settings = Settings(app_ids=["ABCDE12345.com.example.app"], store_url=pg_url, root_ca=root)
+    migrating = create_store_engine(pg_url)
+    upgrade(migrating)
+    migrating.dispose()
+    resources = ProcessResources.build(create_celery_app(settings), settings)
+    for sessions, replaced in (
+        (resources._pinged_sessions(settings), True),
+        (resources.service.sessions, False),
+    ):
+        with sessions() as session:
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        admin = create_store_engine(pg_url)
+        with admin.connect() as connection:
+            connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            connection.commit()
+        admin.dispose()
+        time.sleep(0.05)
+        with sessions() as session:
+            if replaced:
+                assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+            else:
+                with pytest.raises(OperationalError):
+                    session.execute(text("SELECT 1"))
+        sessions.kw["bind"].dispose()

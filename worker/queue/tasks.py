@@ -17,6 +17,7 @@ from celery import Celery, Task, states
 from sqlalchemy import text
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session, sessionmaker
 
 from worker.contract import (
     PLATFORM_ANDROID,
@@ -112,13 +113,26 @@ class ProcessResources:
             from worker.queue.receipts_setup import build_runner, redis_client
 
             self.runner, _ = build_runner(
-                settings, sessions=self.service.sessions, client=redis_client(settings)
+                settings, sessions=self._pinged_sessions(settings), client=redis_client(settings)
             )
         return self.runner
 
     settings: Settings | None = None
     _android: dict[bool, IntegrityService] = field(default_factory=dict)
     _android_lock: threading.Lock = field(default_factory=threading.Lock)
+    _pinged: sessionmaker[Session] | None = None
+    _pinged_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _pinged_sessions(self, settings: Settings) -> sessionmaker[Session]:
+        """Sessions whose connections are tested before every use, for the services that
+        call Google or Apple between their reads and their writes: a connection the server
+        dropped during such a call is replaced rather than failing the write, which would
+        retry the batch and repeat the calls (the verification batches, which call nobody,
+        test theirs only after a while idle). Built on first use."""
+        with self._pinged_lock:
+            if self._pinged is None:
+                self._pinged = session_factory(create_store_engine(settings.store_url))
+            return self._pinged
 
     def android(self, *, issued_challenges: bool = True) -> IntegrityService | None:
         """The Android service (Google's client, its pool of threads for the decode calls),
@@ -151,7 +165,7 @@ class ProcessResources:
                 service = IntegrityService(
                     policy=self.settings.android_policy(),
                     decoder=decoder,
-                    sessions=self.service.sessions,
+                    sessions=self._pinged_sessions(self.settings),
                     issued_challenges=issued_challenges,
                     executor=executor,
                 )
