@@ -7,7 +7,8 @@ each as one executemany of one cached INSERT in one transaction, in one hop to a
 (no ORM unit of work, no session). A lone request is written at once; requests that arrive
 while a write is in flight form the next group (up to ``max_group`` challenges). A request is
 answered only after its group's transaction committed; when the write fails, every request of
-the group is refused and none of its rows is stored.
+the group is refused and none of its rows is stored; one not written within ``timeout``
+seconds (a write stuck behind a lock) is answered 503.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ log = logging.getLogger("appattest.producer")
 # Enough to absorb a burst of callers in one transaction, small enough that one statement's
 # parameters stay far below what a driver accepts (five per row).
 MAX_GROUP: Final = 256
+# Seconds a request waits for its challenge's group to be stored before it is answered 503.
+WRITE_TIMEOUT: Final = 10.0
 
 
 class _Group:
@@ -54,9 +57,17 @@ class ChallengeIssuer:
     loop that first used it.
     """
 
-    def __init__(self, engine: Engine, *, ttl: timedelta, max_group: int = MAX_GROUP) -> None:
-        if max_group < 1:
-            raise ValueError("max_group must be at least 1")
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        ttl: timedelta,
+        max_group: int = MAX_GROUP,
+        timeout: float = WRITE_TIMEOUT,
+    ) -> None:
+        if max_group < 1 or timeout <= 0:
+            raise ValueError("max_group must be at least 1 and timeout above 0")
+        self._timeout = timeout
         self._engine = engine
         self._ttl = ttl
         self._max_group = max_group
@@ -73,9 +84,15 @@ class ChallengeIssuer:
             self._waiting.append(_Group())
         group = self._waiting[-1]
         group.challenges.append(issued)
-        if self._writer is None:
+        if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_waiting())
-        await group.written.wait()
+        try:
+            await asyncio.wait_for(group.written.wait(), self._timeout)
+        except TimeoutError:
+            # A write stuck behind a lock or a stalled connection: this caller is answered,
+            # and the challenge, if it is stored after all, is never used.
+            log.warning("a challenge was not stored within %.0f s", self._timeout)
+            raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, STORE_UNAVAILABLE) from None
         if group.error is not None:
             if isinstance(group.error, DATABASE_DOWN):
                 raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, STORE_UNAVAILABLE)

@@ -230,3 +230,33 @@ def test_a_failed_group_write_answers_every_request_of_the_group_and_stores_none
     assert later.status_code == 201, later.text
     issued = {challenge_digest(r.json()["challenge"]) for r in (first, later)}
     assert set(_stored(store)) == issued
+
+
+def test_a_write_stuck_behind_a_lock_answers_503_and_issuance_recovers(store: Engine) -> None:
+    """A group's write that does not end (held here in its thread, as behind a migration's
+    lock) does not hold its callers forever: they are answered 503 after the issuer's timeout,
+    and once the write ends, issuance goes on."""
+    from producer.errors import ApiError
+    from producer.issuer import ChallengeIssuer
+    from worker.store.challenges import Purpose
+
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(*_args: Any) -> None:
+        if not entered.is_set():
+            entered.set()
+            release.wait(60)
+
+    event.listen(store, "before_cursor_execute", hold)
+    issuer = ChallengeIssuer(store, ttl=timedelta(minutes=5), timeout=0.2)
+
+    async def scenario() -> str:
+        with pytest.raises(ApiError) as refused:
+            await issuer.issue(purpose=Purpose.REGISTRATION, key_id=None)
+        assert (refused.value.status, refused.value.code) == (503, "service_unavailable")
+        release.set()
+        issued = await issuer.issue(purpose=Purpose.REGISTRATION, key_id=None)
+        return issued.challenge
+
+    challenge = asyncio.run(scenario())
+    assert challenge_digest(challenge) in _stored(store)
