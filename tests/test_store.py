@@ -200,6 +200,20 @@ def test_parallel_claims_consume_each_challenge_once(engine: Engine) -> None:
     assert len(by_job) == 20
 
 
+def _verdict_row(job_id: str, result: dict[str, object]) -> dict[str, object]:
+    """A ``verdicts`` row of a refused registration whose result is ``result``."""
+    return {
+        "job_id": job_id,
+        "kind": "registration",
+        "key_id": None,
+        "app_id": None,
+        "ok": False,
+        "reason": "nonce_mismatch",
+        "result": result,
+        "decided_at": NOW,
+    }
+
+
 def test_batch_inserts_and_reads_keep_every_value(engine: Engine) -> None:
     """The set-at-a-time statements (one JSON document of rows on PostgreSQL, many parameter
     sets on SQLite) store bytes of every value, aware instants, NULLs and nested JSON exactly,
@@ -227,19 +241,7 @@ def test_batch_inserts_and_reads_keep_every_value(engine: Engine) -> None:
         "detail": 'quote " back\\slash é ✓',
         "n": [1, None],
     }
-    verdicts = [
-        {
-            "job_id": job_id,
-            "kind": "registration",
-            "key_id": None,
-            "app_id": None,
-            "ok": False,
-            "reason": "nonce_mismatch",
-            "result": result,
-            "decided_at": NOW,
-        }
-        for job_id in ["job-1", "job-2"]
-    ]
+    verdicts = [_verdict_row(job_id, result) for job_id in ["job-1", "job-2"]]
     sessions = session_factory(engine)
     with sessions() as session, session.begin():
         assert bulk.insert_keys(session, rows) == {"a" * 44, "b/+=" * 11}
@@ -292,21 +294,7 @@ def test_the_batch_read_returns_what_each_reader_returns(engine: Engine) -> None
                 {"key_id": keys[2], "receipt": b"r"},
             ],
         )
-        bulk.record_verdicts(
-            session,
-            [
-                {
-                    "job_id": "job-1",
-                    "kind": "registration",
-                    "key_id": None,
-                    "app_id": None,
-                    "ok": False,
-                    "reason": "nonce_mismatch",
-                    "result": result,
-                    "decided_at": NOW,
-                }
-            ],
-        )
+        bulk.record_verdicts(session, [_verdict_row("job-1", result)])
         issued = [
             new_challenge(
                 purpose=Purpose.ASSERTION, key_id=key_id, ttl=timedelta(seconds=60 + n), now=NOW
@@ -488,6 +476,22 @@ def test_every_public_store_function_has_a_production_caller() -> None:
     assert unused == []
 
 
+def _terminate_backend(pg_url: str, pid: int) -> None:
+    """End a server process of PostgreSQL, as a restart would, and wait until it is gone."""
+    admin = create_store_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            deadline = time.monotonic() + 10
+            while connection.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+            ).scalar_one():
+                assert time.monotonic() < deadline, "the server process did not end"
+                time.sleep(0.01)
+    finally:
+        admin.dispose()
+
+
 def test_a_connection_idle_past_the_limit_is_tested_and_replaced(pg_url: str) -> None:
     """The workers' engine tests a pooled connection only after it sat idle: one the server
     dropped meanwhile is replaced unseen; one in steady use is not tested (no round trip),
@@ -497,12 +501,7 @@ def test_a_connection_idle_past_the_limit_is_tested_and_replaced(pg_url: str) ->
         try:
             with engine.connect() as connection:
                 pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
-            admin = create_store_engine(pg_url)
-            with admin.connect() as connection:
-                connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-                connection.commit()
-            admin.dispose()
-            time.sleep(0.05)
+            _terminate_backend(pg_url, pid)
             with engine.connect() as connection:
                 if replaced:
                     new_pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
@@ -536,12 +535,7 @@ def test_workers_calling_google_or_apple_test_every_connection(pg_url: str, tmp_
     ):
         with sessions() as session:
             pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        admin = create_store_engine(pg_url)
-        with admin.connect() as connection:
-            connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            connection.commit()
-        admin.dispose()
-        time.sleep(0.05)
+        _terminate_backend(pg_url, pid)
         with sessions() as session:
             if replaced:
                 assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid

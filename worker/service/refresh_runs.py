@@ -172,7 +172,8 @@ class RefreshRunner:
         exchange it. Each batch takes the keys no other batch holds, reads which of those
         are still pending, exchanges them, and lets them go once their outcomes are
         recorded; a key another batch holds is that batch's to decide. (Two worker processes
-        given the same key at the same moment can still both exchange it.)"""
+        given the same key at the same moment can still both exchange it; only the first to
+        store its outcome finds its row pending, see ``claim``.)"""
         keys = list(dict.fromkeys(key_ids))
         if run_id is None:
             return self._decide(None, keys)
@@ -220,10 +221,10 @@ class RefreshRunner:
             # Two deliveries of a key may both exchange it (two workers at once); only the
             # first to store finds its row pending, the other stores nothing of it.
             assert run_id is not None
-            return runs.lock_pending(session, run_id, key_ids)
+            return set(runs.pending_keys(session, run_id, key_ids, for_update=True))
 
         batch = self.refresher.refresh_batch(
-            keys, on_saved=record, claim=claim if run_id is not None else None
+            keys, on_saved=record, claim=None if run_id is None else claim
         )
         stopped = None
         if batch.stopped:

@@ -107,8 +107,18 @@ def counts(session: Session, run_id: str) -> tuple[int, int]:
     return int(total), int(done or 0)
 
 
-def pending_keys(session: Session, run_id: str, key_ids: Sequence[str] | None = None) -> list[str]:
-    """The run's pending keys, in key order; among ``key_ids`` when given."""
+def pending_keys(
+    session: Session,
+    run_id: str,
+    key_ids: Sequence[str] | None = None,
+    *,
+    for_update: bool = False,
+) -> list[str]:
+    """The run's pending keys, in key order; among ``key_ids`` when given. ``for_update``
+    locks their rows until the end of the transaction (on PostgreSQL ``FOR UPDATE``: a
+    transaction that decided one of them first makes this one wait, then find it done); the
+    locks are taken in key order (above the sort), so that two batches with keys in common
+    never wait on each other in a cycle."""
     statement = (
         select(RefreshResult.key_id)
         .where(RefreshResult.run_id == run_id, RefreshResult.status == PENDING)
@@ -116,28 +126,9 @@ def pending_keys(session: Session, run_id: str, key_ids: Sequence[str] | None = 
     )
     if key_ids is not None:
         statement = statement.where(RefreshResult.key_id.in_(list(key_ids)))
+    if for_update:
+        statement = statement.with_for_update()
     return list(session.scalars(statement))
-
-
-def lock_pending(session: Session, run_id: str, key_ids: Sequence[str]) -> set[str]:
-    """The keys among ``key_ids`` whose rows in the run are pending, locked until the end of
-    the transaction (on PostgreSQL ``FOR UPDATE``: a transaction that decided one of them
-    first makes this one wait, then find it done)."""
-    if not key_ids:
-        return set()
-    statement = (
-        select(RefreshResult.key_id)
-        .where(
-            RefreshResult.run_id == run_id,
-            RefreshResult.status == PENDING,
-            RefreshResult.key_id.in_(list(key_ids)),
-        )
-        # Locked in key order (the lock is taken above the sort), so that two batches with
-        # keys in common never wait on each other in a cycle.
-        .order_by(RefreshResult.key_id)
-        .with_for_update()
-    )
-    return set(session.scalars(statement))
 
 
 def iter_pending_batches(session: Session, run_id: str, size: int) -> Iterator[list[str]]:
