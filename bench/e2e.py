@@ -93,7 +93,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -1340,9 +1340,11 @@ def run_e2e(
     rows_wanted: Sequence[str] = ROWS,
     profile_dir: Path | None = None,
     pool: str = "prefork",
+    api_env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every end-to-end row; returns the results as a JSON-ready dictionary. ``pool`` is the
-    workers' Celery pool (each worker runs one process of it)."""
+    workers' Celery pool (each worker runs one process of it); ``api_env`` adds settings
+    (``APPATTEST_...``) to the API process's environment."""
     sizes = QUICK if quick else FULL
     timeout = 120.0 if quick else 600.0  # per burst; a job without a verdict by then is lost
     setup: dict[str, float] = {}
@@ -1371,7 +1373,7 @@ def run_e2e(
                 setup["mint_s"] = round(time.perf_counter() - t, 2)
 
                 port = free_port()
-                env = {**stack.env, "APPATTEST_API_KEYS": API_KEY}
+                env = {**stack.env, **(api_env or {}), "APPATTEST_API_KEYS": API_KEY}
                 env["PYTHONPATH"] = os.pathsep.join(
                     p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p
                 )
@@ -1582,6 +1584,13 @@ def main(argv: list[str] | None = None) -> int:
         default="prefork",
         help="the workers' Celery pool (default: prefork, as `appattest worker` runs)",
     )
+    parser.add_argument(
+        "--api-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the API process, e.g. APPATTEST_BATCHES_IN_FLIGHT=0 (repeatable)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument("--serve-api", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1602,6 +1611,7 @@ def main(argv: list[str] | None = None) -> int:
         rows_wanted=rows,
         profile_dir=args.profile,
         pool=args.pool,
+        api_env=dict(setting.partition("=")[::2] for setting in args.api_setting),
     )
     print(table(data))
     if args.json is not None:

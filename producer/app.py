@@ -66,6 +66,7 @@ def _lifespan(
                 sessions=sessions,
                 idempotency_ttl=settings.idempotency_ttl_seconds,
                 verdict_retention_days=settings.verdict_retention_days,
+                batch_window=settings.batch_window_seconds,
             ),
             engine=engine,
             sessions=sessions,

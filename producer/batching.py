@@ -144,7 +144,8 @@ class MicroBatcher(Generic[T, R]):
     holds ``max_size`` items, then sends the whole batch; every submitter returns its own id
     only once its batch was handed to the broker (or raises the error that sending raised), so
     an id is never returned for a job that was not queued. At low load a job waits at most
-    ``window`` seconds longer than it would alone.
+    ``window`` seconds longer than it would alone, and an item submitted ``at_once`` that
+    finds no batch open is sent without waiting.
     """
 
     def __init__(
@@ -158,8 +159,9 @@ class MicroBatcher(Generic[T, R]):
         self._lock = threading.Condition()
         self._open: _Open[T] = _Open()
 
-    def submit(self, item: T, *, timeout: float = 30.0) -> R:
-        """Queue one item; return its outcome (its id) once its batch was sent."""
+    def submit(self, item: T, *, timeout: float = 30.0, at_once: bool = False) -> R:
+        """Queue one item; return its outcome (its id) once its batch was sent. With
+        ``at_once``, an item that opens a batch sends it without waiting for company."""
         with self._lock:
             batch = self._open
             index = len(batch.items)
@@ -168,7 +170,8 @@ class MicroBatcher(Generic[T, R]):
                 self._close(batch)
         if index == 0:
             with self._lock:
-                self._lock.wait_for(lambda: batch.closed, timeout=self._window)
+                if not at_once:
+                    self._lock.wait_for(lambda: batch.closed, timeout=self._window)
                 self._close(batch)
             try:
                 batch.ids = self._send(batch.items)

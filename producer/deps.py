@@ -144,6 +144,12 @@ def waiting_on(request: Request, count: int) -> Iterator[None]:
         budget.release(key, count)
 
 
+def waits_in_progress(request: Request) -> int:
+    """How many job ids the requests of this process are waiting on now, all keys together."""
+    budget: WaitBudget = request.app.state.wait_budget
+    return budget.total
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 

@@ -547,14 +547,19 @@ class JobQueue:
         *,
         owner: Owner | None = None,
         idempotency_key: str | None = None,
+        at_once: bool = False,
     ) -> Outcome:
         """Queue one validated request; return its outcome.
 
         Requests submitted together from several threads travel in one batch message; each
-        caller waits at most the batching window before its job is queued. Raises
-        ``QueueUnavailable`` when the broker cannot be reached (nothing was accepted).
+        caller waits at most the batching window before its job is queued. With ``at_once``
+        (a caller that knows it is alone), a job that finds no batch open is sent without
+        waiting for company. Raises ``QueueUnavailable`` when the broker cannot be reached
+        (nothing was accepted).
         """
-        return self._batcher.submit(self._submission(request, owner, idempotency_key))
+        return self._batcher.submit(
+            self._submission(request, owner, idempotency_key), at_once=at_once
+        )
 
     def submit(
         self,

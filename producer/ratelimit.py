@@ -108,6 +108,12 @@ class WaitBudget:
         self.limit = int(limit)
         self._lock = threading.Lock()
         self._held: dict[Hashable, int] = {}
+        self._total = 0
+
+    @property
+    def total(self) -> int:
+        """How many ids all keys together are waiting on now."""
+        return self._total
 
     def take(self, key: Hashable, count: int) -> bool:
         """Hold ``count`` ids for ``key``; False (holding nothing) when over its budget."""
@@ -118,12 +124,15 @@ class WaitBudget:
             if held and held + count > self.limit:
                 return False
             self._held[key] = held + count
+            self._total += count
             return True
 
     def release(self, key: Hashable, count: int) -> None:
         """Give back ``count`` ids that ``take`` held for ``key``."""
         with self._lock:
-            remaining = self._held.get(key, 0) - count
+            held = self._held.get(key, 0)
+            self._total -= min(held, count)
+            remaining = held - count
             if remaining > 0:
                 self._held[key] = remaining
             else:

@@ -145,6 +145,17 @@ def test_registration_then_assertions_advance_the_counter(api: httpx.Client, ca:
         assert result["counter"] == expected
 
 
+def test_a_lone_waiting_request_does_not_wait_for_company(settings: Settings, ca: TestCA) -> None:
+    """With a batch window of a minute, requests that wait for their verdict alone (no other
+    wait in progress) are sent at once: a registration and an assertion each get their verdict
+    within the client's 30 s timeout (the window itself is tested in test_batching)."""
+    with _client(settings.model_copy(update={"batch_window_seconds": 60})) as client:
+        device = register(client, ca)
+        challenge = issue(client, "assertion", device.key_id_b64)
+        result = verdict(client, "/v1/assertions", device.assertion_body(challenge))
+        assert result["ok"] and result["counter"] == 1
+
+
 def test_assertion_naming_a_challenge_inside_its_payload(api: httpx.Client, ca: TestCA) -> None:
     device = register(api, ca)
     challenge = issue(api, "assertion")

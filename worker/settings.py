@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     # on (?wait) at once. One request asking for more is admitted only when the key has no
     # other wait in progress.
     max_waits_per_key: int = Field(default=5000, ge=1, le=1_000_000)
+    # Per producer process: how long the first of the single submissions (POST /v1/attestations
+    # or /v1/assertions) arriving together waits for others to share its message. A request
+    # with ?wait while no other wait is in progress in the process is sent at once.
+    batch_window_seconds: float = Field(default=0.002, ge=0, le=60, allow_inf_nan=False)
 
     # --- Operating it (metrics, logs, events, retention) -----------------------------------
     # The producer's GET /metrics (no API key); false turns the route off (404).

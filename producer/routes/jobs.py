@@ -34,6 +34,7 @@ from producer.deps import (
     metrics_of,
     request_body,
     waiting_on,
+    waits_in_progress,
 )
 from producer.errors import ApiError, ErrorCode, QueueUnavailable, validation_summary
 from producer.jobs import JobQueue, Outcome, Submission, check_batch_item, check_request
@@ -109,6 +110,9 @@ async def _submit(
                 plugin,
                 owner=caller_of(request).owner,
                 idempotency_key=idempotency_key,
+                # Waiting alone (no other wait in this process): not the first of a burst, so
+                # its job goes at once instead of waiting for company that will not come.
+                at_once=wait is not None and waits_in_progress(request) == 1,
             )
         )
         if outcome.error is None and not outcome.replayed:

@@ -1,0 +1,100 @@
+"""The producer's micro-batcher: single submissions arriving together share one message, a
+lone job sent ``at_once`` does not wait for company, and the wait budget's total counts every
+key's waits."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+
+from producer.batching import MicroBatcher
+from producer.ratelimit import WaitBudget
+
+# Long enough that a test passing within it cannot have waited for it.
+FOREVER = 60.0
+
+
+class Recorder:
+    """A send that records each batch and answers with the items' ids."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.lock = threading.Lock()
+        self.fail = fail
+
+    def __call__(self, items: Sequence[str]) -> list[str]:
+        with self.lock:
+            self.batches.append(list(items))
+        if self.fail is not None:
+            raise self.fail
+        return [f"id-{item}" for item in items]
+
+
+def _submitted(
+    pool: ThreadPoolExecutor, batcher: MicroBatcher[str, str], item: str, **kw: bool
+) -> Future[str]:
+    return pool.submit(batcher.submit, item, **kw)
+
+
+def test_a_full_batch_is_sent_without_waiting_for_the_window() -> None:
+    send = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(send, window=FOREVER, max_size=3)
+    with ThreadPoolExecutor(3) as pool:
+        futures = [_submitted(pool, batcher, item) for item in "abc"]
+        assert [f.result(timeout=10) for f in futures] == ["id-a", "id-b", "id-c"]
+    assert send.batches == [["a", "b", "c"]]
+
+
+def test_a_job_sent_at_once_does_not_wait_for_company() -> None:
+    send = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(send, window=FOREVER, max_size=100)
+    assert batcher.submit("lone", at_once=True) == "id-lone"
+    assert send.batches == [["lone"]]
+
+
+def test_a_job_sent_at_once_joins_a_batch_already_open() -> None:
+    """``at_once`` sends a batch the job opens; a batch another job opened keeps its window
+    (here: it leaves when full), with the at-once job in it."""
+    send = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(send, window=FOREVER, max_size=2)
+    with ThreadPoolExecutor(2) as pool:
+        first = _submitted(pool, batcher, "first")
+        while not batcher._open.items:  # the first job opened the batch
+            threading.Event().wait(0.001)
+        second = _submitted(pool, batcher, "second", at_once=True)
+        assert first.result(timeout=10) == "id-first"
+        assert second.result(timeout=10) == "id-second"
+    assert send.batches == [["first", "second"]]
+
+
+def test_without_at_once_a_lone_job_waits_for_the_window() -> None:
+    send = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(send, window=0.05, max_size=100)
+    assert batcher.submit("alone") == "id-alone"
+    assert send.batches == [["alone"]]
+
+
+def test_every_submitter_of_a_failed_batch_gets_the_error() -> None:
+    send = Recorder(fail=ConnectionError("broker down"))
+    batcher: MicroBatcher[str, str] = MicroBatcher(send, window=FOREVER, max_size=2)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [_submitted(pool, batcher, item) for item in "xy"]
+        for future in futures:
+            with pytest.raises(ConnectionError, match="broker down"):
+                future.result(timeout=10)
+    assert send.batches == [["x", "y"]]
+
+
+def test_the_wait_budget_total_counts_every_key() -> None:
+    budget = WaitBudget(limit=10)
+    assert budget.take("a", 3) and budget.take("b", 2)
+    assert budget.total == 5
+    assert not budget.take("a", 8)  # over a's budget: nothing taken
+    assert budget.total == 5
+    budget.release("a", 3)
+    assert budget.total == 2 and budget.held("a") == 0
+    budget.release("b", 5)  # more than b holds: the total never goes below what is held
+    assert budget.total == 0 and budget.held("b") == 0
