@@ -11,6 +11,8 @@ caller's lookup of it finds nothing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
+import anyio.to_thread
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 # A sealed id holds 9 random bytes of batch id, 2 bytes of index and 5 bytes of this mark: an
@@ -132,13 +135,17 @@ class _Open(Generic[T]):
     sent: threading.Event = field(default_factory=threading.Event)
     ids: list[Any] = field(default_factory=list)  # the outcomes, once sent
     error: BaseException | None = None
+    # Submitters waiting on an event loop: each loop's future, set once the batch was sent.
+    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = field(
+        default_factory=list
+    )
 
 
 R = TypeVar("R")
 
 
 class MicroBatcher(Generic[T, R]):
-    """Gathers items submitted from many threads into batches for ``send``.
+    """Gathers items submitted from many threads and event loops into batches for ``send``.
 
     The first item of a batch waits up to ``window`` seconds for company, or until the batch
     holds ``max_size`` items, then sends the whole batch; every submitter returns its own id
@@ -146,6 +153,9 @@ class MicroBatcher(Generic[T, R]):
     an id is never returned for a job that was not queued. At low load a job waits at most
     ``window`` seconds longer than it would alone, and an item submitted ``at_once`` that
     finds no batch open is sent without waiting.
+
+    ``submit_async`` is the same for a coroutine: only the first item of a batch takes a
+    thread (to wait for company and send); the others wait on the event loop.
     """
 
     def __init__(
@@ -159,28 +169,67 @@ class MicroBatcher(Generic[T, R]):
         self._lock = threading.Condition()
         self._open: _Open[T] = _Open()
 
+    def _join(self, item: T) -> tuple[_Open[T], int]:
+        # Called with the lock held.
+        batch = self._open
+        index = len(batch.items)
+        batch.items.append(item)
+        if len(batch.items) >= self._max_size:
+            self._close(batch)
+        return batch, index
+
     def submit(self, item: T, *, timeout: float = 30.0, at_once: bool = False) -> R:
         """Queue one item; return its outcome (its id) once its batch was sent. With
         ``at_once``, an item that opens a batch sends it without waiting for company."""
         with self._lock:
-            batch = self._open
-            index = len(batch.items)
-            batch.items.append(item)
-            if len(batch.items) >= self._max_size:
-                self._close(batch)
+            batch, index = self._join(item)
         if index == 0:
-            with self._lock:
-                if not at_once:
-                    self._lock.wait_for(lambda: batch.closed, timeout=self._window)
-                self._close(batch)
-            try:
-                batch.ids = self._send(batch.items)
-            except BaseException as exc:
-                batch.error = exc
-            finally:
-                batch.sent.set()
+            self._lead(batch, at_once)
         elif not batch.sent.wait(timeout):
             raise TimeoutError("the batch holding this job was not sent in time")
+        return self._outcome(batch, index)
+
+    async def submit_async(self, item: T, *, timeout: float = 30.0, at_once: bool = False) -> R:
+        """Like ``submit``, from a coroutine."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            batch, index = self._join(item)
+            if index:
+                # Registered before the batch can be sent: it is sent after it is closed, and
+                # its waiters are read under this lock.
+                future: asyncio.Future[None] = loop.create_future()
+                batch.waiters.append((loop, future))
+        if index == 0:
+            await anyio.to_thread.run_sync(self._lead, batch, at_once)
+        else:
+            try:
+                async with asyncio.timeout(timeout):
+                    await future
+            except TimeoutError:
+                raise TimeoutError("the batch holding this job was not sent in time") from None
+        return self._outcome(batch, index)
+
+    def _lead(self, batch: _Open[T], at_once: bool) -> None:
+        """Wait for company (unless ``at_once``), then send the batch and tell its
+        submitters."""
+        with self._lock:
+            if not at_once:
+                self._lock.wait_for(lambda: batch.closed, timeout=self._window)
+            self._close(batch)
+        try:
+            batch.ids = self._send(batch.items)
+        except BaseException as exc:
+            batch.error = exc
+        finally:
+            with self._lock:
+                batch.sent.set()
+                waiters, batch.waiters = batch.waiters, []
+            for loop, future in waiters:
+                with contextlib.suppress(RuntimeError):  # that loop was closed
+                    loop.call_soon_threadsafe(_settle, future)
+
+    @staticmethod
+    def _outcome(batch: _Open[T], index: int) -> R:
         if batch.error is not None:
             raise batch.error
         outcome: R = batch.ids[index]
@@ -193,3 +242,8 @@ class MicroBatcher(Generic[T, R]):
             if self._open is batch:
                 self._open = _Open()
             self._lock.notify_all()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -561,6 +561,20 @@ class JobQueue:
             self._submission(request, owner, idempotency_key), at_once=at_once
         )
 
+    async def accept_async(
+        self,
+        request: PluginRequest,
+        *,
+        owner: Owner | None = None,
+        idempotency_key: str | None = None,
+        at_once: bool = False,
+    ) -> Outcome:
+        """Like ``accept``, on an event loop: the request's coroutine waits for its batch to
+        be sent without taking a thread (the batch's first job takes one to send it)."""
+        return await self._batcher.submit_async(
+            self._submission(request, owner, idempotency_key), at_once=at_once
+        )
+
     def submit(
         self,
         request: PluginRequest,

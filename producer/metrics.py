@@ -100,6 +100,11 @@ class RequestContext:
         self.routes = routes
 
     def _route(self, scope: Scope) -> str:
+        # The router records the route it chose; a request answered before routing (a
+        # refusal of the guard) is matched here.
+        chosen = scope.get("route")
+        if chosen is not None:
+            return str(getattr(chosen, "path", "other"))
         for route in self.routes:
             match, _ = route.matches(scope)
             if match == Match.FULL:

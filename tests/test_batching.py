@@ -4,6 +4,7 @@ key's waits."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -98,3 +99,68 @@ def test_the_wait_budget_total_counts_every_key() -> None:
     assert budget.total == 2 and budget.held("a") == 0
     budget.release("b", 5)  # more than b holds: the total never goes below what is held
     assert budget.total == 0 and budget.held("b") == 0
+
+
+def test_coroutines_share_a_batch_and_only_its_first_job_takes_a_thread() -> None:
+    """Twenty coroutines on one loop submit together: one send of all twenty, each gets its
+    own id, and the send ran in a thread other than the loop's."""
+    send = Recorder()
+    sent_from: list[str] = []
+
+    def sending(items: Sequence[str]) -> list[str]:
+        sent_from.append(threading.current_thread().name)
+        return send(items)
+
+    batcher: MicroBatcher[str, str] = MicroBatcher(sending, window=FOREVER, max_size=20)
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(batcher.submit_async(f"j{n}") for n in range(20)))
+
+    assert asyncio.run(main()) == [f"id-j{n}" for n in range(20)]
+    assert send.batches == [[f"j{n}" for n in range(20)]]
+    assert sent_from != [threading.current_thread().name]
+
+
+def test_threads_and_coroutines_share_a_batch() -> None:
+    send = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(send, window=FOREVER, max_size=3)
+    with ThreadPoolExecutor(1) as pool:
+        from_thread = _submitted(pool, batcher, "thread")
+        while not batcher._open.items:
+            threading.Event().wait(0.001)
+
+        async def main() -> list[str]:
+            return await asyncio.gather(batcher.submit_async("a"), batcher.submit_async("b"))
+
+        assert asyncio.run(main()) == ["id-a", "id-b"]
+        assert from_thread.result(timeout=10) == "id-thread"
+    assert send.batches == [["thread", "a", "b"]]
+
+
+def test_a_coroutine_gets_the_error_of_its_batch() -> None:
+    send = Recorder(fail=ConnectionError("broker down"))
+    batcher: MicroBatcher[str, str] = MicroBatcher(send, window=FOREVER, max_size=2)
+
+    async def main() -> list[BaseException | str]:
+        return await asyncio.gather(
+            batcher.submit_async("x"), batcher.submit_async("y"), return_exceptions=True
+        )
+
+    outcomes = asyncio.run(main())
+    assert [type(outcome) for outcome in outcomes] == [ConnectionError, ConnectionError]
+    assert send.batches == [["x", "y"]]
+
+
+def test_a_coroutine_whose_batch_is_not_sent_in_time_gets_a_timeout() -> None:
+    """A batch whose first job is held elsewhere (a thread waiting out a long window): a
+    coroutine joining it gives up after its own timeout, with TimeoutError."""
+    send = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(send, window=2.0, max_size=100)
+    with ThreadPoolExecutor(1) as pool:
+        first = _submitted(pool, batcher, "first")
+        while not batcher._open.items:
+            threading.Event().wait(0.001)
+        with pytest.raises(TimeoutError, match="not sent in time"):
+            asyncio.run(batcher.submit_async("late", timeout=0.05))
+        assert first.result(timeout=10) == "id-first"
+    assert send.batches == [["first", "late"]]

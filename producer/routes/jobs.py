@@ -104,16 +104,13 @@ async def _submit(
     # too_many_waits refuses the request, never a job already queued) until it ends.
     with waiting_on(request, 1) if wait is not None else nullcontext():
         plugin = check_request(await request.body(), expected=kind)
-        outcome = await run_in_threadpool(
-            partial(
-                resources.queue.accept,
-                plugin,
-                owner=caller_of(request).owner,
-                idempotency_key=idempotency_key,
-                # Waiting alone (no other wait in this process): not the first of a burst, so
-                # its job goes at once instead of waiting for company that will not come.
-                at_once=wait is not None and waits_in_progress(request) == 1,
-            )
+        outcome = await resources.queue.accept_async(
+            plugin,
+            owner=caller_of(request).owner,
+            idempotency_key=idempotency_key,
+            # Waiting alone (no other wait in this process): not the first of a burst, so its
+            # job goes at once instead of waiting for company that will not come.
+            at_once=wait is not None and waits_in_progress(request) == 1,
         )
         if outcome.error is None and not outcome.replayed:
             metrics_of(request).jobs_submitted.labels(kind).inc()
