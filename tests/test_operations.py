@@ -184,6 +184,10 @@ def test_metrics_logs_and_events_through_two_real_workers(
         request_id = f"req-{uuid.uuid4().hex}"
         with api_client(stack) as api:
             expected, sent = run_traffic(api, ca, request_id)
+            # Answers of the router itself: 405 on a known path, 404 on an unknown one.
+            assert api.get("/v1/challenges").status_code == 405
+            assert api.delete(f"/v1/jobs/{uuid.uuid4()}").status_code == 405
+            assert api.get("/v1/nothing-here").status_code == 404
             producer = scrape(str(api.base_url.join("/metrics")))
             # No API key is needed for /metrics; the answer names the request id.
             bare = httpx.get(str(api.base_url.join("/metrics")), headers={"X-Request-ID": "x1"})
@@ -244,7 +248,26 @@ def test_metrics_logs_and_events_through_two_real_workers(
             )
             == 4
         )
-        assert total(producer, "appattest_http_requests_total", route="/v1/challenges") == 8
+        assert (
+            total(producer, "appattest_http_requests_total", route="/v1/challenges", method="POST")
+            == 8
+        )
+        # A 405 is counted under its path's template; a path of no route under "other".
+        for route, method, status in [
+            ("/v1/challenges", "GET", "405"),
+            ("/v1/jobs/{jobId}", "DELETE", "405"),
+            ("other", "GET", "404"),
+        ]:
+            assert (
+                total(
+                    producer,
+                    "appattest_http_requests_total",
+                    route=route,
+                    method=method,
+                    status=status,
+                )
+                == 1
+            ), (route, method, status)
         assert (
             total(producer, "appattest_http_request_duration_seconds_count", route="/v1/assertions")
             == 5
