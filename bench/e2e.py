@@ -415,8 +415,8 @@ def server(command: list[str], env: dict[str, str], log: Path, base_url: str) ->
 
 
 def serve_api(port: int) -> None:
-    """The producer as ``appattest api`` serves it, without the per-key rate limit and the
-    access log (run in the API subprocess)."""
+    """The producer as ``appattest api`` serves it (its bounded HTTP protocol), without the
+    per-key rate limit and the access log (run in the API subprocess)."""
     import inspect
 
     import uvicorn
@@ -429,8 +429,16 @@ def serve_api(port: int) -> None:
         from producer.ratelimit import RateLimiter
 
         extra["rate_limiter"] = RateLimiter(rate=1e9, burst=10**9)
-    app = create_app(load_settings(), **extra)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    settings = load_settings()
+    app = create_app(settings, **extra)
+    try:
+        from producer.server import server_config
+    except ImportError:  # a checkout from before the bounded server
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        return
+    config = server_config(app, settings, host="127.0.0.1", port=port, log_level="warning")
+    config.access_log = False
+    uvicorn.Server(config).run()
 
 
 # --- a lean HTTP/1.1 client --------------------------------------------------------------------

@@ -253,6 +253,45 @@ def test_slow_bodies_and_heads_are_cut_at_their_deadlines(stack: Stack, tmp_path
         assert response.status_code == 201
 
 
+def test_request_heads_are_bounded_and_pipelined_requests_are_answered(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Under ``appattest api``: a head of 12 KiB of headers is served; one past 16 KiB is
+    answered 431 ``invalid_request`` and its connection closed, even when it comes a little
+    at a time (the parser would otherwise buffer it until the head deadline); two requests
+    sent at once on one connection are answered in order on it."""
+    with deployed(stack, tmp_path) as server:
+        padded = _head("/healthz", method="GET", content_type=None, key=None)
+        big_but_fine = padded.replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"a" * 12_000 + b"\r\n\r\n")
+        with _connection(server.port, timeout=5) as (sock, fine):
+            sock.sendall(big_but_fine)
+            fine.arrived.wait(5)
+        assert fine.status == 200
+
+        with _connection(server.port) as (sock, refused):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for _ in range(40):  # 40 x 1 KiB header lines, one by one
+                    sock.sendall(b"X-Pad: " + b"b" * 1017 + b"\r\n")
+                    if refused.arrived.is_set():
+                        break
+                    time.sleep(0.005)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        assert refused.status == 431 and refused.code == "invalid_request"
+        assert refused.closed
+
+        with _connection(server.port, timeout=5) as (sock, pipelined):
+            sock.sendall(
+                _head("/healthz", method="GET", content_type=None, key=None)
+                + _head("/healthz", method="GET", content_type=None, key=None)
+            )
+            deadline = time.monotonic() + 5
+            while pipelined.raw.count(b"HTTP/1.1 200") < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert pipelined.raw.count(b"HTTP/1.1 200") == 2, pipelined.raw
+
+
 def test_connections_per_client_address_are_bounded(stack: Stack, tmp_path: Path) -> None:
     """Under ``appattest api``, one address holds at most max_connections_per_client open
     connections: one more is answered 429 ``too_many_connections`` and closed; once the
