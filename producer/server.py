@@ -9,7 +9,9 @@ app refused before reading it. The protocol built here bounds all of it, below t
 - the head of each request (request line and headers) must arrive within
   ``header_timeout_seconds`` of the connection opening or of the previous answer; otherwise
   the connection is answered 408 ``request_timeout`` and closed;
-- a head may hold at most ``MAX_HEAD_BYTES``; a larger one is answered 431
+- a head may hold at most ``MAX_HEAD_BYTES`` (its request line and headers; what the parser
+  buffers is bounded by that plus one read), and a body's framing (chunk lines, trailers) as
+  much again plus a little per chunk; past that the request is answered 431
   ``invalid_request`` and the connection closed;
 - one client address may hold at most ``max_connections_per_client`` open connections; one
   more is answered 429 ``too_many_connections`` and closed at once;
@@ -41,6 +43,8 @@ KEEP_ALIVE_SECONDS: Final = 5
 # The largest request head (request line and headers) read before the connection is answered
 # 431 and closed: what uvicorn's h11 protocol buffered at most.
 MAX_HEAD_BYTES: Final = 16 * 1024
+# What each chunk of a chunked body may add to that bound for its size line and its end.
+_CHUNK_LINE_BYTES: Final = 64
 
 
 def _raw_answer(status: int, reason: str, code: ErrorCode, detail: str) -> bytes:
@@ -57,10 +61,11 @@ def _raw_answer(status: int, reason: str, code: ErrorCode, detail: str) -> bytes
 
 
 class _BoundedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline and a size bound for each request head,
-    a bound on the connections of one client address, and no draining of a body that the app
-    refused before reading it (the class attributes are set by ``bounded_protocol``, one
-    subclass per server)."""
+    """uvicorn's httptools protocol with a deadline and a size bound for each request head, a
+    bound on what a body's framing (chunk lines, trailers) may add to it, a bound on the
+    connections of one client address, and no draining of a body that the app answered
+    before reading it (the class attributes are set by ``bounded_protocol``, one subclass
+    per server)."""
 
     header_timeout: ClassVar[float]
     max_per_client: ClassVar[int]
@@ -71,11 +76,18 @@ class _BoundedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._address: str | None = None
         self._head_deadline: asyncio.TimerHandle | None = None
-        # Between answers and the end of the next head; whether a byte of that head came, and
-        # how many bytes were read while it was incomplete.
-        self._awaiting_head = True
-        self._head_started = False
+        # Where the parser is: between requests with nothing of the next one read, inside a
+        # head, or inside a request's body (its framing included).
+        self._idle = True
+        self._in_head = False
+        self._in_message = False
+        # Bytes of the reads that ended inside the current head; of the reads that ended
+        # inside the current body, those that were not body (chunk lines, trailers); body
+        # bytes and chunks of the current request.
         self._head_size = 0
+        self._framing = 0
+        self._body_bytes = 0
+        self._chunks = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -109,46 +121,76 @@ class _BoundedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        body_before = self._body_bytes
         super().data_received(data)
-        if self._head_started and self._awaiting_head and not self.transport.is_closing():
-            # Every byte of this read belongs to the unfinished head (or to the request it
-            # follows): past the bound, the parser would keep buffering it.
+        if self.transport.is_closing():
+            return
+        # A read that ended inside a head or a body belongs to it whole (the tail of the
+        # request before it aside, counted too): past the bounds, the parser would keep
+        # buffering a header or trailer value for as long as it keeps coming.
+        if self._in_head:
             self._head_size += len(data)
             if self._head_size > MAX_HEAD_BYTES:
-                log.info("closed a connection from %s: a request head too large", self._address)
-                self.transport.write(
-                    _raw_answer(
-                        431,
-                        "Request Header Fields Too Large",
-                        ErrorCode.INVALID_REQUEST,
-                        f"the request head is larger than {MAX_HEAD_BYTES} bytes",
-                    )
-                )
-                self.transport.close()
+                self._refuse_head()
+        elif self._in_message:
+            self._framing += len(data) - (self._body_bytes - body_before)
+            if self._framing > MAX_HEAD_BYTES + _CHUNK_LINE_BYTES * self._chunks:
+                self._refuse_head("the body's chunk lines and trailers are")
+
+    # The parser's callbacks.
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_started = True
+        self._idle = False
+        self._in_head = True
+        self._head_size = 0
+        if self._head_deadline is None:
+            # A head that starts while the request before it is being answered (pipelined)
+            # has its own deadline.
+            self._arm_head_deadline()
 
     def on_headers_complete(self) -> None:
         if self.transport.is_closing():
             return
-        self._awaiting_head = False
-        self._head_size = 0
+        self._in_head = False
         self._disarm_head_deadline()  # the head is in; the app's guard takes over
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > MAX_HEAD_BYTES:
+            self._refuse_head()
+            return
+        self._in_message = True
+        self._framing = self._body_bytes = self._chunks = 0
         super().on_headers_complete()
 
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        super().on_message_complete()
+
     def on_response_complete(self) -> None:
-        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+        answered = self.cycle
+        if (
+            answered is not None
+            and answered.response_complete
+            and answered.more_body
+            and not self.transport.is_closing()
+        ):
             # Answered before its body was read (a refusal): close rather than drain it.
             self.transport.close()
         pipelined = bool(self.pipeline)
         super().on_response_complete()
-        if not self.transport.is_closing() and not pipelined:
-            self._awaiting_head = True
-            self._head_started = False
-            self._head_size = 0
+        if not self.transport.is_closing() and not pipelined and not self._in_head:
+            # Between requests: the next head has its deadline from now.
+            self._idle = True
             self._arm_head_deadline()
+
+    # The deadline and the refusals.
 
     def _arm_head_deadline(self) -> None:
         self._disarm_head_deadline()
@@ -159,19 +201,41 @@ class _BoundedProtocol(HttpToolsProtocol):
             self._head_deadline.cancel()
             self._head_deadline = None
 
+    def _may_answer(self) -> bool:
+        """Whether a whole answer of this protocol's own can be written now: no answer of
+        the app's is being written."""
+        cycle = self.cycle
+        return cycle is None or cycle.response_complete or not cycle.response_started
+
     def _head_timed_out(self) -> None:
         self._head_deadline = None
-        if self.transport.is_closing() or not self._awaiting_head:
+        if self.transport.is_closing():
             return
-        if self._head_started:
+        if self._in_head:
             # Part of a head came, too slowly: say why before closing.
             log.info("closed a connection from %s: no request head in time", self._address)
+            if self._may_answer():
+                self.transport.write(
+                    _raw_answer(
+                        408,
+                        "Request Timeout",
+                        ErrorCode.REQUEST_TIMEOUT,
+                        f"the request head did not arrive within {self.header_timeout} s",
+                    )
+                )
+            self.transport.close()
+        elif self._idle:
+            self.transport.close()  # nothing came: close without a word
+
+    def _refuse_head(self, what: str = "the request head is") -> None:
+        log.info("closed a connection from %s: %s too large", self._address, what)
+        if self._may_answer():
             self.transport.write(
                 _raw_answer(
-                    408,
-                    "Request Timeout",
-                    ErrorCode.REQUEST_TIMEOUT,
-                    f"the request head did not arrive within {self.header_timeout} s",
+                    431,
+                    "Request Header Fields Too Large",
+                    ErrorCode.INVALID_REQUEST,
+                    f"{what} larger than {MAX_HEAD_BYTES} bytes",
                 )
             )
         self.transport.close()

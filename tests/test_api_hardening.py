@@ -291,6 +291,65 @@ def test_request_heads_are_bounded_and_pipelined_requests_are_answered(
                 time.sleep(0.01)
         assert pipelined.raw.count(b"HTTP/1.1 200") == 2, pipelined.raw
 
+        # A request sent behind another whose body comes a moment later: both answered.
+        body = json.dumps({"purpose": "registration"}).encode()
+        with _connection(server.port, timeout=5) as (sock, behind):
+            sock.sendall(
+                _head("/healthz", method="GET", content_type=None, key=None)
+                + _head("/v1/challenges", length=len(body))
+            )
+            time.sleep(0.05)
+            sock.sendall(body)
+            deadline = time.monotonic() + 5
+            while b"HTTP/1.1 201" not in behind.raw and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert b"HTTP/1.1 200" in behind.raw and b"HTTP/1.1 201" in behind.raw, behind.raw
+
+
+def _flood(sock: socket.socket, answer: Answer, start: bytes, pieces: int = 200) -> int:
+    """Send ``start``, then 1 KiB pieces of one value until the server answers or closes;
+    return how many pieces it took."""
+    sent = 0
+    try:
+        sock.sendall(start)
+        while sent < pieces and not answer.arrived.is_set():
+            sock.sendall(b"v" * 1024)
+            sent += 1
+            time.sleep(0.002)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent
+
+
+def test_a_head_or_trailer_grown_behind_a_request_is_bounded(stack: Stack, tmp_path: Path) -> None:
+    """The head of a request sent behind another (pipelined) and the trailers of a chunked
+    body are held to the same 16 KiB: a header or trailer value that keeps growing is cut
+    (the connection closed, 431 when no other answer is being written) long before the
+    200 KiB sent here, instead of buffered until the head or body deadline."""
+    with deployed(stack, tmp_path) as server:
+        behind = _head("/healthz", method="GET", content_type=None, key=None)
+        with _connection(server.port, timeout=10) as (sock, answer):
+            sent = _flood(sock, answer, behind + b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: ")
+            deadline = time.monotonic() + 5
+            while not answer.closed and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert answer.closed and sent < 100, (sent, answer.raw[:200])
+        assert answer.raw.startswith(b"HTTP/1.1 200")
+
+        chunked = (
+            b"POST /v1/challenges HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {KEY_A}\r\n".encode()
+            + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"2\r\n{}\r\n0\r\nX-T: "
+        )
+        with _connection(server.port, timeout=10) as (sock, answer):
+            sent = _flood(sock, answer, chunked)
+            deadline = time.monotonic() + 5
+            while not answer.closed and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert answer.closed and sent < 100, (sent, answer.raw[:200])
+        assert answer.status == 431 and answer.code == "invalid_request"
+
 
 def test_connections_per_client_address_are_bounded(stack: Stack, tmp_path: Path) -> None:
     """Under ``appattest api``, one address holds at most max_connections_per_client open

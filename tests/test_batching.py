@@ -164,3 +164,22 @@ def test_a_coroutine_whose_batch_is_not_sent_in_time_gets_a_timeout() -> None:
             asyncio.run(batcher.submit_async("late", timeout=0.05))
         assert first.result(timeout=10) == "id-first"
     assert send.batches == [["first", "late"]]
+
+
+def test_a_batch_is_sent_even_when_the_request_leading_it_is_cancelled() -> None:
+    """The first job of a batch hands it to a thread as it joins: cancelling its request
+    (a client gone) neither loses the batch nor leaves the jobs that joined it waiting."""
+    send = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(send, window=0.2, max_size=100)
+
+    async def main() -> str:
+        leader = asyncio.ensure_future(batcher.submit_async("first"))
+        await asyncio.sleep(0)  # it joined and handed the batch to a thread
+        leader.cancel()
+        follower = await batcher.submit_async("second", timeout=10)
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        return follower
+
+    assert asyncio.run(main()) == "id-second"
+    assert send.batches == [["first", "second"]]
