@@ -83,7 +83,8 @@ class _BoundedProtocol(HttpToolsProtocol):
         self._in_message = False
         # Bytes of the reads that ended inside the current head; of the reads that ended
         # inside the current body, those that were not body (chunk lines, trailers); body
-        # bytes and chunks of the current request.
+        # bytes of the connection (never reset: a read can end one request and start the
+        # next); chunks of the current request.
         self._head_size = 0
         self._framing = 0
         self._body_bytes = 0
@@ -159,7 +160,7 @@ class _BoundedProtocol(HttpToolsProtocol):
             self._refuse_head()
             return
         self._in_message = True
-        self._framing = self._body_bytes = self._chunks = 0
+        self._framing = self._chunks = 0
         super().on_headers_complete()
 
     def on_chunk_header(self) -> None:
