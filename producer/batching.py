@@ -20,11 +20,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Final, Generic, TypeVar
 
+import anyio.to_thread
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 # A sealed id holds 9 random bytes of batch id, 2 bytes of index and 5 bytes of this mark: an
@@ -174,8 +174,6 @@ class MicroBatcher(Generic[T, R]):
         self._max_size = max_size
         self._lock = threading.Condition()
         self._open: _Open[T] = _Open()
-        # The threads that lead the batches of ``submit_async`` (wait for company, send).
-        self._leaders = ThreadPoolExecutor(max_workers=8, thread_name_prefix="batch-send")
 
     def _join(self, item: T) -> tuple[_Open[T], int]:
         # Called with the lock held.
@@ -208,9 +206,9 @@ class MicroBatcher(Generic[T, R]):
                 future: asyncio.Future[None] = loop.create_future()
                 batch.waiters.append((loop, future))
         if index == 0:
-            # Handed to a thread at once, and shielded: whatever becomes of this request (a
-            # cancellation before a thread was free), the batch is sent and its members told.
-            leading = loop.run_in_executor(self._leaders, self._lead, batch, at_once)
+            # A task of its own, shielded: whatever becomes of this request (a cancellation
+            # before a thread was free), the batch is sent and its members told.
+            leading = asyncio.ensure_future(anyio.to_thread.run_sync(self._lead, batch, at_once))
             await asyncio.shield(leading)
         else:
             try:
