@@ -9,10 +9,10 @@ app refused before reading it. The protocol built here bounds all of it, below t
 - the head of each request (request line and headers) must arrive within
   ``header_timeout_seconds`` of the connection opening or of the previous answer; otherwise
   the connection is answered 408 ``request_timeout`` and closed;
-- a head may hold at most ``MAX_HEAD_BYTES`` (its request line and headers; what the parser
-  buffers is bounded by that plus one read), and a body's framing (chunk lines, trailers) as
-  much again plus a little per chunk; past that the request is answered 431
-  ``invalid_request`` and the connection closed;
+- a head may hold at most ``MAX_HEAD_BYTES`` (its request line and headers) and
+  ``_MAX_FIELDS`` header fields, and a body's framing (chunk lines, trailers) as much again
+  plus a little per chunk; past that the request is answered 431 ``invalid_request`` (when
+  no request before it is still to be answered) and the connection closed;
 - one client address may hold at most ``max_connections_per_client`` open connections; one
   more is answered 429 ``too_many_connections`` and closed at once;
 - a request answered before its body was read (a refusal of the app's guard) has its
@@ -45,6 +45,10 @@ KEEP_ALIVE_SECONDS: Final = 5
 MAX_HEAD_BYTES: Final = 16 * 1024
 # What each chunk of a chunked body may add to that bound for its size line and its end.
 _CHUNK_LINE_BYTES: Final = 64
+# The most header fields a head may have (each kept as a pair of byte strings).
+_MAX_FIELDS: Final = 256
+# Reads are parsed in slices of this many bytes (see _BoundedProtocol).
+_SLICE: Final = 4096
 
 
 def _raw_answer(status: int, reason: str, code: ErrorCode, detail: str) -> bytes:
@@ -65,7 +69,13 @@ class _BoundedProtocol(HttpToolsProtocol):
     bound on what a body's framing (chunk lines, trailers) may add to it, a bound on the
     connections of one client address, and no draining of a body that the app answered
     before reading it (the class attributes are set by ``bounded_protocol``, one subclass
-    per server)."""
+    per server).
+
+    Reads are parsed in slices of ``_SLICE`` bytes. A slice that both starts and ends inside
+    one head (or inside one body) belongs to it whole, so its bytes count against the bound
+    while the parser buffers a header or trailer value it has not finished: what one request
+    can make the parser hold is bounded by the limit and a slice or two, whatever else (other
+    requests, pipelined) shares its reads."""
 
     header_timeout: ClassVar[float]
     max_per_client: ClassVar[int]
@@ -77,18 +87,22 @@ class _BoundedProtocol(HttpToolsProtocol):
         self._address: str | None = None
         self._head_deadline: asyncio.TimerHandle | None = None
         # Where the parser is: between requests with nothing of the next one read, inside a
-        # head, or inside a request's body (its framing included).
+        # head, or inside a body (its framing included); which request it is in (a number).
         self._idle = True
         self._in_head = False
-        self._in_message = False
-        # Bytes of the reads that ended inside the current head; of the reads that ended
-        # inside the current body, those that were not body (chunk lines, trailers); body
-        # bytes of the connection (never reset: a read can end one request and start the
-        # next); chunks of the current request.
-        self._head_size = 0
+        self._in_body = False
+        self._request = 0
+        # The current head: its URL and fields as parsed, their count, bytes of the slices
+        # inside it, and whether it went past a bound (its fields are no longer kept).
+        self._fields_size = 0
+        self._fields = 0
+        self._head_bytes = 0
+        self._too_large = False
+        # The current body: bytes of the slices inside it that were not body, its chunks;
+        # body bytes of the connection (never reset).
         self._framing = 0
-        self._body_bytes = 0
         self._chunks = 0
+        self._body_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -122,44 +136,64 @@ class _BoundedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        body_before = self._body_bytes
-        super().data_received(data)
-        if self.transport.is_closing():
-            return
-        # A read that ended inside a head or a body belongs to it whole (the tail of the
-        # request before it aside, counted too): past the bounds, the parser would keep
-        # buffering a header or trailer value for as long as it keeps coming.
-        if self._in_head:
-            self._head_size += len(data)
-            if self._head_size > MAX_HEAD_BYTES:
-                self._refuse_head()
-        elif self._in_message:
-            self._framing += len(data) - (self._body_bytes - body_before)
-            if self._framing > MAX_HEAD_BYTES + _CHUNK_LINE_BYTES * self._chunks:
-                self._refuse_head("the body's chunk lines and trailers are")
+        for start in range(0, len(data), _SLICE):
+            if self.transport.is_closing():
+                return
+            piece = data[start : start + _SLICE] if len(data) > _SLICE else data
+            request, in_head, in_body = self._request, self._in_head, self._in_body
+            body_before = self._body_bytes
+            super().data_received(piece)
+            if self.transport.is_closing():
+                return
+            if self._too_large:
+                self._refuse_head(current=False)
+                return
+            if self._request != request:
+                continue  # a head began in this slice: the slice is not all one request's
+            if in_head and self._in_head:
+                self._head_bytes += len(piece)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._refuse_head(current=False)
+                    return
+            elif in_body and self._in_body:
+                self._framing += len(piece) - (self._body_bytes - body_before)
+                if self._framing > MAX_HEAD_BYTES + _CHUNK_LINE_BYTES * self._chunks:
+                    self._refuse_head(current=True, what="the body's chunk lines and trailers are")
+                    return
 
     # The parser's callbacks.
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._request += 1
         self._idle = False
         self._in_head = True
-        self._head_size = 0
-        if self._head_deadline is None:
-            # A head that starts while the request before it is being answered (pipelined)
-            # has its own deadline.
-            self._arm_head_deadline()
+        self._fields_size = self._fields = self._head_bytes = 0
+        self._too_large = False
+
+    def on_url(self, url: bytes) -> None:
+        self._fields_size += len(url)
+        if self._fields_size > MAX_HEAD_BYTES:
+            self._too_large = True
+            return
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields_size += len(name) + len(value) + 4
+        self._fields += 1
+        if self._too_large or self._fields_size > MAX_HEAD_BYTES or self._fields > _MAX_FIELDS:
+            self._too_large = True  # kept no longer; refused once the slice is parsed
+            return
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         if self.transport.is_closing():
             return
         self._in_head = False
         self._disarm_head_deadline()  # the head is in; the app's guard takes over
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > MAX_HEAD_BYTES:
-            self._refuse_head()
-            return
-        self._in_message = True
+        if self._too_large:
+            return  # refused once the slice is parsed
+        self._in_body = True
         self._framing = self._chunks = 0
         super().on_headers_complete()
 
@@ -168,10 +202,13 @@ class _BoundedProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
-        super().on_body(body)
+        if not self._too_large:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._in_message = False
+        self._in_body = False
+        if self._too_large:
+            return
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -186,9 +223,10 @@ class _BoundedProtocol(HttpToolsProtocol):
             self.transport.close()
         pipelined = bool(self.pipeline)
         super().on_response_complete()
-        if not self.transport.is_closing() and not pipelined and not self._in_head:
-            # Between requests: the next head has its deadline from now.
-            self._idle = True
+        if not self.transport.is_closing() and not pipelined:
+            # Nothing else to answer: the next head (begun or not) is due within the
+            # deadline from this answer.
+            self._idle = not self._in_head
             self._arm_head_deadline()
 
     # The deadline and the refusals.
@@ -202,11 +240,16 @@ class _BoundedProtocol(HttpToolsProtocol):
             self._head_deadline.cancel()
             self._head_deadline = None
 
-    def _may_answer(self) -> bool:
-        """Whether a whole answer of this protocol's own can be written now: no answer of
-        the app's is being written."""
+    def _may_answer(self, *, current: bool) -> bool:
+        """Whether an answer of this protocol's own may be written now: no request before the
+        one it answers is waiting for its answer, nor being answered. ``current``: it
+        answers the request whose body is being read (else the one whose head is)."""
+        if self.pipeline:
+            return False
         cycle = self.cycle
-        return cycle is None or cycle.response_complete or not cycle.response_started
+        if cycle is None:
+            return True
+        return not cycle.response_started if current else cycle.response_complete
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
@@ -215,7 +258,7 @@ class _BoundedProtocol(HttpToolsProtocol):
         if self._in_head:
             # Part of a head came, too slowly: say why before closing.
             log.info("closed a connection from %s: no request head in time", self._address)
-            if self._may_answer():
+            if self._may_answer(current=False):
                 self.transport.write(
                     _raw_answer(
                         408,
@@ -228,9 +271,9 @@ class _BoundedProtocol(HttpToolsProtocol):
         elif self._idle:
             self.transport.close()  # nothing came: close without a word
 
-    def _refuse_head(self, what: str = "the request head is") -> None:
+    def _refuse_head(self, *, current: bool, what: str = "the request head is") -> None:
         log.info("closed a connection from %s: %s too large", self._address, what)
-        if self._may_answer():
+        if self._may_answer(current=current):
             self.transport.write(
                 _raw_answer(
                     431,

@@ -319,6 +319,29 @@ def test_request_heads_are_bounded_and_pipelined_requests_are_answered(
         assert len(statuses) == 2 and b"431" not in statuses, two.raw[:300]
 
 
+def test_pipelined_traffic_is_not_taken_for_an_oversized_head(stack: Stack, tmp_path: Path) -> None:
+    """Reads shared by many requests: 2,000 pipelined GETs and 200 pipelined 10 KB POSTs, sent
+    in pieces that end inside heads and bodies, are all answered (none 431); a head of 400
+    empty header fields is refused (431) instead of kept field by field."""
+    with deployed(stack, tmp_path) as server:
+        get = _head("/healthz", method="GET", content_type=None, key=None)
+        body = json.dumps({"purpose": "registration"}).encode() + b" " * 10_000
+        post = _head("/v1/challenges", length=len(body)) + body
+        for stream, count in ((get * 2000, 2000), (post * 200, 200)):
+            with _connection(server.port, timeout=30) as (sock, answer):
+                for start in range(0, len(stream), 1000):
+                    sock.sendall(stream[start : start + 1000])
+                deadline = time.monotonic() + 30
+                while answer.raw.count(b"HTTP/1.1 ") < count and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer.raw)
+            assert len(statuses) == count and set(statuses) <= {b"200", b"201"}, set(statuses)
+
+        with _connection(server.port, timeout=10) as (sock, answer):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n" + b"a:\r\n" * 400 + b"\r\n")
+        assert answer.status == 431 and answer.closed
+
+
 def _flood(sock: socket.socket, answer: Answer, start: bytes, pieces: int = 200) -> int:
     """Send ``start``, then 1 KiB pieces of one value until the server answers or closes;
     return how many pieces it took."""
