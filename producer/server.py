@@ -86,9 +86,8 @@ class _BoundedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._address: str | None = None
         self._head_deadline: asyncio.TimerHandle | None = None
-        # Where the parser is: between requests with nothing of the next one read, inside a
-        # head, or inside a body (its framing included); which request it is in (a number).
-        self._idle = True
+        # Where the parser is: inside a head, or inside a body (its framing included); which
+        # request it is in (a number).
         self._in_head = False
         self._in_body = False
         self._request = 0
@@ -166,7 +165,6 @@ class _BoundedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._request += 1
-        self._idle = False
         self._in_head = True
         self._fields_size = self._fields = self._head_bytes = 0
         self._too_large = False
@@ -226,7 +224,6 @@ class _BoundedProtocol(HttpToolsProtocol):
         if not self.transport.is_closing() and not pipelined:
             # Nothing else to answer: the next head (begun or not) is due within the
             # deadline from this answer.
-            self._idle = not self._in_head
             self._arm_head_deadline()
 
     # The deadline and the refusals.
@@ -252,36 +249,42 @@ class _BoundedProtocol(HttpToolsProtocol):
         return not cycle.response_started if current else cycle.response_complete
 
     def _head_timed_out(self) -> None:
+        # Armed only while no request is being answered (on opening, after an answer with
+        # none pipelined) and disarmed when a head is in: the connection is idle or inside
+        # the next head.
         self._head_deadline = None
         if self.transport.is_closing():
             return
-        if self._in_head:
-            # Part of a head came, too slowly: say why before closing.
-            log.info("closed a connection from %s: no request head in time", self._address)
-            if self._may_answer(current=False):
-                self.transport.write(
-                    _raw_answer(
-                        408,
-                        "Request Timeout",
-                        ErrorCode.REQUEST_TIMEOUT,
-                        f"the request head did not arrive within {self.header_timeout} s",
-                    )
-                )
-            self.transport.close()
-        elif self._idle:
+        if not self._in_head:
             self.transport.close()  # nothing came: close without a word
+            return
+        # Part of a head came, too slowly: say why before closing.
+        log.info("closed a connection from %s: no request head in time", self._address)
+        self._close_with(
+            408,
+            "Request Timeout",
+            ErrorCode.REQUEST_TIMEOUT,
+            f"the request head did not arrive within {self.header_timeout} s",
+            current=False,
+        )
 
     def _refuse_head(self, *, current: bool, what: str = "the request head is") -> None:
         log.info("closed a connection from %s: %s too large", self._address, what)
+        self._close_with(
+            431,
+            "Request Header Fields Too Large",
+            ErrorCode.INVALID_REQUEST,
+            f"{what} larger than {MAX_HEAD_BYTES} bytes",
+            current=current,
+        )
+
+    def _close_with(
+        self, status: int, reason: str, code: ErrorCode, detail: str, *, current: bool
+    ) -> None:
+        """Answer with this error when no other answer is due first (``_may_answer``), and
+        close the connection."""
         if self._may_answer(current=current):
-            self.transport.write(
-                _raw_answer(
-                    431,
-                    "Request Header Fields Too Large",
-                    ErrorCode.INVALID_REQUEST,
-                    f"{what} larger than {MAX_HEAD_BYTES} bytes",
-                )
-            )
+            self.transport.write(_raw_answer(status, reason, code, detail))
         self.transport.close()
 
 
